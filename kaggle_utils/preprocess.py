@@ -1,0 +1,414 @@
+"""Competition DICOM series -> cached uint8 volumes (one `.npy` per series and shape) plus a
+metadata table. The step notebook 01 runs; notebook 04 reuses `prepare_volumes` on the fly.
+
+Cache layout under `cache_dir`:
+
+    32x192x192/<series_id>.npy    uint8 (slices, H, W), or (slices, C, H, W) for C windows
+    96x256x256/<series_id>.npy
+    records/<series_id>.json      what happened to the series (written last: marks it done)
+    metadata.parquet              all records as one table (rebuilt at the end of every run)
+
+Every file is written to a temporary name and renamed, so a killed run never leaves a
+half-written file, and a re-run skips the series whose record and volumes are all there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm.std import tqdm
+
+from kaggle_utils.dicom import Series, load_series
+from kaggle_utils.volume import (
+    DEFAULT_WINDOWS,
+    body_bbox,
+    crop_to_box,
+    resample_volume,
+    window_volume,
+)
+
+PRETRAIN_SHAPE = (32, 192, 192)
+FINETUNE_SHAPE = (96, 256, 256)
+RECORDS_DIR = "records"
+METADATA_FILE = "metadata.parquet"
+
+Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """One series folder to process."""
+
+    patient_id: int
+    series_id: int
+    series_dir: Path
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What the cache holds: shapes (slices, H, W), windows (level, width), body crop."""
+
+    shapes: tuple[Shape, ...] = (PRETRAIN_SHAPE, FINETUNE_SHAPE)
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
+    body_crop: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.shapes:
+            raise ValueError("shapes is empty: give at least one (slices, H, W)")
+        for shape in self.shapes:
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"each shape is three positive ints (slices, H, W), not {shape}")
+        if not self.windows:
+            raise ValueError("windows is empty: give at least one (level, width)")
+
+    @classmethod
+    def from_params(
+        cls,
+        shapes: Sequence[Sequence[int]],
+        windows: Sequence[Sequence[float]],
+        body_crop: bool = True,
+    ) -> PreprocessConfig:
+        """From notebook parameters (lists, as papermill passes them)."""
+        return cls(
+            shapes=tuple(tuple(int(v) for v in shape) for shape in shapes),  # type: ignore[misc]
+            windows=tuple((float(level), float(width)) for level, width in windows),
+            body_crop=body_crop,
+        )
+
+
+def shape_name(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
+def cache_path(cache_dir: Path, shape: Sequence[int], series_id: int) -> Path:
+    return Path(cache_dir) / shape_name(shape) / f"{series_id}.npy"
+
+
+def load_cached_volume(
+    cache_dir: Path, shape: Sequence[int], series_id: int, mmap: bool = True
+) -> np.ndarray:
+    """A cached uint8 volume, memory-mapped by default (cheap random access in data loaders)."""
+    return np.load(cache_path(cache_dir, shape, series_id), mmap_mode="r" if mmap else None)
+
+
+def list_series(data_root: Path, split: str = "train") -> list[SeriesTask]:
+    """Every series of a split: the folders `<split>_images/<patient>/<series>/` plus any series
+    that `<split>_series_meta.csv` names but whose folder is missing (it will fail, visibly).
+
+    Raises:
+        ValueError: `split` is not "train" or "test".
+        FileNotFoundError: neither the images folder nor the meta CSV exists.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    data_root = Path(data_root)
+    images_dir = data_root / f"{split}_images"
+    meta_csv = data_root / f"{split}_series_meta.csv"
+    if not images_dir.is_dir() and not meta_csv.is_file():
+        raise FileNotFoundError(f"{data_root}: neither {images_dir.name}/ nor {meta_csv.name}")
+    found: dict[tuple[int, int], Path] = {}
+    if images_dir.is_dir():
+        for patient_dir in images_dir.iterdir():
+            if not (patient_dir.is_dir() and patient_dir.name.isdigit()):
+                continue
+            for series_dir in patient_dir.iterdir():
+                if series_dir.is_dir() and series_dir.name.isdigit():
+                    found[(int(patient_dir.name), int(series_dir.name))] = series_dir
+    if meta_csv.is_file():
+        meta = pl.read_csv(meta_csv, columns=["patient_id", "series_id"])
+        for patient_id, series_id in meta.iter_rows():
+            key = (int(patient_id), int(series_id))
+            found.setdefault(key, images_dir / str(patient_id) / str(series_id))
+    return [SeriesTask(p, s, path) for (p, s), path in sorted(found.items())]
+
+
+def prepare_volumes(
+    series: Series, config: PreprocessConfig
+) -> tuple[dict[Shape, np.ndarray], tuple[int, int, int, int]]:
+    """A decoded series to the windowed uint8 volumes of every configured shape.
+
+    Returns the volumes by shape and the in-plane body box used (y0, y1, x0, x1).
+    """
+    hu = series.hu
+    height, width = hu.shape[1:]
+    box = body_bbox(hu) if config.body_crop else (0, height, 0, width)
+    cropped = crop_to_box(hu, box, square=True)
+    volumes = {
+        shape: window_volume(resample_volume(cropped, shape), config.windows)
+        for shape in config.shapes
+    }
+    return volumes, box
+
+
+def process_series(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> dict[str, Any]:
+    """Decode, crop, resample, window and cache one series; return its metadata record.
+
+    Never raises for bad data: a series that cannot be read gets status "failed" and the
+    error in its record, so one broken series never stops a run.
+    """
+    start = time.perf_counter()
+    record: dict[str, Any] = _empty_record(task, config)
+    try:
+        series = load_series(task.series_dir)
+        volumes, box = prepare_volumes(series, config)
+        for shape, volume in volumes.items():
+            save_npy_atomic(cache_path(cache_dir, shape, task.series_id), volume)
+        record.update(
+            status="ok",
+            n_files=series.n_files,
+            n_slices=int(series.hu.shape[0]),
+            height=int(series.hu.shape[1]),
+            width=int(series.hu.shape[2]),
+            spacing_z=series.spacing[0],
+            spacing_y=series.spacing[1],
+            spacing_x=series.spacing[2],
+            z_first=None if series.z_positions is None else float(series.z_positions[0]),
+            z_last=None if series.z_positions is None else float(series.z_positions[-1]),
+            ordered_by=series.ordered_by,
+            instance_numbers=[int(v) for v in series.instance_numbers],
+            skipped_files=[str(s) for s in series.skipped],
+            n_skipped=len(series.skipped),
+            decoder=series.decoder,
+            body_bbox=[int(v) for v in box],
+        )
+    except Exception as error:  # recorded, not raised: see docstring
+        record.update(status="failed", error=f"{type(error).__name__}: {error}")
+    record["seconds"] = round(time.perf_counter() - start, 4)
+    write_json_atomic(Path(cache_dir) / RECORDS_DIR / f"{task.series_id}.json", record)
+    return record
+
+
+def is_cached(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> bool:
+    """Done already: an "ok" record made with the same settings and every volume on disk."""
+    record_file = Path(cache_dir) / RECORDS_DIR / f"{task.series_id}.json"
+    if not record_file.is_file():
+        return False
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (
+        record.get("status") == "ok"
+        and record.get("settings") == _settings(config)
+        and all(cache_path(cache_dir, s, task.series_id).is_file() for s in config.shapes)
+    )
+
+
+def preprocess_dataset(
+    tasks: Sequence[SeriesTask],
+    cache_dir: Path,
+    config: PreprocessConfig,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Process every task not cached yet (all with `overwrite`), in `workers` processes
+    (0: in this process), with a progress bar; return and write the metadata table.
+
+    A worker that dies (e.g. a decoder crash in native code) costs only the series it was
+    working on: the others are retried in a fresh pool, the culprit is recorded as failed.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(cache_dir)
+    todo = [t for t in tasks if overwrite or not is_cached(t, cache_dir, config)]
+    bar = tqdm(total=len(todo), desc="series", unit="series", disable=not progress)
+    if workers <= 0:
+        for task in todo:
+            process_series(task, cache_dir, config)
+            bar.update()
+    else:
+        _run_in_pool(todo, cache_dir, config, workers, bar)
+    bar.close()
+    return write_metadata(cache_dir)
+
+
+def write_metadata(cache_dir: Path) -> pl.DataFrame:
+    """Rebuild `metadata.parquet` from every record in the cache (all runs, all splits)."""
+    cache_dir = Path(cache_dir)
+    records = [json.loads(p.read_text()) for p in sorted((cache_dir / RECORDS_DIR).glob("*.json"))]
+    table = _records_to_frame(records)
+    tmp = cache_dir / f".{METADATA_FILE}.{os.getpid()}.tmp"
+    table.write_parquet(tmp)
+    os.replace(tmp, cache_dir / METADATA_FILE)
+    return table
+
+
+def load_metadata(cache_dir: Path) -> pl.DataFrame:
+    path = Path(cache_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run notebook 01 (preprocessing) first")
+    return pl.read_parquet(path)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary sibling, then rename: readers see the old or the whole new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def _settings(config: PreprocessConfig) -> dict[str, Any]:
+    return {
+        "shapes": [list(s) for s in config.shapes],
+        "windows": [list(w) for w in config.windows],
+        "body_crop": config.body_crop,
+    }
+
+
+def _empty_record(task: SeriesTask, config: PreprocessConfig) -> dict[str, Any]:
+    return {
+        "patient_id": task.patient_id,
+        "series_id": task.series_id,
+        "status": "failed",
+        "error": None,
+        "n_files": 0,
+        "n_slices": 0,
+        "height": None,
+        "width": None,
+        "spacing_z": None,
+        "spacing_y": None,
+        "spacing_x": None,
+        "z_first": None,
+        "z_last": None,
+        "ordered_by": None,
+        "instance_numbers": [],
+        "skipped_files": [],
+        "n_skipped": 0,
+        "decoder": None,
+        "body_bbox": [],
+        "seconds": 0.0,
+        "source_dir": str(task.series_dir),
+        "settings": _settings(config),
+    }
+
+
+_SCHEMA = {
+    "patient_id": pl.Int64,
+    "series_id": pl.Int64,
+    "status": pl.String,
+    "error": pl.String,
+    "n_files": pl.Int64,
+    "n_slices": pl.Int64,
+    "height": pl.Int64,
+    "width": pl.Int64,
+    "spacing_z": pl.Float64,
+    "spacing_y": pl.Float64,
+    "spacing_x": pl.Float64,
+    "z_first": pl.Float64,
+    "z_last": pl.Float64,
+    "ordered_by": pl.String,
+    "instance_numbers": pl.List(pl.Int64),
+    "skipped_files": pl.List(pl.String),
+    "n_skipped": pl.Int64,
+    "decoder": pl.String,
+    "body_bbox": pl.List(pl.Int64),
+    "seconds": pl.Float64,
+    "source_dir": pl.String,
+}
+
+
+def _records_to_frame(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    rows = [{key: record.get(key) for key in _SCHEMA} for record in records]
+    return pl.DataFrame(rows, schema=_SCHEMA).sort("patient_id", "series_id")
+
+
+def _remove_stale_temporaries(cache_dir: Path) -> None:
+    """Temporary files of a run that was killed mid-write."""
+    for tmp in cache_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _init_worker() -> None:
+    """One thread per worker: the pool already uses every core it was given."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_in_pool(
+    tasks: list[SeriesTask],
+    cache_dir: Path,
+    config: PreprocessConfig,
+    workers: int,
+    bar: tqdm,
+) -> None:
+    pending = list(tasks)
+    while pending:
+        unfinished = _run_batch(pending, cache_dir, config, workers, bar)
+        # The pool broke: rerun its unfinished tasks alone until one breaks it again (the
+        # culprit, recorded as failed); the rest go back to the parallel pool.
+        pending = []
+        while unfinished:
+            task = unfinished.pop(0)
+            if _run_batch([task], cache_dir, config, 1, bar):
+                _record_crash(task, cache_dir, config)
+                bar.update()
+                pending = unfinished
+                break
+
+
+def _run_batch(
+    tasks: list[SeriesTask],
+    cache_dir: Path,
+    config: PreprocessConfig,
+    workers: int,
+    bar: tqdm,
+) -> list[SeriesTask]:
+    """Run tasks in a fresh process pool; return those left unfinished by a dead worker."""
+    unfinished: list[SeriesTask] = []
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        submitted = {pool.submit(process_series, t, cache_dir, config): t for t in tasks}
+        for future in futures.as_completed(submitted):
+            try:
+                future.result()
+                bar.update()
+            except futures.process.BrokenProcessPool:
+                unfinished.append(submitted[future])
+    return [t for t in tasks if t in unfinished]
+
+
+def _record_crash(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> None:
+    record = _empty_record(task, config)
+    record["error"] = "the worker process died while decoding this series (native crash?)"
+    write_json_atomic(Path(cache_dir) / RECORDS_DIR / f"{task.series_id}.json", record)
+
+
+def problems_report(metadata: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The failed series (patient, series, error) and the skipped files (one row per file)."""
+    failed = metadata.filter(pl.col("status") != "ok").select("patient_id", "series_id", "error")
+    skipped = (
+        metadata.filter(pl.col("n_skipped") > 0)
+        .select("patient_id", "series_id", pl.col("skipped_files").alias("skipped_file"))
+        .explode("skipped_file")
+    )
+    return failed, skipped
+
+
+def coronal_aspect(record: dict[str, Any], shape: Sequence[int]) -> float:
+    """Height/width of one coronal pixel of a cached volume, from its record: the mm one
+    resampled slice spans over the mm one resampled column spans."""
+    y0, y1, x0, x1 = record["body_bbox"]
+    side_mm = max(y1 - y0, x1 - x0) * record["spacing_x"]
+    depth_mm = record["n_slices"] * record["spacing_z"]
+    return (depth_mm / shape[0]) / (side_mm / shape[2])

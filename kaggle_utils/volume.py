@@ -1,0 +1,140 @@
+"""Volume operations shared by every CT source (DICOM series, NIfTI): windowing to uint8,
+in-plane body crop, resampling to a fixed shape.
+
+Volumes are (slices, H, W) float32 Hounsfield units, slices in ascending z. Windowed volumes are
+uint8: (slices, H, W) for one window, (slices, channels, H, W) for several, so a 2D CNN can
+take each slice as one multi-channel image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+# (level, width) in HU. Soft tissue is the DICOMs' own window in this data set.
+NAMED_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (50.0, 400.0),
+    "liver": (80.0, 150.0),
+    "bone": (400.0, 1800.0),
+    "wide": (40.0, 1000.0),
+}
+DEFAULT_WINDOWS: tuple[tuple[float, float], ...] = (NAMED_WINDOWS["soft_tissue"],)
+AIR_HU = -1024.0
+
+
+def parse_windows(
+    windows: Sequence[str | Sequence[float]] | None,
+) -> tuple[tuple[float, float], ...]:
+    """Windows given as names ("soft_tissue") or [level, width] pairs, as (level, width) tuples.
+
+    Raises:
+        ValueError: an unknown name, a pair that is not two numbers, or a width <= 0.
+    """
+    if not windows:
+        return DEFAULT_WINDOWS
+    parsed: list[tuple[float, float]] = []
+    for window in windows:
+        if isinstance(window, str):
+            if window not in NAMED_WINDOWS:
+                known = ", ".join(NAMED_WINDOWS)
+                raise ValueError(f"unknown window {window!r}; use one of {known} or [level, width]")
+            parsed.append(NAMED_WINDOWS[window])
+            continue
+        values = tuple(float(v) for v in window)
+        if len(values) != 2 or values[1] <= 0:
+            raise ValueError(f"a window is [level, width] with width > 0, not {list(window)!r}")
+        parsed.append((values[0], values[1]))
+    return tuple(parsed)
+
+
+def apply_window(hu: np.ndarray, level: float = 50.0, width: float = 400.0) -> np.ndarray:
+    """HU to uint8: level - width/2 maps to 0, level + width/2 to 255, linear in between."""
+    low = level - width / 2.0
+    scaled = (hu.astype(np.float32, copy=False) - np.float32(low)) * np.float32(255.0 / width)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return np.rint(scaled, out=scaled).astype(np.uint8)
+
+
+def window_volume(
+    hu: np.ndarray, windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS
+) -> np.ndarray:
+    """(slices, H, W) HU to uint8: (slices, H, W) for one window, else (slices, C, H, W)."""
+    if len(windows) == 1:
+        return apply_window(hu, *windows[0])
+    return np.stack([apply_window(hu, *window) for window in windows], axis=1)
+
+
+def body_bbox(
+    hu: np.ndarray, threshold: float = -500.0, margin: int = 4
+) -> tuple[int, int, int, int]:
+    """In-plane box (y0, y1, x0, x1), end exclusive, around the body in any slice.
+
+    The body is the largest connected component of the slices' union of voxels above
+    `threshold` HU, after an opening that cuts thin links to the table and to noise. A volume
+    with no such voxel keeps its full extent.
+    """
+    height, width = hu.shape[-2:]
+    foreground = (hu > threshold).any(axis=0)
+    radius = max(1, min(height, width) // 100)
+    structure = ndimage.generate_binary_structure(2, 1)
+    opened = ndimage.binary_opening(foreground, structure, iterations=radius)
+    labels, n_components = ndimage.label(opened if opened.any() else foreground)
+    if n_components == 0:
+        return 0, height, 0, width
+    sizes = np.bincount(labels.ravel())[1:]
+    ys, xs = np.nonzero(labels == 1 + int(np.argmax(sizes)))
+    return (
+        max(0, int(ys.min()) - margin),
+        min(height, int(ys.max()) + 1 + margin),
+        max(0, int(xs.min()) - margin),
+        min(width, int(xs.max()) + 1 + margin),
+    )
+
+
+def crop_to_box(
+    hu: np.ndarray,
+    box: tuple[int, int, int, int],
+    square: bool = True,
+    fill: float = AIR_HU,
+) -> np.ndarray:
+    """Cut `box` from every slice; with `square`, grow the short side around its centre first,
+    padding with `fill` (air) where the square leaves the image, so anatomy keeps its aspect
+    ratio when the crop is resized."""
+    y0, y1, x0, x1 = box
+    if square:
+        side = max(y1 - y0, x1 - x0)
+        y0 = (y0 + y1 - side) // 2
+        x0 = (x0 + x1 - side) // 2
+        y1, x1 = y0 + side, x0 + side
+    height, width = hu.shape[-2:]
+    out = np.full((*hu.shape[:-2], y1 - y0, x1 - x0), fill, dtype=hu.dtype)
+    src_y0, src_y1 = max(y0, 0), min(y1, height)
+    src_x0, src_x1 = max(x0, 0), min(x1, width)
+    out[..., src_y0 - y0 : src_y1 - y0, src_x0 - x0 : src_x1 - x0] = hu[
+        ..., src_y0:src_y1, src_x0:src_x1
+    ]
+    return out
+
+
+def resample_volume(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize a (slices, H, W) volume to `shape`: area averaging along axes that shrink (no
+    aliasing when 600 slices become 32), trilinear interpolation along axes that grow."""
+    import torch
+    import torch.nn.functional as F
+
+    target = tuple(int(s) for s in shape)
+    if len(target) != 3 or min(target) < 1:
+        raise ValueError(f"shape must be three positive ints (slices, H, W), not {shape!r}")
+    if volume.ndim != 3:
+        raise ValueError(f"expected a (slices, H, W) volume, got shape {volume.shape}")
+    if tuple(volume.shape) == target:
+        return volume.astype(np.float32, copy=True)
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    shrunk = tuple(min(s, t) for s, t in zip(volume.shape, target, strict=True))
+    if shrunk != tuple(volume.shape):
+        tensor = F.adaptive_avg_pool3d(tensor, shrunk)
+    if shrunk != target:
+        tensor = F.interpolate(tensor, size=target, mode="trilinear", align_corners=False)
+    return tensor[0, 0].numpy()

@@ -1,0 +1,125 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · DICOM series → cached, windowed volumes
+#
+# Every CT series of the competition is decoded once to Hounsfield units (dicomsdl, with
+# pydicom as fallback and reference), ordered by slice position, cropped to the body in-plane,
+# resampled to fixed shapes and windowed to uint8. The cache feeds pretraining (notebook 02,
+# `32x192x192`) and fine-tuning (notebook 03, `96x256x256`).
+#
+# The run is resumable: series already cached with the same settings are skipped, files are
+# written atomically, and a broken file or series is reported, never fatal.
+
+# %% tags=["parameters"]
+data_root: str = ""  # competition folder; empty: Kaggle input, else inputs/rsna-2023-...
+split: str = "train"  # "train" or "test": which <split>_images/ folder to decode
+output_dir: str = ""  # cache folder; empty: outputs/cache (/kaggle/working/cache on Kaggle)
+shapes: list = [[32, 192, 192], [96, 256, 256]]  # (slices, H, W) per cache: pretrain, finetune
+windows: list = [[50, 400]]  # [level, width] in HU, one per channel; or "liver", "bone", "wide"
+body_crop: bool = True  # crop each series in-plane to the body before resampling
+workers: int = 2  # decoding processes; 0 runs in this process (easier to debug)
+limit: int = 0  # decode only the first N series; 0 for all
+overwrite: bool = False  # re-decode series that are already cached
+n_montage: int = 4  # how many volumes to show in the montage
+smoke: bool = False  # tiny, fast settings for tests
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import polars as pl
+from IPython.display import display
+
+from kaggle_utils import paths, preprocess
+from kaggle_utils.plots import volume_montage
+from kaggle_utils.volume import parse_windows
+
+if smoke:
+    shapes, limit = [[8, 32, 32]], limit or 3
+root = paths.resolve_data_root(data_root)
+cache_dir = paths.resolve_output_dir(output_dir, default_name="cache")
+config = preprocess.PreprocessConfig.from_params(shapes, parse_windows(windows), body_crop)
+tasks = preprocess.list_series(root, split)
+if limit:
+    tasks = tasks[:limit]
+print(f"{len(tasks)} series from {root / f'{split}_images'} -> {cache_dir}")
+print(f"shapes {[preprocess.shape_name(s) for s in config.shapes]}, windows {config.windows}")
+
+# %% [markdown]
+# ## Decode, crop, resample, window, cache
+
+# %%
+metadata = preprocess.preprocess_dataset(
+    tasks, cache_dir, config, workers=workers, overwrite=overwrite
+)
+this_run = metadata.filter(pl.col("series_id").is_in([t.series_id for t in tasks]))
+n_ok = this_run.filter(pl.col("status") == "ok").height
+print(f"{n_ok}/{this_run.height} series cached; table: {cache_dir / preprocess.METADATA_FILE}")
+display(
+    this_run.select(
+        "patient_id",
+        "series_id",
+        "status",
+        "n_slices",
+        "spacing_z",
+        "n_skipped",
+        "decoder",
+        "seconds",
+    ).head(10)
+)
+
+# %% [markdown]
+# ## What went wrong
+#
+# Failed series get no volume (notebook 04 falls back to the prior for them); skipped files
+# are single slices left out of an otherwise good series (truncated, unreadable, or a size or
+# orientation unlike the rest of the series).
+
+# %%
+failed, skipped = preprocess.problems_report(this_run)
+print(f"{failed.height} failed series, {skipped.height} skipped files")
+if failed.height:
+    display(failed)
+if skipped.height:
+    display(skipped)
+
+# %% [markdown]
+# ## A look at the volumes
+#
+# Axial slices at a quarter, half and three quarters of the scan, and the coronal slice through
+# the middle (superior at the top) of the first few cached series, at each cached shape.
+
+# %%
+good = this_run.filter(pl.col("status") == "ok").head(n_montage).to_dicts()
+for shape in config.shapes:
+    if not good:
+        break
+    volumes = {
+        f"{r['series_id']}": preprocess.load_cached_volume(cache_dir, shape, r["series_id"])
+        for r in good
+    }
+    aspects = {f"{r['series_id']}": preprocess.coronal_aspect(r, shape) for r in good}
+    fig = volume_montage(volumes, coronal_aspects=aspects)
+    fig.suptitle(f"{preprocess.shape_name(shape)} ({split})", y=1.01)
+    fig.savefig(
+        Path(cache_dir) / f"montage_{split}_{preprocess.shape_name(shape)}.png",
+        dpi=80,
+        bbox_inches="tight",
+    )
+    plt.show()

@@ -1,0 +1,126 @@
+"""Shared fixtures: real CT data (skipped cleanly where absent) and a builder of DICOM files
+with exactly the header a test needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+SHARED_REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    """`../shared/data/real-ct` (a developer checkout has it; a user's clone does not)."""
+    if not SHARED_REAL_CT.is_dir():
+        pytest.skip(f"{SHARED_REAL_CT} not present")
+    return SHARED_REAL_CT
+
+
+@pytest.fixture(scope="session")
+def real_dicom_series(real_ct_dir: Path) -> Path:
+    return real_ct_dir / "dicom-series-20-j2k"
+
+
+def pydicom_test_file(name: str) -> Path:
+    """A real file shipped by the pydicom-data package (offline)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not installed")
+    return Path(path)
+
+
+def write_ct_dicom(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    bits_stored: int = 16,
+    pixel_representation: int = 1,
+    intercept: float | None = 0.0,
+    slope: float | None = 1.0,
+    photometric: str = "MONOCHROME2",
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    instance_number: int | None = 1,
+    position: tuple[float, float, float] | None = (0.0, 0.0, 0.0),
+    orientation: tuple[float, ...] | None = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    pixel_spacing: tuple[float, float] = (0.8, 0.8),
+    slice_thickness: float = 2.5,
+) -> Path:
+    """Write a single-frame CT slice whose pixel bytes are exactly `stored` (uint16 or int16).
+
+    The stored bytes are written as given, so a test can put anything in the unused high bits
+    (pydicom's encoders would refuse); compressed syntaxes encode the same bytes.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelSpacing = list(pixel_spacing)
+    ds.SliceThickness = slice_thickness
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if instance_number is not None:
+        ds.InstanceNumber = instance_number
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+    if orientation is not None:
+        ds.ImageOrientationPatient = list(orientation)
+    raw = np.ascontiguousarray(stored).view(np.uint16)
+    if transfer_syntax == ExplicitVRLittleEndian:
+        ds.PixelRepresentation = pixel_representation
+        ds.PixelData = raw.tobytes()
+    else:
+        # Encode the raw bytes as unsigned data (the encoders check value ranges; a JPEG 2000
+        # codestream is then unsigned, whatever the header says), then restore the header
+        # under test.
+        encode_bits = bits_stored if int(raw.max()) < (1 << bits_stored) else 16
+        ds.PixelRepresentation = 0
+        ds.BitsStored = encode_bits
+        ds.HighBit = encode_bits - 1
+        ds.PixelData = raw.tobytes()
+        ds.compress(transfer_syntax, raw)
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = pixel_representation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def pydicom_reference_hu(path: Path) -> np.ndarray:
+    """pydicom's own decoding and rescale: the reference `read_hu` must agree with."""
+    from pydicom.pixels import apply_rescale
+
+    dataset = pydicom.dcmread(path)
+    return apply_rescale(dataset.pixel_array, dataset).astype(np.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic competition folder (SPEC section 2 layout), generated once per run."""
+    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("competition") / "demo-rsna"
+    config = SyntheticConfig(
+        train_patients=6, test_patients=3, image_size=64, min_slices=12, max_slices=16, seed=7
+    )
+    return generate_dataset(root, config)

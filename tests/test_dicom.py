@@ -1,0 +1,346 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+
+from kaggle_utils.dicom import (
+    DICOMSDL_SYNTAXES,
+    DicomReadError,
+    SeriesReadError,
+    load_series,
+    read_hu,
+    read_slice,
+    stored_to_hu,
+)
+
+from conftest import pydicom_reference_hu, pydicom_test_file, write_ct_dicom
+
+# Real files from pydicom-data: every transfer syntax family, both pixel representations,
+# BitsStored 12/14/16, slopes != 1, a JPEG 2000 codestream that disagrees with its header.
+REFERENCE_FILES = [
+    "CT_small.dcm",  # explicit VR LE, signed 16 bit, intercept -1024
+    "MR_small_implicit.dcm",  # implicit VR LE
+    "MR_small_bigendian.dcm",  # explicit VR big endian (pydicom path)
+    "693_UNCR.dcm",  # CT, signed, BitsStored 14
+    "693_J2KR.dcm",  # JPEG 2000 lossless CT
+    "693_J2KI.dcm",  # JPEG 2000 lossy CT, BitsStored 14
+    "J2K_pixelrep_mismatch.dcm",  # J2K codestream unsigned, header signed 13 bit
+    "MR_small_RLE.dcm",  # RLE lossless
+    "MR_small_jp2klossless.dcm",
+    "JPEG-LL.dcm",  # JPEG lossless process 14
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+    "MR2_UNCR.dcm",  # unsigned 12 bit, slope 3.77
+    "MR2_J2KR.dcm",
+    "bad_sequence.dcm",  # JPEG lossless CT, unsigned 12 bit
+    "examples_overlay.dcm",  # overlay bits above BitsStored
+    "explicit_VR-UN.dcm",  # dicomsdl raises on its header: pydicom fallback
+]
+
+
+@pytest.mark.parametrize("name", REFERENCE_FILES)
+def test_read_hu_matches_pydicom_reference(name: str) -> None:
+    path = pydicom_test_file(name)
+    hu = read_hu(path)
+    assert hu.dtype == np.float32
+    np.testing.assert_allclose(hu, pydicom_reference_hu(path), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small_RLE.dcm", "693_J2KR.dcm", "J2K_pixelrep_mismatch.dcm"]
+)
+def test_fast_path_is_dicomsdl_and_agrees_with_pydicom_path(name: str) -> None:
+    path = pydicom_test_file(name)
+    fast = read_slice(path, decoder="dicomsdl")
+    slow = read_slice(path, decoder="pydicom")
+    assert (fast.decoder, slow.decoder) == ("dicomsdl", "pydicom")
+    assert read_slice(path).decoder == "dicomsdl"
+    np.testing.assert_array_equal(fast.hu, slow.hu)
+    assert fast.position == slow.position
+    assert fast.instance_number == slow.instance_number
+    assert fast.pixel_spacing == slow.pixel_spacing
+
+
+def test_real_j2k_series_both_decoders_match_reference(real_dicom_series: Path) -> None:
+    for path in sorted(real_dicom_series.iterdir()):
+        reference = pydicom_reference_hu(path)
+        np.testing.assert_array_equal(read_hu(path, decoder="dicomsdl"), reference)
+        np.testing.assert_array_equal(read_hu(path, decoder="pydicom"), reference)
+
+
+def test_big_endian_goes_to_pydicom() -> None:
+    path = pydicom_test_file("MR_small_bigendian.dcm")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID not in DICOMSDL_SYNTAXES
+    assert read_slice(path).decoder == "pydicom"
+    with pytest.raises(DicomReadError, match="not verified for dicomsdl"):
+        read_slice(path, decoder="dicomsdl")
+
+
+def slow_stored_to_hu(
+    stored: np.ndarray, bits: int, signed: bool, slope: float, intercept: float, mono1: bool
+) -> np.ndarray:
+    """Per-pixel reference written from the DICOM standard's definitions."""
+    out = np.empty(stored.shape, dtype=np.float64)
+    for index, value in np.ndenumerate(stored):
+        field = int(value) % (1 << bits)  # the BitsStored low bits, as an unsigned number
+        if signed and field >= 1 << (bits - 1):
+            field -= 1 << bits  # two's complement
+        if mono1:
+            field = (-field - 1) if signed else ((1 << bits) - 1 - field)
+        out[index] = field * slope + intercept
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 13, 14, 15, 16])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("mono1", [False, True])
+@pytest.mark.parametrize("container", [np.uint16, np.int16])
+def test_stored_to_hu_matches_slow_reference(
+    bits: int, signed: bool, mono1: bool, container: type
+) -> None:
+    rng = np.random.default_rng(bits)
+    raw = rng.integers(0, 1 << 16, size=(9, 11), dtype=np.uint16)
+    raw[0, :4] = [0, 0xFFFF, 1 << (bits - 1), (1 << bits) - 1]
+    stored = raw.view(container)
+    slope, intercept = 0.5, -8192.0
+    expected = slow_stored_to_hu(stored, bits, signed, slope, intercept, mono1)
+    actual = stored_to_hu(stored, bits, signed, slope, intercept, mono1)
+    np.testing.assert_array_equal(actual, expected.astype(np.float32))
+
+
+def test_stored_to_hu_known_values() -> None:
+    twelve_bit_negative_one_high_bits_zero = np.array([0x0FFF, 0x0800, 0x07FF], dtype=np.uint16)
+    hu = stored_to_hu(twelve_bit_negative_one_high_bits_zero, 12, signed=True)
+    np.testing.assert_array_equal(hu, [-1.0, -2048.0, 2047.0])
+    unsigned_overlay_bit = np.array([0xF000 | 100], dtype=np.uint16)
+    np.testing.assert_array_equal(stored_to_hu(unsigned_overlay_bit, 12, False, 1, -1024), [-924])
+
+
+HU_SAMPLE = np.array([[-1000, -1, 0, 40], [300, 1200, -2048, 2047]], dtype=np.int16)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless])
+@pytest.mark.parametrize("bits", [12, 13, 14])
+@pytest.mark.parametrize("high_bits", ["zero", "sign"])
+def test_signed_short_bits_stored_is_sign_extended(
+    tmp_path: Path, syntax: str, bits: int, high_bits: str
+) -> None:
+    values = np.tile(HU_SAMPLE, (32, 16))  # JPEG 2000 encoders refuse tiny images
+    raw = values.view(np.uint16)
+    if high_bits == "zero":
+        raw = raw & np.uint16((1 << bits) - 1)
+    path = write_ct_dicom(
+        tmp_path / "slice.dcm",
+        raw,
+        bits_stored=bits,
+        pixel_representation=1,
+        intercept=0,
+        transfer_syntax=syntax,
+    )
+    for decoder in ("auto", "dicomsdl", "pydicom"):
+        np.testing.assert_array_equal(read_hu(path, decoder), values.astype(np.float32))
+
+
+def test_j2k_unsigned_codestream_with_signed_header_follows_header(tmp_path: Path) -> None:
+    values = np.tile(HU_SAMPLE, (32, 16))
+    raw = values.view(np.uint16) & np.uint16(0x0FFF)  # fits an unsigned 12-bit codestream
+    path = write_ct_dicom(
+        tmp_path / "j2k.dcm", raw, bits_stored=12, pixel_representation=1,
+        transfer_syntax=JPEG2000Lossless,
+    )  # fmt: skip
+    np.testing.assert_array_equal(read_hu(path), values.astype(np.float32))
+    np.testing.assert_array_equal(read_hu(path), pydicom_reference_hu(path))
+
+
+@pytest.mark.parametrize(
+    ("intercept", "slope"), [(-1024, 1), (0, 1), (-8192, 1), (-32768, 1), (-1024, 0.5)]
+)
+def test_rescale_is_always_applied(tmp_path: Path, intercept: float, slope: float) -> None:
+    stored = np.array([[0, 1, 1024, 40000]], dtype=np.uint16)
+    path = write_ct_dicom(
+        tmp_path / "r.dcm", stored, pixel_representation=0, intercept=intercept, slope=slope
+    )
+    expected = stored.astype(np.float64) * slope + intercept
+    np.testing.assert_array_equal(read_hu(path), expected.astype(np.float32))
+
+
+def test_missing_rescale_means_identity(tmp_path: Path) -> None:
+    stored = np.array([[-5, 7]], dtype=np.int16)
+    path = write_ct_dicom(tmp_path / "r.dcm", stored, intercept=None, slope=None)
+    np.testing.assert_array_equal(read_hu(path), [[-5.0, 7.0]])
+
+
+@pytest.mark.parametrize("pixel_representation", [0, 1])
+def test_monochrome1_is_inverted_to_monochrome2_hu(
+    tmp_path: Path, pixel_representation: int
+) -> None:
+    bits = 12
+    values = np.array([[0, 100, 2047, 1500]], dtype=np.int16)
+    mono2 = write_ct_dicom(
+        tmp_path / "m2.dcm", values, bits_stored=bits,
+        pixel_representation=pixel_representation, intercept=-1024,
+    )  # fmt: skip
+    inverted = (~values.view(np.uint16)) & np.uint16((1 << bits) - 1)
+    mono1 = write_ct_dicom(
+        tmp_path / "m1.dcm", inverted, bits_stored=bits,
+        pixel_representation=pixel_representation, intercept=-1024, photometric="MONOCHROME1",
+    )  # fmt: skip
+    for decoder in ("dicomsdl", "pydicom"):
+        np.testing.assert_array_equal(read_hu(mono1, decoder), read_hu(mono2, decoder))
+
+
+def test_unreadable_inputs_raise_dicom_read_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "text.dcm").write_text("not a dicom file\n" * 20)
+    for name in ("empty.dcm", "text.dcm", "missing.dcm"):
+        with pytest.raises(DicomReadError, match=name):
+            read_hu(tmp_path / name)
+    with pytest.raises(DicomReadError, match="truncated"):
+        read_hu(pydicom_test_file("MR_truncated.dcm"))
+    with pytest.raises(DicomReadError, match="frames"):
+        read_hu(pydicom_test_file("emri_small_jpeg_2k_lossless.dcm"))
+
+
+def test_truncated_files_never_crash_the_process(tmp_path: Path) -> None:
+    """dicomsdl segfaults on truncated files; cut real files everywhere and read them in a
+    child process, which must survive and report every cut file as unreadable or complete."""
+    sources = [pydicom_test_file(n) for n in ("CT_small.dcm", "MR_small_RLE.dcm", "693_J2KR.dcm")]
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from pathlib import Path
+        from kaggle_utils.dicom import DicomReadError, read_hu
+        rng = np.random.default_rng(0)
+        sources = {[str(s) for s in sources]!r}
+        out = Path({str(tmp_path)!r}) / "cut.dcm"
+        errors = 0
+        for source in sources:
+            data = Path(source).read_bytes()
+            cuts = set(rng.integers(0, len(data), 80).tolist()) | {{0, 131, 132, len(data) - 1}}
+            for cut in sorted(cuts):
+                out.write_bytes(data[:cut])
+                try:
+                    read_hu(out)
+                except DicomReadError:
+                    errors += 1
+        print("errors", errors)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 200
+
+
+def write_series(
+    folder: Path,
+    z_positions: list[float],
+    instance_numbers: list[int],
+    shape: tuple[int, int] = (16, 16),
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+) -> None:
+    """One file per slice named by instance number; pixel value = 10 * z so order is visible."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    for z, number in zip(z_positions, instance_numbers, strict=True):
+        stored = np.full(shape, round(10 * z), dtype=np.int16)
+        position = tuple(float(v) for v in np.array([5.0, -3.0, 0.0]) + z * normal)
+        write_ct_dicom(
+            folder / f"{number}.dcm",
+            stored,
+            instance_number=number,
+            position=position,
+            orientation=orientation,
+            pixel_spacing=(0.7, 0.8),
+        )
+
+
+def test_load_series_orders_by_position_not_name_or_instance(tmp_path: Path) -> None:
+    z = [7.5, 0.0, 5.0, 2.5, 10.0]
+    numbers = [3, 40, 1, 12, 2]  # unrelated to z, and file names sort differently again
+    write_series(tmp_path, z, numbers)
+    series = load_series(tmp_path)
+    np.testing.assert_array_equal(series.hu[:, 0, 0], [0, 25, 50, 75, 100])
+    np.testing.assert_array_equal(series.instance_numbers, [40, 12, 1, 3, 2])
+    np.testing.assert_allclose(series.z_positions, [0, 2.5, 5, 7.5, 10])
+    assert series.spacing == pytest.approx((2.5, 0.7, 0.8))
+    assert series.ordered_by == "position"
+    assert series.z_index_of_instance(3) == 3
+    assert series.skipped == []
+    assert series.decoder == "dicomsdl"
+
+
+def test_load_series_projects_position_on_the_slice_normal(tmp_path: Path) -> None:
+    flipped = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # normal points to -z in patient space
+    write_series(tmp_path, [2.0, 0.0, 4.0], [1, 2, 3], orientation=flipped)
+    series = load_series(tmp_path)
+    np.testing.assert_array_equal(series.instance_numbers, [2, 1, 3])
+    assert series.spacing[0] == pytest.approx(2.0)
+
+
+def test_load_series_skips_and_reports_bad_files(tmp_path: Path) -> None:
+    write_series(tmp_path, [0.0, 1.0, 2.0, 3.0], [1, 2, 3, 4])
+    data = (tmp_path / "3.dcm").read_bytes()
+    (tmp_path / "3.dcm").write_bytes(data[: len(data) // 2])
+    write_series(tmp_path / "tmp_odd", [9.0], [9], shape=(12, 16))
+    (tmp_path / "tmp_odd" / "9.dcm").rename(tmp_path / "9.dcm")
+    (tmp_path / "tmp_odd").rmdir()
+    write_series(tmp_path / "tmp_tilt", [8.0], [8], orientation=(1.0, 0, 0, 0, 0, -1.0))
+    (tmp_path / "tmp_tilt" / "8.dcm").rename(tmp_path / "8.dcm")
+    (tmp_path / "tmp_tilt").rmdir()
+    series = load_series(tmp_path)
+    assert series.hu.shape == (3, 16, 16)
+    np.testing.assert_array_equal(series.instance_numbers, [1, 2, 4])
+    reasons = {s.name: s.reason for s in series.skipped}
+    assert set(reasons) == {"3.dcm", "8.dcm", "9.dcm"}
+    assert "truncated" in reasons["3.dcm"]
+    assert "size 12x16" in reasons["9.dcm"]
+    assert "orientation" in reasons["8.dcm"]
+    assert series.n_files == 6
+
+
+def test_load_series_without_positions_falls_back_to_instance_number(tmp_path: Path) -> None:
+    for number, value in [(3, 30), (1, 10), (2, 20)]:
+        stored = np.full((8, 8), value, dtype=np.int16)
+        write_ct_dicom(tmp_path / f"x{value}.dcm", stored, instance_number=number, position=None)
+    series = load_series(tmp_path)
+    assert series.ordered_by == "instance_number"
+    np.testing.assert_array_equal(series.hu[:, 0, 0], [10, 20, 30])
+    assert series.spacing[0] == pytest.approx(2.5)  # SliceThickness
+
+
+def test_load_series_errors_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_series(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SeriesReadError, match="empty: no files"):
+        load_series(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.dcm").write_bytes(b"\0" * 50)
+    with pytest.raises(SeriesReadError, match=r"bad: no readable DICOM slices \(3 files"):
+        load_series(bad)
+
+
+def test_real_series_is_ascending_z_with_instance_mapping(real_dicom_series: Path) -> None:
+    series = load_series(real_dicom_series)
+    assert series.hu.shape == (20, 512, 512)
+    assert np.all(np.diff(series.z_positions) > 0)
+    # In this series InstanceNumber increases as z decreases (see its README).
+    assert np.all(np.diff(series.instance_numbers) < 0)
+    assert series.spacing == pytest.approx((2.0, 0.9765625, 0.9765625))
+    for index in (0, 7, 19):
+        number = int(series.instance_numbers[index])
+        path = next(
+            p for p in real_dicom_series.iterdir() if pydicom.dcmread(p).InstanceNumber == number
+        )
+        np.testing.assert_array_equal(series.hu[index], pydicom_reference_hu(path))
+    air, soft_tissue = series.hu[:, 5, 5].mean(), series.hu[:, 256, 256].mean()
+    assert air < -900 and -200 < soft_tissue < 200

@@ -1,0 +1,66 @@
+"""Notebooks: every .py has its .ipynb twin with the same cells and no outputs, and each
+notebook runs headless through papermill on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jupytext
+import numpy as np
+import papermill
+import polars as pl
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
+
+
+def test_there_are_notebooks() -> None:
+    assert [p.name for p in NOTEBOOKS][:1] == ["01_dicom_preprocess.py"]
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
+def test_pair_agrees_has_parameters_and_no_outputs(source: Path) -> None:
+    twin = source.with_suffix(".ipynb")
+    assert twin.is_file(), f"{twin.name} missing: run `make notebooks`"
+    py_nb, ipynb_nb = jupytext.read(source), jupytext.read(twin)
+
+    def cells(nb: object) -> list[tuple[str, str]]:
+        return [(c.cell_type, c.source.strip()) for c in nb.cells]  # type: ignore[attr-defined]
+
+    assert cells(py_nb) == cells(ipynb_nb), f"{source.name} and {twin.name} differ: make notebooks"
+    raw = json.loads(twin.read_text())
+    assert all(not c.get("outputs") for c in raw["cells"] if c["cell_type"] == "code")
+    assert raw["metadata"]["kernelspec"]["name"] == "python3"
+    first_code = next(c for c in raw["cells"] if c["cell_type"] == "code")
+    assert "parameters" in first_code["metadata"].get("tags", [])
+    assert "smoke" in "".join(first_code["source"])
+
+
+def run_notebook(name: str, out_dir: Path, **parameters: object) -> Path:
+    output = out_dir / f"executed_{name}.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / f"{name}.ipynb"),
+        str(output),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    return output
+
+
+@pytest.mark.slow
+def test_notebook_01_preprocesses_a_tiny_dataset(tiny_competition: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run_notebook(
+        "01_dicom_preprocess", tmp_path, data_root=str(tiny_competition), output_dir=str(cache),
+        split="train", workers=0, smoke=True,
+    )  # fmt: skip
+    metadata = pl.read_parquet(cache / "metadata.parquet")
+    assert metadata.height == 3  # smoke limits the run to three series
+    for series_id in metadata["series_id"]:
+        volume = np.load(cache / "8x32x32" / f"{series_id}.npy")
+        assert volume.shape == (8, 32, 32) and volume.dtype == np.uint8
+    assert (cache / "montage_train_8x32x32.png").stat().st_size > 1000
