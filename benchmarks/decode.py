@@ -116,7 +116,7 @@ def slices_per_second(read: Callable[[Path], np.ndarray], paths: list[Path], rep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=100, help="slices per benchmark series")
-    parser.add_argument("--series", type=int, default=6, help="series for the throughput run")
+    parser.add_argument("--series", type=int, default=8, help="series for the throughput run")
     parser.add_argument("--repeats", type=int, default=3, help="passes per decoder (best kept)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the throughput run")
     args = parser.parse_args()

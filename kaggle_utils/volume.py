@@ -101,7 +101,7 @@ def crop_to_box(
 ) -> np.ndarray:
     """Cut `box` from every slice; with `square`, grow the short side around its centre first,
     padding with `fill` (air) where the square leaves the image, so anatomy keeps its aspect
-    ratio when the crop is resized."""
+    ratio when the crop is resized. Returns a view of `hu` when no padding is needed."""
     y0, y1, x0, x1 = box
     if square:
         side = max(y1 - y0, x1 - x0)
@@ -109,6 +109,8 @@ def crop_to_box(
         x0 = (x0 + x1 - side) // 2
         y1, x1 = y0 + side, x0 + side
     height, width = hu.shape[-2:]
+    if y0 >= 0 and x0 >= 0 and y1 <= height and x1 <= width:
+        return hu[..., y0:y1, x0:x1]  # a view: copying a whole series costs real time
     out = np.full((*hu.shape[:-2], y1 - y0, x1 - x0), fill, dtype=hu.dtype)
     src_y0, src_y1 = max(y0, 0), min(y1, height)
     src_x0, src_x1 = max(x0, 0), min(x1, width)
@@ -131,7 +133,7 @@ def resample_volume(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
         raise ValueError(f"expected a (slices, H, W) volume, got shape {volume.shape}")
     if tuple(volume.shape) == target:
         return volume.astype(np.float32, copy=True)
-    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    tensor = torch.from_numpy(volume.astype(np.float32, copy=False))[None, None]
     shrunk = tuple(min(s, t) for s, t in zip(volume.shape, target, strict=True))
     if shrunk != tuple(volume.shape):
         tensor = F.adaptive_avg_pool3d(tensor, shrunk)
