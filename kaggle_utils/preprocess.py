@@ -390,7 +390,10 @@ def _run_batch(
 
 def _record_crash(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> None:
     record = _empty_record(task, config)
-    record["error"] = "the worker process died while decoding this series (native crash?)"
+    record["error"] = (
+        "the worker process died while decoding this series (a crash in native code, out of "
+        'memory, or a script that calls this without an `if __name__ == "__main__":` guard)'
+    )
     write_json_atomic(Path(cache_dir) / RECORDS_DIR / f"{task.series_id}.json", record)
 
 

@@ -1,0 +1,165 @@
+"""Backbones (timm, offline), the VoCo projection head, the crop encoder and the EMA
+student-teacher pair used by 2D-VoCo pretraining.
+
+Nothing here reaches for the network: ImageNet weights come from a local file or not at all,
+and every checkpoint is read with `torch.load(..., weights_only=True)` so that a file from a
+shared Kaggle dataset can never run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from torch import Tensor, nn
+
+SliceMode = Literal["average", "per_slice"]
+
+
+def build_backbone(
+    name: str = "efficientnetv2_rw_t",
+    in_chans: int = 1,
+    weights_file: str | Path | None = None,
+    **timm_kwargs: object,
+) -> nn.Module:
+    """A timm model that maps (N, in_chans, H, W) to pooled features (N, num_features).
+
+    `weights_file`: ImageNet weights as a local file (e.g. from a Kaggle dataset); timm adapts
+    the first convolution to `in_chans`. Without it the weights are random. Never downloads.
+
+    Raises:
+        FileNotFoundError: `weights_file` is given but does not exist (timm would otherwise
+            try to download the weights).
+    """
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights_file {path} not found (nothing is downloaded)")
+        return timm.create_model(
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=0,
+            in_chans=in_chans,
+            **timm_kwargs,
+        )
+    return timm.create_model(
+        name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs
+    )
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """A state dict saved by this project (or any plain tensor dict), loaded safely."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+class ProjectionHead(nn.Module):
+    """VoCo's projector: Linear-BN-ReLU, Linear-BN-ReLU, Linear (2048-2048-2048 by default).
+
+    BatchNorm without affine parameters or running statistics, as in VoCo's code: it always
+    normalises with the current batch, so it needs more than one row per call.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 2048) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (N, in_dim) -> (N, out_dim)
+        return self.layers(x)
+
+
+class CropEncoder(nn.Module):
+    """Backbone + projector for stacks of crops.
+
+    forward((N, S, C, h, w)) -> "average": (N, D), the backbone features averaged over the S
+    slices of each crop before projection (the official 2D-VoCo code); "per_slice":
+    (N * S, D), one projection per slice.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hidden_dim: int = 2048,
+        out_dim: int = 2048,
+        slice_mode: SliceMode = "average",
+    ) -> None:
+        super().__init__()
+        if slice_mode not in ("average", "per_slice"):
+            raise ValueError(f"slice_mode must be 'average' or 'per_slice', not {slice_mode!r}")
+        self.backbone = backbone
+        self.projector = ProjectionHead(backbone.num_features, hidden_dim, out_dim)
+        self.slice_mode: SliceMode = slice_mode
+
+    def forward(self, crops: Tensor) -> Tensor:
+        # crops: (N, S, C, h, w)
+        n, s = crops.shape[:2]
+        features = self.backbone(crops.flatten(0, 1))  # (N * S, F)
+        if self.slice_mode == "average":
+            features = features.view(n, s, -1).mean(dim=1)  # (N, F)
+        return self.projector(features)
+
+
+class StudentTeacher(nn.Module):
+    """A student and its EMA teacher: the whole encoder (backbone and projector), parameters
+    averaged, buffers (BatchNorm statistics) copied; the teacher never gets a gradient."""
+
+    def __init__(self, student: CropEncoder) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher = momentum * teacher + (1 - momentum) * student; buffers copied."""
+        update_momentum(self.student, self.teacher, momentum)
+
+
+@torch.no_grad()
+def update_momentum(model: nn.Module, model_ema: nn.Module, momentum: float) -> None:
+    """EMA of parameters (in place) and a copy of buffers, module by module."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], not {momentum}")
+    for param, param_ema in zip(model.parameters(), model_ema.parameters(), strict=True):
+        param_ema.mul_(momentum).add_(param.detach(), alpha=1.0 - momentum)
+    for buffer, buffer_ema in zip(model.buffers(), model_ema.buffers(), strict=True):
+        buffer_ema.copy_(buffer)
+
+
+def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> float:
+    """`start` at step 0, `end` at `max_steps` (and after), cosine in between."""
+    if max_steps <= 0 or step >= max_steps:
+        return end
+    return end - (end - start) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_factor: float = 0.0) -> float:
+    """Learning-rate factor: linear warmup from ~0 to 1, then cosine down to `min_factor`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    return cosine_schedule(step - warmup_steps, decay_steps, 1.0, min_factor)
+
+
+def parameter_count(modules: Sequence[nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())

@@ -1,0 +1,631 @@
+"""The 2D-VoCo pretraining loop: notebook 02 calls `pretrain(config)`; `torchrun` runs the same
+function on several GPUs (or CPU processes) through `python -m kaggle_utils.pretrain`.
+
+    torchrun --nproc_per_node 2 -m kaggle_utils.pretrain --config outputs/pretrain/config.json
+
+What a run writes to `output_dir`:
+    config.json         the settings (also the input of the command line above)
+    log.csv             one row per optimizer step: lr, momentum, loss and its parts, probe
+    checkpoint.pt       everything needed to resume exactly (written atomically every N steps)
+    encoder.pt          the student backbone's state dict, what fine-tuning loads
+    encoder.json        the settings that made it, and the final probe accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.std import tqdm
+
+from kaggle_utils.crops import cut_crops, sample_voco_crops
+from kaggle_utils.losses import LossParts, VoCoLoss, similarity
+from kaggle_utils.models import (
+    CropEncoder,
+    StudentTeacher,
+    build_backbone,
+    cosine_schedule,
+    warmup_cosine,
+)
+from kaggle_utils.pretrain_data import (
+    AugmentConfig,
+    ResumableSampler,
+    VoCoCropDataset,
+    load_volume,
+    split_probe_volumes,
+    volume_files,
+)
+
+LOG_COLUMNS = (
+    "step", "epoch", "lr", "momentum", "loss", "intra", "inter", "reg", "probe_accuracy",
+    "cross_probe_accuracy", "seconds",
+)  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the parts."""
+
+
+@dataclass
+class PretrainConfig:
+    """Every choice of a 2D-VoCo run. Defaults reproduce the paper's setting (EfficientNetV2-T,
+    32 x 192 x 192 volumes, a 3 x 3 grid of 64 x 64 base crops, 2 random crops, AdamW 1e-4,
+    weight decay 1e-2, EMA momentum 0.9, all loss weights 1)."""
+
+    volume_dirs: list[str] = field(default_factory=list)  # folders of cached .npy volumes
+    output_dir: str = "outputs/pretrain"
+    backbone: str = "efficientnetv2_rw_t"
+    weights_file: str = ""  # local ImageNet weights for the backbone; "" = random init
+    grid: int = 3
+    crop_size: int = 64
+    n_random: int = 2
+    label_mode: str = "area"  # "area" (VoCo's code) or "iou" (the 2D-VoCo paper)
+    slice_mode: str = "average"  # "average" (official code) or "per_slice"
+    hidden_dim: int = 2048
+    out_dim: int = 2048
+    momentum: float = 0.9  # teacher EMA momentum
+    momentum_end: float | None = None  # cosine ramp to this value (e.g. 1.0); None = constant
+    intra_weight: float = 1.0
+    inter_weight: float = 1.0
+    reg_weight: float = 1.0
+    intra_form: str = "voco_code"  # "voco_code" or "paper"
+    reg_form: str = "paper"  # "paper" or "voco_code"
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 4  # volumes per step and process (before accumulation)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100
+    min_lr_factor: float = 0.01
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    flip_prob: float = 0.0
+    rot90_prob: float = 0.0
+    intensity: float = 0.1
+    num_workers: int = 2
+    checkpoint_every: int = 200
+    probe_every: int = 200
+    n_probe_volumes: int = 8  # held out from training for the position probe
+    probe_random: int = 16  # random crops per probe volume
+    seed: int = 0
+    resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+    time_limit_s: float = 0.0  # stop cleanly (checkpoint + export) after this long; 0 = off
+    stop_after: int = 0  # stop cleanly after this many steps in this call (resume later); 0 = off
+
+    def __post_init__(self) -> None:
+        choices = {
+            "label_mode": ("area", "iou"),
+            "slice_mode": ("average", "per_slice"),
+            "intra_form": ("voco_code", "paper"),
+            "reg_form": ("paper", "voco_code"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "grad_accum", "grid", "crop_size", "n_random"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PretrainConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        _write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    steps_done: int
+    encoder_file: Path
+    probe: dict[str, float | None] | None  # {"same": ..., "cross": ...} at the last probe
+    initial_probe: dict[str, float | None] | None  # the same before any training
+    chance: float
+    finished: bool  # False when stop_after or time_limit_s ended the run early
+
+
+def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
+    """Run (or resume) 2D-VoCo pretraining; works alone or under torchrun (DDP)."""
+    distributed = _init_distributed()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = _device(distributed)
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.to_json(output_dir / "config.json")
+    _seed_everything(config.seed + rank)
+
+    files = volume_files([Path(d) for d in config.volume_dirs])
+    train_files, probe_files = split_probe_volumes(files, config.n_probe_volumes, config.seed)
+    in_chans = load_volume(train_files[0]).shape[1]
+    backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
+    model = StudentTeacher(
+        CropEncoder(backbone, config.hidden_dim, config.out_dim, config.slice_mode)
+    ).to(device)
+    student: nn.Module = model.student
+    if distributed:
+        ddp_ids = [device.index] if device.type == "cuda" else None
+        student = nn.parallel.DistributedDataParallel(model.student, device_ids=ddp_ids)
+    mean, std = _normalisation(backbone, device)
+    loss_fn = VoCoLoss(
+        config.intra_weight, config.inter_weight, config.reg_weight,
+        config.intra_form, config.reg_form,  # type: ignore[arg-type]
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, config.warmup_steps, config.steps, config.min_lr_factor),
+    )
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    dataset = VoCoCropDataset(
+        train_files,
+        config.grid,
+        config.n_random,
+        config.crop_size,
+        config.label_mode,  # type: ignore[arg-type]
+        AugmentConfig(config.flip_prob, config.rot90_prob, config.intensity),
+        config.seed,
+    )
+    sampler = ResumableSampler(len(dataset), config.seed, rank, world_size)
+    state = TrainState()
+    checkpoint_file = output_dir / "checkpoint.pt"
+    if config.resume and checkpoint_file.is_file():
+        state = _load_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, device)
+    if rank == 0:
+        _truncate_log(output_dir / "log.csv", state.step)
+
+    started = time.monotonic()
+    if state.step == 0 and probe_files and rank == 0 and config.probe_every > 0:
+        state.initial_probe = dataclasses.asdict(
+            position_probe(model.student, probe_files, config, mean, std, device)
+        )
+        _append_log(output_dir / "log.csv", _probe_row(0, state, state.initial_probe, started))
+    bar = tqdm(
+        total=config.steps, initial=state.step, desc="pretrain", unit="step",
+        disable=not progress or rank != 0,
+    )  # fmt: skip
+    batches = _batches(dataset, sampler, state, config, device)
+    steps_this_run = 0
+    stop = False
+    while state.step < config.steps and not stop:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        sums = {"total": 0.0, "intra": 0.0, "inter": 0.0, "reg": 0.0}
+        for micro in range(config.grad_accum):
+            batch = next(batches)
+            last = micro == config.grad_accum - 1
+            # DDP: reduce gradients once per optimizer step, not per micro-batch
+            sync = student.no_sync() if distributed and not last else nullcontext()  # type: ignore[operator]
+            with sync:
+                parts = _forward(
+                    student, model.teacher, loss_fn, batch, mean, std, config, use_amp, amp_dtype
+                )
+                if not torch.isfinite(parts.total):
+                    raise NonFiniteLossError(
+                        f"step {state.step + 1}: the loss is not finite ({_describe(parts)}); "
+                        f"the last good state is {checkpoint_file}. Lower lr or turn off amp."
+                    )
+                scaler.scale(parts.total / config.grad_accum).backward()
+            for key, value in parts.as_floats().items():
+                sums[key] += value / config.grad_accum
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.student.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        momentum = _momentum(config, state.step)
+        model.update_teacher(momentum)
+        state.step += 1
+        steps_this_run += 1
+        sums = _mean_over_ranks(sums, device) if distributed else sums
+
+        finished = state.step == config.steps
+        probe: dict[str, float | None] | None = None
+        if probe_files and rank == 0 and config.probe_every > 0:
+            if state.step % config.probe_every == 0 or finished:
+                probe = dataclasses.asdict(
+                    position_probe(model.student, probe_files, config, mean, std, device)
+                )
+                state.last_probe = probe
+        stop = (config.stop_after > 0 and steps_this_run >= config.stop_after) or (
+            config.time_limit_s > 0 and time.monotonic() - started > config.time_limit_s
+        )
+        stop = _agree(stop, device) if distributed else stop
+        if rank == 0:
+            row = _probe_row(state.step, state, probe, started)
+            row.update(lr=scheduler.get_last_lr()[0], momentum=momentum, loss=sums["total"])
+            row.update(intra=sums["intra"], inter=sums["inter"], reg=sums["reg"])
+            _append_log(output_dir / "log.csv", row)
+            bar.update()
+            bar.set_postfix(loss=f"{sums['total']:.4f}")
+            if finished or stop or state.step % config.checkpoint_every == 0:
+                _save_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, state)
+    bar.close()
+
+    encoder_file = output_dir / "encoder.pt"
+    if rank == 0:
+        export_encoder(model.student.backbone, encoder_file, config, in_chans, state)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return PretrainResult(
+        output_dir=output_dir,
+        steps_done=state.step,
+        encoder_file=encoder_file,
+        probe=state.last_probe,
+        initial_probe=state.initial_probe,
+        chance=1.0 / config.grid**2,
+        finished=state.step >= config.steps,
+    )
+
+
+@dataclass
+class TrainState:
+    """Where the run is: optimizer steps done, epoch, micro-batches consumed in the epoch,
+    and the probe results so far ({"same": ..., "cross": ...})."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    last_probe: dict[str, float | None] | None = None
+    initial_probe: dict[str, float | None] | None = None
+
+
+def _probe_row(
+    step: int, state: TrainState, probe: dict[str, float | None] | None, started: float
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "epoch": state.epoch,
+        "probe_accuracy": "" if probe is None else probe["same"],
+        "cross_probe_accuracy": "" if probe is None or probe["cross"] is None else probe["cross"],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _batches(
+    dataset: VoCoCropDataset,
+    sampler: ResumableSampler,
+    state: TrainState,
+    config: PretrainConfig,
+    device: torch.device,
+) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches; `state.epoch` and `state.position` always say what comes next."""
+    while True:
+        sampler.set_position(state.epoch, state.position * config.batch_size)
+        dataset.set_epoch(state.epoch)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+        )
+        for batch in loader:
+            state.position += 1
+            yield batch
+        state.epoch += 1
+        state.position = 0
+
+
+def _forward(
+    student: nn.Module,
+    teacher: nn.Module,
+    loss_fn: VoCoLoss,
+    batch: dict[str, Any],
+    mean: Tensor,
+    std: Tensor,
+    config: PretrainConfig,
+    use_amp: bool,
+    amp_dtype: torch.dtype,
+) -> LossParts:
+    device = mean.device
+    random_crops = batch["random"].to(device, non_blocking=True)  # (B, R, S, C, h, w)
+    base_crops = batch["base"].to(device, non_blocking=True)  # (B, K, S, C, h, w)
+    labels = batch["labels"].to(device, non_blocking=True)  # (B, R, K)
+    n_volumes, n_random, n_slices = random_crops.shape[:3]
+    n_bases = base_crops.shape[1]
+    crops = torch.cat([random_crops.flatten(0, 1), base_crops.flatten(0, 1)])
+    crops = (crops.float() / 255.0 - mean) / std  # (B * (R + K), S, C, h, w)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+    with autocast:
+        student_out = student(crops)
+        with torch.no_grad():
+            teacher_out = teacher(crops)
+    n_split = n_volumes * n_random
+    if config.slice_mode == "average":
+        # (B * (R + K), D) -> (B, R, D) and (B, K, D)
+        s_random, s_bases, t_random, t_bases = (
+            part
+            for out in (student_out.float(), teacher_out.float())
+            for part in (out[:n_split].view(n_volumes, n_random, -1),
+                         out[n_split:].view(n_volumes, n_bases, -1))
+        )  # fmt: skip
+        return loss_fn(s_random, s_bases, t_random, t_bases, labels, pair_shift=1)
+
+    def per_slice(out: Tensor, count: int, rows: slice) -> Tensor:
+        # (B * (R + K) * S, D) -> every (volume, slice) its own sample: (B * S, count, D)
+        out = out.float().view(-1, n_slices, out.shape[-1])[rows]
+        return out.view(n_volumes, count, n_slices, -1).transpose(1, 2).flatten(0, 1)
+
+    head, tail = slice(0, n_split), slice(n_split, None)
+    return loss_fn(
+        per_slice(student_out, n_random, head),
+        per_slice(student_out, n_bases, tail),
+        per_slice(teacher_out, n_random, head),
+        per_slice(teacher_out, n_bases, tail),
+        labels.repeat_interleave(n_slices, dim=0),
+        pair_shift=n_slices,  # slice s of volume b pairs with slice s of volume b + 1
+    )
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Position accuracy on held-out volumes (chance: 1 / grid^2).
+
+    same: a random crop against the bases of its own volume (pixel overlap alone already
+    helps here, so an untrained encoder scores well above chance). cross: a random crop of
+    one volume against the bases of another, where only anatomical position can tell.
+    """
+
+    same: float
+    cross: float | None
+
+
+@torch.no_grad()
+def position_probe(
+    encoder: nn.Module,
+    files: list[Path],
+    config: PretrainConfig,
+    mean: Tensor,
+    std: Tensor,
+    device: torch.device,
+) -> ProbeResult:
+    """How often the base most similar to a random crop is (one of) the base(s) it overlaps
+    most, over `config.probe_random` fixed random crops per held-out volume."""
+    encoder.eval()
+    embeddings, labels = [], []
+    for index, path in enumerate(files):
+        volume = torch.from_numpy(load_volume(path))
+        rng = np.random.default_rng([config.seed, 10_000_019, index])
+        crops = sample_voco_crops(
+            tuple(volume.shape[-2:]), config.grid, config.probe_random, rng,
+            config.label_mode, config.crop_size,  # type: ignore[arg-type]
+        )  # fmt: skip
+        stack = torch.cat(
+            [cut_crops(volume, crops.random_boxes), cut_crops(volume, crops.base_boxes)]
+        )
+        stack = (stack.to(device).float() / 255.0 - mean) / std  # (R + K, S, C, h, w)
+        out = encoder(stack)
+        if config.slice_mode == "per_slice":
+            out = out.view(stack.shape[0], stack.shape[1], -1).mean(dim=1)
+        embeddings.append((out[: config.probe_random], out[config.probe_random :]))
+        labels.append(crops.labels)
+
+    def accuracy(pairs: list[tuple[int, int]]) -> float:
+        hits = total = 0
+        for a, b in pairs:
+            logits = similarity(embeddings[a][0][None], embeddings[b][1][None])[0]
+            chosen = logits.argmax(dim=1).cpu().numpy()
+            best = labels[a].max(axis=1)
+            hits += int((labels[a][np.arange(len(chosen)), chosen] >= best - 1e-9).sum())
+            total += len(chosen)
+        return hits / max(total, 1)
+
+    n = len(files)
+    same = accuracy([(i, i) for i in range(n)])
+    cross = accuracy([(i, (i + 1) % n) for i in range(n)]) if n > 1 else None
+    return ProbeResult(same, cross)
+
+
+def export_encoder(
+    backbone: nn.Module,
+    path: Path,
+    config: PretrainConfig,
+    in_chans: int,
+    state: TrainState,
+) -> None:
+    """The student backbone for fine-tuning, plus a JSON of what made it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(backbone.state_dict(), tmp)
+    os.replace(tmp, path)
+    meta = {
+        "backbone": config.backbone,
+        "in_chans": in_chans,
+        "num_features": int(getattr(backbone, "num_features", 0)),
+        "steps": state.step,
+        "probe": state.last_probe,
+        "initial_probe": state.initial_probe,
+        "chance": 1.0 / config.grid**2,
+        "settings": dataclasses.asdict(config),
+    }
+    _write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+
+
+def _momentum(config: PretrainConfig, step: int) -> float:
+    if config.momentum_end is None:
+        return config.momentum
+    return cosine_schedule(step, config.steps, config.momentum, config.momentum_end)
+
+
+def _normalisation(backbone: nn.Module, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The backbone's own mean/std (timm's pretrained_cfg), averaged over RGB for grey CT."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = float(np.mean(cfg.get("mean", (0.5,))))
+    std = float(np.mean(cfg.get("std", (0.5,))))
+    return torch.tensor(mean, device=device), torch.tensor(std, device=device)
+
+
+def _save_checkpoint(
+    path: Path,
+    model: StudentTeacher,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+) -> None:
+    """Everything for an exact resume, written to a temporary file and renamed."""
+    payload = {
+        "student": model.student.state_dict(),
+        "teacher": model.teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": dataclasses.asdict(state),
+        "rng": _rng_state(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(
+    path: Path,
+    model: StudentTeacher,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> TrainState:
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model.student.load_state_dict(payload["student"])
+    model.teacher.load_state_dict(payload["teacher"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    _set_rng_state(payload["rng"])
+    return TrainState(**payload["state"])
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states. This project draws from seeded Generators, but third-party code
+    (timm, torch ops) may use the global ones; saved as tensors and plain types so that
+    `torch.load(weights_only=True)` reads them back."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), gauss],
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    numpy_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    version, internal, gauss_next = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _append_log(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the checkpoint a run resumes from (written before it was killed)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _describe(parts: LossParts) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in parts.as_floats().items())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - for third-party code; ours uses Generators
+    torch.manual_seed(seed)
+
+
+def _init_distributed() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def _device(distributed: bool) -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    tensor = torch.tensor(list(values.values()), device=device, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(values, tensor.tolist(), strict=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="2D-VoCo pretraining (single process or torchrun)")
+    parser.add_argument("--config", required=True, help="a config.json written by PretrainConfig")
+    args = parser.parse_args()
+    result = pretrain(PretrainConfig.from_json(args.config))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: str(v) for k, v in dataclasses.asdict(result).items()}))
+
+
+if __name__ == "__main__":
+    main()

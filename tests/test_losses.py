@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kaggle_utils.losses import (
+    LOG_EPS,
+    VoCoLoss,
+    inter_loss,
+    intra_loss,
+    regularization_loss,
+    similarity,
+)
+
+
+def slow_similarity(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for r in range(q.shape[1]):
+            for j in range(k.shape[1]):
+                a, c = q[b, r].double(), k[b, j].double()
+                denom = max(a.norm().item(), 1e-8) * max(c.norm().item(), 1e-8)
+                out[b, r, j] = min(max((a @ c).item() / denom, 0.0), 1.0)
+    return out
+
+
+def slow_intra(logits, labels, form):
+    total = 0.0
+    for b in range(logits.shape[0]):
+        terms = [[-math.log(1 - abs(float(labels[b, r, k] - logits[b, r, k])) + LOG_EPS)
+                  for k in range(logits.shape[2])] for r in range(logits.shape[1])]  # fmt: skip
+        if form == "paper":
+            total += sum(map(sum, terms)) / (logits.shape[1] * logits.shape[2])
+            continue
+        pos_num = pos_den = neg_num = neg_den = 0.0
+        for r in range(logits.shape[1]):
+            for k in range(logits.shape[2]):
+                y, sim = float(labels[b, r, k]), float(logits[b, r, k])
+                pos_num += y * terms[r][k]
+                pos_den += y
+                if y == 0:
+                    neg_num += sim * sim
+                    neg_den += 1
+        total += pos_num / (pos_den + LOG_EPS) + neg_num / (neg_den + LOG_EPS)
+    return total / logits.shape[0]
+
+
+def slow_reg(bases, form):
+    total = 0.0
+    for b in range(bases.shape[0]):
+        pairs = []
+        for i in range(bases.shape[1]):
+            for j in range(i + 1, bases.shape[1]):
+                cos = torch.nn.functional.cosine_similarity(bases[b, i], bases[b, j], dim=0).item()
+                pairs.append(abs(cos) if form == "paper" else max(cos, 0.0) ** 2)
+        total += sum(pairs) / len(pairs)
+    return total / bases.shape[0]
+
+
+@pytest.fixture
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(3, 2, 9, generator=g)
+    labels[labels < 0.6] = 0.0
+    return {
+        "q": torch.randn(3, 2, 16, generator=g),
+        "k": torch.randn(3, 9, 16, generator=g),
+        "labels": labels,
+    }
+
+
+def test_similarity_matches_slow_reference(tensors) -> None:
+    torch.testing.assert_close(
+        similarity(tensors["q"], tensors["k"]).double(), slow_similarity(tensors["q"], tensors["k"])
+    )
+
+
+@pytest.mark.parametrize("form", ["voco_code", "paper"])
+def test_intra_matches_slow_reference(tensors, form: str) -> None:
+    logits = similarity(tensors["q"], tensors["k"])
+    expected = slow_intra(logits, tensors["labels"], form)
+    assert intra_loss(logits, tensors["labels"], form).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_inter_matches_slow_reference(tensors) -> None:
+    student = similarity(tensors["q"], tensors["k"])
+    teacher = similarity(tensors["q"] + 0.5, tensors["k"])
+    terms = [
+        -math.log(1 - abs(float(t - s)) + LOG_EPS)
+        for t, s in zip(teacher.flatten(), student.flatten(), strict=True)
+    ]
+    assert inter_loss(student, teacher).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["paper", "voco_code"])
+def test_regularization_matches_slow_reference(tensors, form: str) -> None:
+    expected = slow_reg(tensors["k"], form)
+    assert regularization_loss(tensors["k"], form).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_known_values() -> None:
+    labels = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    perfect = labels.clone()
+    assert intra_loss(perfect, labels, "paper").item() == pytest.approx(0.0, abs=2e-6)
+    worst = torch.tensor([[[0.0, 1.0, 1.0, 1.0]]])
+    assert intra_loss(worst, labels, "paper").item() == pytest.approx(-math.log(LOG_EPS), rel=1e-6)
+    # voco_code: -log(eps) for the missed positive, plus 1^2 on each of the 3 negatives
+    assert intra_loss(worst, labels, "voco_code").item() == pytest.approx(
+        -math.log(LOG_EPS) + 1.0, rel=1e-5
+    )
+    orthogonal = torch.eye(4)[None]
+    assert regularization_loss(orthogonal, "paper").item() == 0.0
+    identical = torch.ones(1, 3, 5)
+    assert regularization_loss(identical, "paper").item() == pytest.approx(1.0)
+    assert regularization_loss(identical, "voco_code").item() == pytest.approx(1.0)
+    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    assert regularization_loss(opposite, "paper").item() == pytest.approx(1.0)
+    assert regularization_loss(opposite, "voco_code").item() == 0.0
+
+
+def test_every_log_stays_finite_on_degenerate_inputs() -> None:
+    loss = VoCoLoss()
+    ones_random, ones_bases = torch.ones(2, 2, 8), torch.ones(2, 9, 8)
+    cases = [
+        (ones_random, ones_bases, torch.zeros(2, 2, 9)),  # identical crops: cos = 1, y = 0
+        (ones_random, -ones_bases, torch.ones(2, 2, 9)),  # cos = -1, y = 1
+        (torch.zeros(2, 2, 8), torch.zeros(2, 9, 8), torch.rand(2, 2, 9)),  # zero vectors
+    ]
+    for rand, bases, labels in cases:
+        rand, bases = rand.clone().requires_grad_(True), bases.clone().requires_grad_(True)
+        parts = loss(rand, bases, rand.detach(), bases.detach(), labels)
+        assert all(math.isfinite(v) for v in parts.as_floats().values())
+        parts.total.backward()
+        assert torch.isfinite(rand.grad).all() and torch.isfinite(bases.grad).all()
+
+
+def test_voco_code_regularization_detaches_the_second_base() -> None:
+    bases = torch.tensor([[[1.0, 0.2], [0.8, 0.6]]], requires_grad=True)
+    regularization_loss(bases, "voco_code").backward()
+    assert bases.grad[0, 0].abs().sum() > 0 and bases.grad[0, 1].abs().sum() == 0
+    paper = bases.detach().clone().requires_grad_(True)
+    regularization_loss(paper, "paper").backward()
+    assert paper.grad[0, 1].abs().sum() > 0
+
+
+def test_vocoloss_combines_parts_with_weights_and_pairs_volumes(tensors) -> None:
+    q, k, labels = tensors["q"], tensors["k"], tensors["labels"]
+    tq, tk = q + 0.1, k - 0.1
+    parts = VoCoLoss(2.0, 3.0, 0.5)(q, k, tq, tk, labels)
+    intra = intra_loss(similarity(q, tk), labels, "voco_code")
+    inter = inter_loss(similarity(q, k.roll(-1, 0)), similarity(tq, tk.roll(-1, 0)))
+    reg = regularization_loss(k, "paper")
+    torch.testing.assert_close(parts.intra, intra)
+    torch.testing.assert_close(parts.inter, inter)
+    torch.testing.assert_close(parts.total, 2 * intra + 3 * inter + 0.5 * reg)
+    single = VoCoLoss()(q[:1], k[:1], tq[:1], tk[:1], labels[:1])
+    assert single.inter.item() == 0.0  # one volume: no pair
+    with pytest.raises(ValueError, match="weights"):
+        VoCoLoss(intra_weight=-1)
+    with pytest.raises(ValueError, match="form"):
+        VoCoLoss(intra_form="other")  # type: ignore[arg-type]
+
+
+def test_teacher_side_gets_no_gradient(tensors) -> None:
+    q, k = tensors["q"].requires_grad_(True), tensors["k"].requires_grad_(True)
+    tq, tk = (t.clone().requires_grad_(True) for t in (q.detach(), k.detach()))
+    VoCoLoss()(q, k, tq, tk, tensors["labels"]).total.backward()
+    assert tq.grad is None and tk.grad is None
+    assert q.grad is not None and k.grad is not None

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from kaggle_utils.models import (
+    CropEncoder,
+    StudentTeacher,
+    build_backbone,
+    cosine_schedule,
+    load_state_dict_file,
+    update_momentum,
+    warmup_cosine,
+)
+
+
+def tiny_encoder(slice_mode: str = "average") -> CropEncoder:
+    torch.manual_seed(0)
+    return CropEncoder(build_backbone("test_efficientnet", 1), 32, 16, slice_mode)  # type: ignore[arg-type]
+
+
+def test_build_backbone_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
+    model = build_backbone("test_efficientnet", 1)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, model.num_features)
+
+
+def test_build_backbone_loads_local_weights_and_adapts_channels(tmp_path: Path) -> None:
+    rgb = timm.create_model("test_efficientnet", pretrained=False, num_classes=1000, in_chans=3)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(rgb.state_dict(), weights)
+    same = build_backbone("test_efficientnet", 3, weights)
+    torch.testing.assert_close(same.conv_stem.weight, rgb.conv_stem.weight)
+    grey = build_backbone("test_efficientnet", 1, weights)
+    torch.testing.assert_close(grey.conv_stem.weight, rgb.conv_stem.weight.sum(1, keepdim=True))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        build_backbone("test_efficientnet", 1, tmp_path / "missing.pth")
+
+
+def test_load_state_dict_file_is_weights_only(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load_state_dict_file(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (print, ("this would run code",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
+    with pytest.raises(Exception, match=r"(?i)weights_only|unsupported|global"):
+        load_state_dict_file(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize(("mode", "rows"), [("average", 5), ("per_slice", 15)])
+def test_crop_encoder_shapes(mode: str, rows: int) -> None:
+    encoder = tiny_encoder(mode)
+    out = encoder(torch.randn(5, 3, 1, 24, 24))  # (N, S, C, h, w)
+    assert out.shape == (rows, 16)
+    with pytest.raises(ValueError, match="slice_mode"):
+        CropEncoder(build_backbone("test_efficientnet", 1), slice_mode="other")  # type: ignore[arg-type]
+
+
+def test_average_mode_averages_backbone_features_over_slices() -> None:
+    encoder = tiny_encoder().eval()
+    crops = torch.randn(4, 3, 1, 24, 24)
+    with torch.no_grad():
+        features = encoder.backbone(crops.flatten(0, 1)).view(4, 3, -1).mean(1)
+        torch.testing.assert_close(encoder(crops), encoder.projector(features))
+
+
+def test_teacher_is_an_ema_of_the_whole_student() -> None:
+    pair = StudentTeacher(tiny_encoder())
+    assert all(not p.requires_grad for p in pair.teacher.parameters())
+    for t, s in zip(
+        pair.teacher.state_dict().values(), pair.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(t, s)  # starts as a copy
+    with torch.no_grad():
+        for p in pair.student.parameters():
+            p.add_(1.0)
+        pair.student.backbone.bn1.running_mean.fill_(3.0)
+    before = [p.clone() for p in pair.teacher.parameters()]
+    pair.update_teacher(0.9)
+    for old, new, s in zip(
+        before, pair.teacher.parameters(), pair.student.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * s)
+    assert torch.equal(
+        pair.teacher.backbone.bn1.running_mean, pair.student.backbone.bn1.running_mean
+    )
+    # the projector is averaged too
+    torch.testing.assert_close(
+        pair.teacher.projector.layers[0].weight,
+        0.9 * before[-6] + 0.1 * pair.student.projector.layers[0].weight,
+    )
+
+
+def test_update_momentum_extremes() -> None:
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    kept = b.weight.detach().clone()
+    update_momentum(a, b, 1.0)
+    assert torch.equal(b.weight, kept)
+    update_momentum(a, b, 0.0)
+    assert torch.equal(b.weight, a.weight)
+    with pytest.raises(ValueError, match="momentum"):
+        update_momentum(a, b, 1.5)
+
+
+def test_schedules() -> None:
+    assert cosine_schedule(0, 100, 0.9, 1.0) == pytest.approx(0.9)
+    assert cosine_schedule(50, 100, 0.9, 1.0) == pytest.approx(0.95)
+    assert cosine_schedule(100, 100, 0.9, 1.0) == 1.0
+    assert cosine_schedule(500, 100, 0.9, 1.0) == 1.0
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110, min_factor=0.01) == pytest.approx(0.01)
+    assert 0 < warmup_cosine(35, 10, 110) < 1 and math.isfinite(warmup_cosine(5, 0, 0))

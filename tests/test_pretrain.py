@@ -1,0 +1,207 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kaggle_utils import pretrain as pretrain_module
+from kaggle_utils.models import build_backbone, load_state_dict_file
+from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.pretrain import NonFiniteLossError, PretrainConfig, pretrain
+from kaggle_utils.pretrain_data import (
+    AugmentConfig,
+    ResumableSampler,
+    VoCoCropDataset,
+    augment_volume,
+    split_probe_volumes,
+    volume_files,
+)
+
+SHAPE = (8, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Cached (8, 64, 64) volumes of 20 synthetic patients."""
+    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    config = SyntheticConfig(
+        train_patients=20, test_patients=3, image_size=64, min_slices=8, max_slices=10, seed=11
+    )
+    data = generate_dataset(root / "demo", config)
+    cache = root / "cache"
+    preprocess_dataset(
+        list_series(data, "train"), cache, PreprocessConfig(shapes=(SHAPE,)), workers=0,
+        progress=False,
+    )  # fmt: skip
+    return cache / "8x64x64"
+
+
+def tiny_config(volume_dir: Path, output_dir: Path, **overrides: object) -> PretrainConfig:
+    settings: dict[str, object] = {
+        "volume_dirs": [str(volume_dir)],
+        "output_dir": str(output_dir),
+        "backbone": "test_efficientnet",
+        "hidden_dim": 64,
+        "out_dim": 64,
+        "crop_size": 21,
+        "steps": 4,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "num_workers": 0,
+        "checkpoint_every": 100,
+        "probe_every": 2,
+        "n_probe_volumes": 4,
+        "probe_random": 8,
+    }
+    settings.update(overrides)
+    return PretrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_dataset_items_and_determinism(volume_dir: Path) -> None:
+    files = volume_files([volume_dir])
+    dataset = VoCoCropDataset(files, grid=3, n_random=2, crop_size=21, seed=5)
+    item = dataset[0]
+    assert item["random"].shape == (2, 8, 1, 21, 21) and item["random"].dtype == torch.uint8
+    assert item["base"].shape == (9, 8, 1, 21, 21)
+    assert item["labels"].shape == (2, 9)
+    torch.testing.assert_close(item["labels"].sum(1), torch.ones(2))
+    again = dataset[0]
+    assert torch.equal(item["random"], again["random"])
+    dataset.set_epoch(1)
+    assert not torch.equal(item["labels"], dataset[0]["labels"])
+
+
+def test_augmentation_keeps_shape_and_range() -> None:
+    volume = np.random.default_rng(0).integers(0, 256, (4, 1, 10, 12), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    out = augment_volume(volume, AugmentConfig(flip_prob=1.0, rot90_prob=0.0, intensity=0.0), rng)
+    np.testing.assert_array_equal(out, volume[..., ::-1, ::-1])
+    jittered = augment_volume(volume, AugmentConfig(intensity=0.3), rng)
+    assert jittered.dtype == np.uint8 and jittered.shape == volume.shape
+    assert not np.array_equal(jittered, volume)
+
+
+def test_sampler_shards_cover_every_item_once_per_epoch_and_resume() -> None:
+    shards = [ResumableSampler(10, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = [i for s in shards for i in s]
+    assert sorted(seen) == list(range(10))
+    first = ResumableSampler(10, seed=3)
+    full = list(first)
+    first.set_position(0, 4)
+    assert list(first) == full[4:]
+    first.set_position(1, 0)
+    assert sorted(first) == list(range(10)) and list(first) != full
+
+
+def test_probe_split_is_deterministic_and_disjoint(volume_dir: Path) -> None:
+    files = volume_files([volume_dir])
+    train, probe = split_probe_volumes(files, 4, seed=0)
+    assert len(probe) == 4 and not set(train) & set(probe)
+    assert (train, probe) == split_probe_volumes(files, 4, seed=0)
+    with pytest.raises(ValueError, match="notebook 01"):
+        split_probe_volumes([], 4, seed=0)
+
+
+def test_a_run_writes_log_checkpoint_and_encoder(volume_dir: Path, tmp_path: Path) -> None:
+    result = pretrain(tiny_config(volume_dir, tmp_path), progress=False)
+    assert result.finished and result.steps_done == 4
+    with open(tmp_path / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]  # step 0: the untrained probe
+    assert all(float(r["loss"]) > 0 for r in rows[1:])
+    assert rows[0]["probe_accuracy"] and rows[2]["probe_accuracy"] and not rows[1]["probe_accuracy"]
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    assert meta["backbone"] == "test_efficientnet" and meta["steps"] == 4
+    assert set(meta["probe"]) == {"same", "cross"} and meta["chance"] == pytest.approx(1 / 9)
+    backbone = build_backbone("test_efficientnet", meta["in_chans"])
+    backbone.load_state_dict(load_state_dict_file(result.encoder_file))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["state"]["step"] == 4
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    volume_dir: Path, tmp_path: Path
+) -> None:
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(volume_dir, straight, steps=5, probe_every=0), progress=False)
+    interrupted = tmp_path / "interrupted"
+    first = pretrain(
+        tiny_config(volume_dir, interrupted, steps=5, probe_every=0, stop_after=3), progress=False
+    )
+    assert not first.finished and first.steps_done == 3
+    second = pretrain(tiny_config(volume_dir, interrupted, steps=5, probe_every=0), progress=False)
+    assert second.finished and second.steps_done == 5
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    for part in ("student", "teacher"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    assert a["scheduler"] == b["scheduler"]
+    with open(interrupted / "log.csv") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(
+    volume_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_forward = pretrain_module._forward
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> object:
+        parts = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            parts.total = parts.total * float("nan")
+        return parts
+
+    monkeypatch.setattr(pretrain_module, "_forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 3: the loss is not finite"):
+        pretrain(tiny_config(volume_dir, tmp_path, probe_every=0), progress=False)
+
+
+@pytest.mark.parametrize("slice_mode", ["per_slice"])
+def test_per_slice_mode_runs(volume_dir: Path, tmp_path: Path, slice_mode: str) -> None:
+    result = pretrain(
+        tiny_config(volume_dir, tmp_path, steps=2, slice_mode=slice_mode), progress=False
+    )
+    assert result.finished and result.probe is not None
+
+
+@pytest.mark.slow
+def test_short_pretraining_lifts_the_position_probe(volume_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(
+        volume_dir, tmp_path, steps=40, batch_size=8, probe_every=40, probe_random=16, seed=1
+    )
+    result = pretrain(config, progress=False)
+    assert result.initial_probe is not None and result.probe is not None
+    chance = result.chance
+    assert result.probe["same"] > 3 * chance
+    assert result.probe["same"] > result.initial_probe["same"] + 0.05
+    assert result.probe["cross"] > result.initial_probe["cross"] + 0.05
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_gloo(volume_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(volume_dir, tmp_path, steps=2, probe_every=2)
+    config.to_json(tmp_path / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kaggle_utils.pretrain", "--config", str(tmp_path / "config.json")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "log.csv") as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [0, 1, 2]  # rank 0 logs once
+    assert (tmp_path / "encoder.pt").is_file()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
