@@ -9,6 +9,12 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= inputs/demo-rsna
 DEMO_OUT ?= outputs/demo
 WORKERS ?= 2
+# Small CPU settings for the demo: 16x96x96 volumes for pretraining, 32x128x128 for
+# fine-tuning, a tiny timm backbone. The notebooks' defaults are the paper's settings.
+DEMO_SHAPES ?= [[16, 96, 96], [32, 128, 128]]
+DEMO_PRETRAIN ?= -y "volume_shape: [16, 96, 96]" -p crop_size 32 -p backbone test_efficientnet \
+	-p hidden_dim 256 -p out_dim 256 -p steps 150 -p batch_size 8 -p lr 1e-3 -p warmup_steps 10 \
+	-p probe_every 50 -p checkpoint_every 50 -p n_probe_volumes 8 -p num_workers 0
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
 .PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo
@@ -34,8 +40,11 @@ demo-data: install
 demo: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
 	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(DEMO_OUT)/notebooks/01_dicom_preprocess.ipynb \
-		-p data_root $(DEMO_DATA) -p split train -p output_dir $(DEMO_OUT)/cache -p workers $(WORKERS)
-	@echo "demo: cached volumes and montages in $(DEMO_OUT)/cache, executed notebook in $(DEMO_OUT)/notebooks"
+		-p data_root $(DEMO_DATA) -p split train -p output_dir $(DEMO_OUT)/cache -p workers $(WORKERS) \
+		-y 'shapes: $(DEMO_SHAPES)'
+	$(PAPERMILL) notebooks/02_voco2d_pretrain.ipynb $(DEMO_OUT)/notebooks/02_voco2d_pretrain.ipynb \
+		-p cache_dir $(DEMO_OUT)/cache -p output_dir $(DEMO_OUT)/pretrain $(DEMO_PRETRAIN)
+	@echo "demo: cache in $(DEMO_OUT)/cache, encoder and curves in $(DEMO_OUT)/pretrain, executed notebooks in $(DEMO_OUT)/notebooks"
 
 test: install lint
 	$(PY) -m pytest

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,5 +46,68 @@ def volume_montage(
         axes[row, -1].set_title(f"{name} coronal", fontsize=8)
         for ax in axes[row]:
             ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def crop_layout(
+    image: np.ndarray,
+    base_boxes: np.ndarray,
+    random_boxes: np.ndarray,
+    labels: np.ndarray,
+) -> Figure:
+    """One slice with the VoCo base grid (numbered) and each random crop with its position
+    labels: what the pretext task asks the encoder to predict."""
+    fig, axes = plt.subplots(1, 1 + len(random_boxes), figsize=(3.2 * (1 + len(random_boxes)), 3.4))
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    for index, (y0, x0, y1, x1) in enumerate(base_boxes):
+        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="tab:blue"))
+        axes[0].text(x0 + 3, y0 + 12, str(index), color="tab:blue", fontsize=8)
+    colors = plt.cm.autumn(np.linspace(0, 1, max(1, len(random_boxes))))
+    for n, ((y0, x0, y1, x1), color) in enumerate(zip(random_boxes, colors, strict=True)):
+        axes[0].add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=color, lw=2))
+        grid = math.isqrt(labels.shape[1])
+        axes[n + 1].imshow(labels[n].reshape(grid, grid), cmap="viridis", vmin=0, vmax=1)
+        for k, value in enumerate(labels[n]):
+            axes[n + 1].text(
+                k % grid, k // grid, f"{value:.2f}", ha="center", va="center", color="w"
+            )
+        axes[n + 1].set_title(f"random crop {n}: labels", fontsize=9, color=color)
+    axes[0].set_title("base grid and random crops", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def pretraining_curves(log_csv: str | Path, chance: float | None = None) -> Figure:
+    """Loss and its parts per step, and the position probes (same and cross volume) with
+    the chance level, from a pretraining log.csv."""
+    import polars as pl
+
+    log = pl.read_csv(log_csv, infer_schema_length=None)
+    steps = log.filter(pl.col("step") > 0)
+    fig, (loss_ax, probe_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for column, style in (("loss", "-"), ("intra", "--"), ("inter", "--"), ("reg", ":")):
+        values = steps[column].cast(pl.Float64, strict=False)
+        loss_ax.plot(steps["step"], values, style, label=column, alpha=0.9)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize=8)
+    loss_ax.set_title("2D-VoCo loss")
+    for column, label in (
+        ("probe_accuracy", "same volume"),
+        ("cross_probe_accuracy", "cross volume"),
+    ):
+        probed = log.with_columns(pl.col(column).cast(pl.Float64, strict=False)).drop_nulls(column)
+        probe_ax.plot(probed["step"], probed[column], "o-", label=label)
+    if chance is not None:
+        probe_ax.axhline(chance, color="gray", ls=":", label=f"chance {chance:.2f}")
+    probe_ax.set_ylim(0, 1)
+    probe_ax.set_xlabel("step")
+    probe_ax.set_ylabel("position accuracy")
+    probe_ax.legend(fontsize=8)
+    probe_ax.set_title("held-out position probe")
     fig.tight_layout()
     return fig

@@ -415,3 +415,20 @@ def coronal_aspect(record: dict[str, Any], shape: Sequence[int]) -> float:
     side_mm = max(y1 - y0, x1 - x0) * record["spacing_x"]
     depth_mm = record["n_slices"] * record["spacing_z"]
     return (depth_mm / shape[0]) / (side_mm / shape[2])
+
+
+def cache_settings(cache_dir: Path) -> PreprocessConfig:
+    """The windows and body crop a cache was made with (from its records), so that volumes
+    added later (extra pretraining data, test series) are preprocessed the same way.
+
+    Raises:
+        FileNotFoundError: the cache holds no successful record yet.
+    """
+    for record_file in sorted((Path(cache_dir) / RECORDS_DIR).glob("*.json")):
+        record = json.loads(record_file.read_text())
+        if record.get("status") == "ok":
+            settings = record["settings"]
+            return PreprocessConfig.from_params(
+                settings["shapes"], settings["windows"], settings["body_crop"]
+            )
+    raise FileNotFoundError(f"{cache_dir}: no cached series yet: run notebook 01 first")

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -42,6 +44,7 @@ from kaggle_utils.models import (
     cosine_schedule,
     warmup_cosine,
 )
+from kaggle_utils.preprocess import PreprocessConfig, cache_settings, shape_name
 from kaggle_utils.pretrain_data import (
     AugmentConfig,
     ResumableSampler,
@@ -50,6 +53,7 @@ from kaggle_utils.pretrain_data import (
     split_probe_volumes,
     volume_files,
 )
+from kaggle_utils.sources import ExtraVolume, cache_extra_sources, find_volume_sources
 
 LOG_COLUMNS = (
     "step", "epoch", "lr", "momentum", "loss", "intra", "inter", "reg", "probe_accuracy",
@@ -616,6 +620,81 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(values, tensor.tolist(), strict=True))
+
+
+def pretraining_volume_dirs(
+    cache_dir: Path,
+    volume_shape: tuple[int, int, int],
+    extra_dirs: list[str] | None = None,
+    extra_cache_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[list[str], list[ExtraVolume]]:
+    """The folders of cached volumes to pretrain on: notebook 01's cache at `volume_shape`,
+    plus extra unlabeled CT (NIfTI files, DICOM series folders) cached with the same windows
+    and body crop into `extra_cache_dir`. Returns the folders and one entry per extra source
+    (failed ones say why).
+
+    Raises:
+        FileNotFoundError: notebook 01's cache has no volumes of that shape.
+    """
+    main_dir = Path(cache_dir) / shape_name(volume_shape)
+    if not any(main_dir.glob("*.npy")):
+        raise FileNotFoundError(
+            f"{main_dir} holds no volumes: run notebook 01 with shapes including "
+            f"{list(volume_shape)}"
+        )
+    folders = [str(main_dir)]
+    extras: list[ExtraVolume] = []
+    if extra_dirs:
+        settings = cache_settings(Path(cache_dir))
+        config = PreprocessConfig((volume_shape,), settings.windows, settings.body_crop)
+        target = Path(extra_cache_dir or Path(cache_dir) / "extra")
+        extras = cache_extra_sources(find_volume_sources(extra_dirs), target, config, progress)
+        if any(e.status == "ok" for e in extras):
+            folders.append(str(target / shape_name(volume_shape)))
+    return folders, extras
+
+
+def launch_torchrun(config: PretrainConfig, nproc_per_node: int = 0) -> PretrainResult:
+    """Run `pretrain` under torchrun in a child process (one process per GPU by default, or
+    `nproc_per_node` CPU/GPU processes), streaming its output; for notebooks.
+
+    Raises:
+        RuntimeError: torchrun exited with an error (its last lines are in the message).
+    """
+    n_procs = nproc_per_node or max(1, torch.cuda.device_count())
+    config_file = Path(config.output_dir) / "config.json"
+    config.to_json(config_file)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={n_procs}", "-m", "kaggle_utils.pretrain", "--config", str(config_file),
+    ]  # fmt: skip
+    tail: list[str] = []
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail = [*tail[-40:], line]
+    if process.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {process.returncode}:\n{''.join(tail)}")
+    return read_result(Path(config.output_dir))
+
+
+def read_result(output_dir: Path) -> PretrainResult:
+    """The result of a finished (or stopped) run, from its encoder.json."""
+    meta = json.loads((Path(output_dir) / "encoder.json").read_text())
+    settings = meta["settings"]
+    return PretrainResult(
+        output_dir=Path(output_dir),
+        steps_done=meta["steps"],
+        encoder_file=Path(output_dir) / "encoder.pt",
+        probe=meta["probe"],
+        initial_probe=meta["initial_probe"],
+        chance=meta["chance"],
+        finished=meta["steps"] >= settings["steps"],
+    )
 
 
 def main() -> None:

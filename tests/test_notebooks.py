@@ -17,7 +17,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
 def test_there_are_notebooks() -> None:
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_dicom_preprocess.py"]
+    assert [p.name for p in NOTEBOOKS][:2] == ["01_dicom_preprocess.py", "02_voco2d_pretrain.py"]
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
@@ -64,3 +64,20 @@ def test_notebook_01_preprocesses_a_tiny_dataset(tiny_competition: Path, tmp_pat
         volume = np.load(cache / "8x32x32" / f"{series_id}.npy")
         assert volume.shape == (8, 32, 32) and volume.dtype == np.uint8
     assert (cache / "montage_train_8x32x32.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_notebook_02_pretrains_on_notebook_01_cache(tiny_competition: Path, tmp_path: Path) -> None:
+    cache, run = tmp_path / "cache", tmp_path / "pretrain"
+    run_notebook(
+        "01_dicom_preprocess", tmp_path, data_root=str(tiny_competition), output_dir=str(cache),
+        workers=0, smoke=True, limit=20,
+    )  # fmt: skip
+    run_notebook(
+        "02_voco2d_pretrain", tmp_path, cache_dir=str(cache), output_dir=str(run),
+        volume_shape=[8, 32, 32], smoke=True,
+    )  # fmt: skip
+    for name in ("encoder.pt", "encoder.json", "log.csv", "curves.png", "crop_layout.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["probe_after"]["same"] is not None

@@ -1,0 +1,162 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · 2D-VoCo self-supervised pretraining
+#
+# Organs sit in consistent places, so where a random crop lies relative to a grid of base
+# crops is a label-free target. For each cached volume (32 × 192 × 192) the encoder embeds a
+# 3 × 3 grid of 64 × 64 base crops and a few random crops of the same size; the cosine
+# between a random crop and base *i* is trained towards their overlap (intra loss), the same
+# similarities across two volumes follow the EMA teacher's (inter loss), and the bases are
+# pushed apart (regularisation). The student's backbone is exported for fine-tuning
+# (notebook 03).
+#
+# Runs resume exactly from `output_dir/checkpoint.pt`; `launch="torchrun"` uses every GPU.
+
+# %% tags=["parameters"]
+cache_dir: str = ""  # notebook 01's cache; empty: outputs/cache (/kaggle/working/cache)
+volume_shape: list = [32, 192, 192]  # cached (slices, H, W) to pretrain on
+extra_dirs: list = []  # folders of extra unlabeled CT (NIfTI files, DICOM series), e.g. FLARE23
+output_dir: str = ""  # run folder; empty: outputs/pretrain (/kaggle/working/pretrain)
+backbone: str = "efficientnetv2_rw_t"  # timm name; EfficientNetV2-T as the paper
+weights_file: str = ""  # local ImageNet weights for the backbone; empty: random init
+grid: int = 3  # base crops per side
+crop_size: int = 64  # base and random crop size in pixels
+n_random: int = 2  # random crops per volume and step
+label_mode: str = "area"  # position labels: "area" (VoCo's code) or "iou" (2D-VoCo paper)
+slice_mode: str = "average"  # "average" (embedding over a crop's slices) or "per_slice"
+hidden_dim: int = 2048  # projector hidden width
+out_dim: int = 2048  # projector output width
+momentum: float = 0.9  # teacher EMA momentum
+momentum_end: float = 0.0  # cosine ramp of the momentum to this value; 0 keeps it constant
+intra_form: str = "voco_code"  # "voco_code" or "paper"
+reg_form: str = "paper"  # "paper" or "voco_code"
+intra_weight: float = 1.0  # loss weights
+inter_weight: float = 1.0
+reg_weight: float = 1.0
+steps: int = 2000  # optimizer steps
+batch_size: int = 4  # volumes per step and process
+grad_accum: int = 1  # micro-batches per optimizer step
+lr: float = 1e-4  # AdamW learning rate (warmup + cosine)
+weight_decay: float = 1e-2
+warmup_steps: int = 100
+grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+flip_prob: float = 0.0  # augmentation: flips move organs, off by default
+rot90_prob: float = 0.0
+intensity: float = 0.1  # intensity scale/shift jitter
+num_workers: int = 2  # data loader processes
+checkpoint_every: int = 200  # steps between checkpoints
+probe_every: int = 200  # steps between position probes
+n_probe_volumes: int = 8  # volumes held out for the probe
+seed: int = 0
+resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+time_limit_s: float = 0.0  # stop cleanly after this long (Kaggle sessions); 0 for no limit
+launch: str = "inprocess"  # "inprocess" or "torchrun" (one process per GPU)
+nproc_per_node: int = 0  # torchrun processes; 0 for one per GPU
+smoke: bool = False  # tiny, fast settings for tests
+
+# %%
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from kaggle_utils import paths
+from kaggle_utils.crops import sample_voco_crops
+from kaggle_utils.plots import crop_layout, pretraining_curves
+from kaggle_utils.pretrain import (
+    PretrainConfig,
+    launch_torchrun,
+    pretrain,
+    pretraining_volume_dirs,
+)
+from kaggle_utils.pretrain_data import load_volume, volume_files
+
+if smoke:
+    backbone, hidden_dim, out_dim, steps, batch_size = "test_efficientnet", 64, 64, 3, 2
+    probe_every, checkpoint_every, warmup_steps, num_workers, n_probe_volumes = 3, 3, 1, 0, 2
+    crop_size = min(volume_shape[1:]) // grid
+cache = paths.resolve_output_dir(cache_dir, default_name="cache")
+run_dir = paths.resolve_output_dir(output_dir, default_name="pretrain")
+shape = tuple(int(v) for v in volume_shape)
+volume_dirs, extras = pretraining_volume_dirs(cache, shape, extra_dirs, run_dir / "extra_cache")
+for extra in extras:
+    if extra.status != "ok":
+        print(f"extra source skipped: {extra.source}: {extra.error}")
+config = PretrainConfig(
+    volume_dirs=volume_dirs, output_dir=str(run_dir), backbone=backbone,
+    weights_file=weights_file, grid=grid, crop_size=crop_size, n_random=n_random,
+    label_mode=label_mode, slice_mode=slice_mode, hidden_dim=hidden_dim, out_dim=out_dim,
+    momentum=momentum, momentum_end=momentum_end or None, intra_form=intra_form,
+    reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
+    reg_weight=reg_weight, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+    weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
+    flip_prob=flip_prob, rot90_prob=rot90_prob, intensity=intensity, num_workers=num_workers,
+    checkpoint_every=checkpoint_every, probe_every=probe_every, n_probe_volumes=n_probe_volumes,
+    seed=seed, resume=resume, time_limit_s=time_limit_s,
+)  # fmt: skip
+files = volume_files([Path(d) for d in volume_dirs])
+print(f"{len(files)} volumes from {volume_dirs} ({sum(e.status == 'ok' for e in extras)} extra)")
+print(f"run folder: {run_dir}")
+
+# %% [markdown]
+# ## The pretext task on one slice
+#
+# The base grid (blue, numbered) and the random crops; each random crop's label is its
+# overlap with every base (`label_mode`), which the similarities are trained to reproduce.
+
+# %%
+example = load_volume(files[0])
+crops = sample_voco_crops(
+    example.shape[-2:], grid, n_random, np.random.default_rng(seed), label_mode, crop_size
+)
+fig = crop_layout(
+    example[example.shape[0] // 2, 0], crops.base_boxes, crops.random_boxes, crops.labels
+)
+fig.savefig(run_dir / "crop_layout.png", dpi=80, bbox_inches="tight")
+plt.show()
+
+# %% [markdown]
+# ## Train (or resume)
+
+# %%
+result = launch_torchrun(config, nproc_per_node) if launch == "torchrun" else pretrain(config)
+print(f"steps done: {result.steps_done} (finished: {result.finished})")
+print(f"encoder: {result.encoder_file}")
+
+# %% [markdown]
+# ## What pretraining learned
+#
+# Loss parts per step, and the position probe on held-out volumes: how often the base most
+# similar to a random crop is the one it overlaps most, against the crop's own volume (pixel
+# overlap alone helps there, so an untrained encoder already scores above chance) and against
+# another volume's bases (only anatomical position can tell). Chance is 1 / grid².
+
+# %%
+fig = pretraining_curves(run_dir / "log.csv", chance=result.chance)
+fig.savefig(run_dir / "curves.png", dpi=80, bbox_inches="tight")
+plt.show()
+summary = {
+    "steps": result.steps_done,
+    "probe_before": result.initial_probe,
+    "probe_after": result.probe,
+    "chance": round(result.chance, 4),
+}
+print(json.dumps(summary, indent=1))
+(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
