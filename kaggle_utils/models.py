@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import timm
 import torch
 from torch import Tensor, nn
@@ -161,5 +161,9 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_factor: floa
     return cosine_schedule(step - warmup_steps, decay_steps, 1.0, min_factor)
 
 
-def parameter_count(modules: Sequence[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
+def input_normalisation(backbone: nn.Module, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The backbone's own mean/std (timm's pretrained_cfg), averaged over RGB for grey CT."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = float(np.mean(cfg.get("mean", (0.5,))))
+    std = float(np.mean(cfg.get("std", (0.5,))))
+    return torch.tensor(mean, device=device), torch.tensor(std, device=device)

@@ -14,11 +14,9 @@ What a run writes to `output_dir`:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 
+from kaggle_utils import runtime
 from kaggle_utils.crops import cut_crops, sample_voco_crops
 from kaggle_utils.losses import LossParts, VoCoLoss, similarity
 from kaggle_utils.models import (
@@ -42,6 +41,7 @@ from kaggle_utils.models import (
     StudentTeacher,
     build_backbone,
     cosine_schedule,
+    input_normalisation,
     warmup_cosine,
 )
 from kaggle_utils.preprocess import PreprocessConfig, cache_settings, shape_name
@@ -130,7 +130,7 @@ class PretrainConfig:
         return cls(**json.loads(Path(path).read_text()))
 
     def to_json(self, path: str | Path) -> None:
-        _write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
+        runtime.write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
 
 
 @dataclass
@@ -146,14 +146,14 @@ class PretrainResult:
 
 def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     """Run (or resume) 2D-VoCo pretraining; works alone or under torchrun (DDP)."""
-    distributed = _init_distributed()
+    distributed = runtime.init_distributed()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = _device(distributed)
+    device = runtime.device_for(distributed)
     output_dir = Path(config.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         config.to_json(output_dir / "config.json")
-    _seed_everything(config.seed + rank)
+    runtime.seed_everything(config.seed + rank)
 
     files = volume_files([Path(d) for d in config.volume_dirs])
     train_files, probe_files = split_probe_volumes(files, config.n_probe_volumes, config.seed)
@@ -166,7 +166,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     if distributed:
         ddp_ids = [device.index] if device.type == "cuda" else None
         student = nn.parallel.DistributedDataParallel(model.student, device_ids=ddp_ids)
-    mean, std = _normalisation(backbone, device)
+    mean, std = input_normalisation(backbone, device)
     loss_fn = VoCoLoss(
         config.intra_weight, config.inter_weight, config.reg_weight,
         config.intra_form, config.reg_form,  # type: ignore[arg-type]
@@ -197,14 +197,16 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     if config.resume and checkpoint_file.is_file():
         state = _load_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, device)
     if rank == 0:
-        _truncate_log(output_dir / "log.csv", state.step)
+        runtime.truncate_csv(output_dir / "log.csv", state.step, LOG_COLUMNS)
 
     started = time.monotonic()
     if state.step == 0 and probe_files and rank == 0 and config.probe_every > 0:
         state.initial_probe = dataclasses.asdict(
             position_probe(model.student, probe_files, config, mean, std, device)
         )
-        _append_log(output_dir / "log.csv", _probe_row(0, state, state.initial_probe, started))
+        runtime.append_csv(
+            output_dir / "log.csv", _probe_row(0, state, state.initial_probe, started), LOG_COLUMNS
+        )
     bar = tqdm(
         total=config.steps, initial=state.step, desc="pretrain", unit="step",
         disable=not progress or rank != 0,
@@ -243,7 +245,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         model.update_teacher(momentum)
         state.step += 1
         steps_this_run += 1
-        sums = _mean_over_ranks(sums, device) if distributed else sums
+        sums = runtime.mean_over_ranks(sums, device) if distributed else sums
 
         finished = state.step == config.steps
         probe: dict[str, float | None] | None = None
@@ -256,12 +258,12 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         stop = (config.stop_after > 0 and steps_this_run >= config.stop_after) or (
             config.time_limit_s > 0 and time.monotonic() - started > config.time_limit_s
         )
-        stop = _agree(stop, device) if distributed else stop
+        stop = runtime.agree(stop, device) if distributed else stop
         if rank == 0:
             row = _probe_row(state.step, state, probe, started)
             row.update(lr=scheduler.get_last_lr()[0], momentum=momentum, loss=sums["total"])
             row.update(intra=sums["intra"], inter=sums["inter"], reg=sums["reg"])
-            _append_log(output_dir / "log.csv", row)
+            runtime.append_csv(output_dir / "log.csv", row, LOG_COLUMNS)
             bar.update()
             bar.set_postfix(loss=f"{sums['total']:.4f}")
             if finished or stop or state.step % config.checkpoint_every == 0:
@@ -307,13 +309,6 @@ def _probe_row(
         "cross_probe_accuracy": "" if probe is None or probe["cross"] is None else probe["cross"],
         "seconds": round(time.monotonic() - started, 3),
     }
-
-
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step)."""
-    tensor = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 def _batches(
@@ -460,9 +455,7 @@ def export_encoder(
     state: TrainState,
 ) -> None:
     """The student backbone for fine-tuning, plus a JSON of what made it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(backbone.state_dict(), tmp)
-    os.replace(tmp, path)
+    runtime.save_torch_atomic(backbone.state_dict(), path)
     meta = {
         "backbone": config.backbone,
         "in_chans": in_chans,
@@ -473,21 +466,13 @@ def export_encoder(
         "chance": 1.0 / config.grid**2,
         "settings": dataclasses.asdict(config),
     }
-    _write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    runtime.write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
 
 
 def _momentum(config: PretrainConfig, step: int) -> float:
     if config.momentum_end is None:
         return config.momentum
     return cosine_schedule(step, config.steps, config.momentum, config.momentum_end)
-
-
-def _normalisation(backbone: nn.Module, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The backbone's own mean/std (timm's pretrained_cfg), averaged over RGB for grey CT."""
-    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
-    mean = float(np.mean(cfg.get("mean", (0.5,))))
-    std = float(np.mean(cfg.get("std", (0.5,))))
-    return torch.tensor(mean, device=device), torch.tensor(std, device=device)
 
 
 def _save_checkpoint(
@@ -506,11 +491,9 @@ def _save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "state": dataclasses.asdict(state),
-        "rng": _rng_state(),
+        "rng": runtime.rng_state(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    runtime.save_torch_atomic(payload, path)
 
 
 def _load_checkpoint(
@@ -527,99 +510,12 @@ def _load_checkpoint(
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
-    _set_rng_state(payload["rng"])
+    runtime.set_rng_state(payload["rng"])
     return TrainState(**payload["state"])
-
-
-def _rng_state() -> dict[str, Any]:
-    """Global RNG states. This project draws from seeded Generators, but third-party code
-    (timm, torch ops) may use the global ones; saved as tensors and plain types so that
-    `torch.load(weights_only=True)` reads them back."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), gauss],
-        "python": json.dumps(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    numpy_state = (name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    np.random.set_state(numpy_state)  # noqa: NPY002
-    version, internal, gauss_next = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past the checkpoint a run resumes from (written before it was killed)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _describe(parts: LossParts) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in parts.as_floats().items())
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - for third-party code; ours uses Generators
-    torch.manual_seed(seed)
-
-
-def _init_distributed() -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return True
-
-
-def _device(distributed: bool) -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    tensor = torch.tensor(list(values.values()), device=device, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    tensor /= dist.get_world_size()
-    return dict(zip(values, tensor.tolist(), strict=True))
 
 
 def pretraining_volume_dirs(
