@@ -1,0 +1,159 @@
+"""The fine-tuning model: a 2D backbone on every slice, a bidirectional LSTM over the slice
+sequence, pooling over slices, and one head per organ target (2D-VoCo, section 2.2)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from kaggle_utils.models import build_backbone, load_state_dict_file
+
+# Classes per target, in train.csv's column order.
+TARGET_CLASSES: dict[str, tuple[str, ...]] = {
+    "bowel": ("healthy", "injury"),
+    "extravasation": ("healthy", "injury"),
+    "kidney": ("healthy", "low", "high"),
+    "liver": ("healthy", "low", "high"),
+    "spleen": ("healthy", "low", "high"),
+}
+ALL_TARGETS: tuple[str, ...] = tuple(TARGET_CLASSES)
+PAPER_TARGETS: tuple[str, ...] = ("kidney", "liver", "spleen")
+Pooling = Literal["max", "mean", "attention"]
+EncoderInit = Literal["voco", "imagenet", "random"]
+
+
+class CNNBiLSTM(nn.Module):
+    """forward((B, S, C, H, W)) -> {target: logits (B, n_classes)}.
+
+    The backbone maps each slice to a pooled feature vector (B, S, F); the BiLSTM reads the
+    sequence in both directions (B, S, 2H); pooling over slices ("max", "mean" or
+    "attention": a learned softmax weight per slice) gives (B, 2H); each target has a linear
+    head.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        targets: Sequence[str] = ALL_TARGETS,
+        hidden_size: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        pooling: Pooling = "attention",
+    ) -> None:
+        super().__init__()
+        unknown = set(targets) - set(TARGET_CLASSES)
+        if unknown or not targets:
+            raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}, not {targets}")
+        if pooling not in ("max", "mean", "attention"):
+            raise ValueError(f"pooling must be 'max', 'mean' or 'attention', not {pooling!r}")
+        self.targets = tuple(targets)
+        self.backbone = backbone
+        self.lstm = nn.LSTM(
+            backbone.num_features,
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.pooling: Pooling = pooling
+        self.attention = nn.Linear(2 * hidden_size, 1) if pooling == "attention" else None
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict(
+            {t: nn.Linear(2 * hidden_size, len(TARGET_CLASSES[t])) for t in self.targets}
+        )
+
+    def forward(self, volumes: Tensor) -> dict[str, Tensor]:
+        # volumes: (B, S, C, H, W)
+        batch, n_slices = volumes.shape[:2]
+        features = self.backbone(volumes.flatten(0, 1)).view(batch, n_slices, -1)  # (B, S, F)
+        sequence, _ = self.lstm(features)  # (B, S, 2H)
+        if self.pooling == "max":
+            pooled = sequence.amax(dim=1)
+        elif self.pooling == "mean":
+            pooled = sequence.mean(dim=1)
+        else:
+            assert self.attention is not None
+            weights = torch.softmax(self.attention(sequence), dim=1)  # (B, S, 1)
+            pooled = (weights * sequence).sum(dim=1)
+        pooled = self.dropout(pooled)  # (B, 2H)
+        return {target: head(pooled) for target, head in self.heads.items()}
+
+    @torch.no_grad()
+    def init_head_bias(self, prior: dict[str, float]) -> None:
+        """Start every head at the prior: bias = log p_c (weights untouched). Trained with the
+        metric-weighted cross-entropy, the best constant is the metric's best-constant
+        prediction, so the model starts where the prior ends and only has to learn the rest;
+        a zero bias would first spend epochs learning the class balance."""
+        for target, head in self.heads.items():
+            probabilities = torch.tensor([prior[f"{target}_{c}"] for c in TARGET_CLASSES[target]])
+            head.bias.copy_(torch.log(probabilities.clamp_min(1e-6)))
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (False) or unfreeze the backbone; frozen, it also keeps its BN statistics."""
+        self.backbone.requires_grad_(trainable)
+        self.backbone.train(trainable and self.training)
+
+    def train(self, mode: bool = True) -> CNNBiLSTM:
+        super().train(mode)
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        if frozen:
+            self.backbone.eval()
+        return self
+
+
+def build_classifier(
+    backbone_name: str,
+    in_chans: int,
+    init: EncoderInit = "voco",
+    encoder_file: str | Path | None = None,
+    weights_file: str | Path | None = None,
+    targets: Sequence[str] = ALL_TARGETS,
+    hidden_size: int = 256,
+    num_layers: int = 2,
+    dropout: float = 0.2,
+    pooling: Pooling = "attention",
+) -> CNNBiLSTM:
+    """A CNN-BiLSTM whose backbone starts from a 2D-VoCo encoder (notebook 02's encoder.pt),
+    ImageNet weights from a local file, or random weights.
+
+    Raises:
+        ValueError: the encoder was pretrained with another backbone or channel count.
+        FileNotFoundError: a needed file is missing.
+    """
+    if init == "voco":
+        if not encoder_file:
+            raise ValueError("init='voco' needs encoder_file (notebook 02's encoder.pt)")
+        backbone = build_backbone(backbone_name, in_chans)
+        load_voco_encoder(backbone, encoder_file, backbone_name, in_chans)
+    elif init == "imagenet":
+        if not weights_file:
+            raise ValueError("init='imagenet' needs weights_file (a local timm weights file)")
+        backbone = build_backbone(backbone_name, in_chans, weights_file)
+    elif init == "random":
+        backbone = build_backbone(backbone_name, in_chans)
+    else:
+        raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {init!r}")
+    return CNNBiLSTM(backbone, targets, hidden_size, num_layers, dropout, pooling)
+
+
+def load_voco_encoder(
+    backbone: nn.Module, encoder_file: str | Path, backbone_name: str, in_chans: int
+) -> None:
+    """Load notebook 02's encoder.pt into `backbone`, checking its encoder.json first."""
+    encoder_file = Path(encoder_file)
+    meta_file = encoder_file.with_suffix(".json")
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("backbone") != backbone_name or meta.get("in_chans") != in_chans:
+            raise ValueError(
+                f"{encoder_file} was pretrained as {meta.get('backbone')} with "
+                f"{meta.get('in_chans')} channel(s), not {backbone_name} with {in_chans}: pass "
+                "the same backbone and windows as notebook 02"
+            )
+    backbone.load_state_dict(load_state_dict_file(encoder_file))

@@ -1,0 +1,595 @@
+"""Fine-tuning the CNN-BiLSTM with patient-grouped cross-validation: notebook 03 calls
+`run_cross_validation(config)`; `torchrun -m kaggle_utils.finetune --config ...` runs the same
+on several GPUs.
+
+What a run writes to `output_dir`:
+    config.json, folds.csv                       the settings and the patient folds
+    fold<k>/best.pt, fold<k>/model.json          the best epoch's weights and how to rebuild it
+    fold<k>/last.pt                              the resume point (every epoch, atomically)
+    fold<k>/log.csv                              one row per epoch
+    fold<k>/done.json                            the fold finished (skipped on re-runs)
+    oof_series.parquet, oof_patient.parquet      out-of-fold probabilities of the best epochs
+    holdout_patient.parquet                      the fold ensemble on the held-out patients
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.std import tqdm
+
+from kaggle_utils import runtime
+from kaggle_utils.classifier import (
+    ALL_TARGETS,
+    CNNBiLSTM,
+    build_classifier,
+)
+from kaggle_utils.finetune_data import (
+    AugmentConfig,
+    SeriesDataset,
+    label_columns,
+    make_folds,
+    series_table,
+)
+from kaggle_utils.metric import CLASS_WEIGHTS, rsna_score
+from kaggle_utils.models import input_normalisation, warmup_cosine
+from kaggle_utils.pretrain_data import ResumableSampler
+from kaggle_utils.report import training_prior
+
+EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
+PROBABILITY_COLUMNS: tuple[str, ...] = tuple(c for t in ALL_TARGETS for c in label_columns(t))
+
+
+@dataclass
+class FinetuneConfig:
+    """Every choice of a fine-tuning run (notebook 03's parameters)."""
+
+    data_root: str = ""  # competition folder with train.csv (labels)
+    cache_dir: str = ""  # notebook 01's cache
+    output_dir: str = "outputs/finetune"
+    shape: list[int] = field(default_factory=lambda: [96, 256, 256])  # cached volume shape
+    backbone: str = "efficientnetv2_rw_t"
+    init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
+    encoder_file: str = ""  # notebook 02's encoder.pt
+    weights_file: str = ""  # local ImageNet weights for init="imagenet"
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.2
+    pooling: str = "attention"  # "max", "mean" or "attention"
+    n_slices: int = 0  # slices fed to the model: 0 for all, else evenly sampled (jittered)
+    image_size: int = 256  # crop size (random crop in training, centre crop otherwise)
+    epochs: int = 10
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    backbone_lr_factor: float = 1.0  # backbone lr = lr * factor
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 0.5
+    freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
+    grad_clip: float = 1.0
+    any_injury_weight: float = 1.0  # weight of the auxiliary any_injury loss (0 to turn off)
+    hflip_prob: float = 0.0
+    affine_prob: float = 0.5
+    brightness_contrast_prob: float = 0.5
+    coarse_dropout_prob: float = 0.3
+    n_folds: int = 5
+    folds_to_run: list[int] = field(default_factory=list)  # empty: all folds
+    holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
+    aggregation: str = "mean"  # per patient over its series: "mean" or "max"
+    amp: bool = True
+    num_workers: int = 2
+    seed: int = 0
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.init not in ("voco", "imagenet", "random"):
+            raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {self.init!r}")
+        if self.aggregation not in ("mean", "max"):
+            raise ValueError(f"aggregation must be 'mean' or 'max', not {self.aggregation!r}")
+        unknown = set(self.targets) - set(ALL_TARGETS)
+        if unknown or not self.targets:
+            raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> FinetuneConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        runtime.write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
+
+
+@dataclass
+class CVResult:
+    output_dir: Path
+    folds: pl.DataFrame  # patient_id, fold (-1: holdout)
+    oof_series: pl.DataFrame  # fold, patient_id, series_id, 13 probability columns
+    oof_patient: pl.DataFrame  # fold, patient_id, 13 probability columns
+    holdout_patient: pl.DataFrame | None
+    fold_scores: dict[int, float]  # best validation RSNA score per fold
+
+
+def read_labels(data_root: str | Path) -> pl.DataFrame:
+    path = Path(data_root) / "train.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data_root must be the competition folder")
+    return pl.read_csv(path)
+
+
+def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVResult:
+    """Train every fold not done yet (resuming an interrupted one), then gather out-of-fold
+    and holdout predictions. Works alone or under torchrun (DDP)."""
+    distributed = runtime.init_distributed()
+    rank = dist.get_rank() if distributed else 0
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    labels = read_labels(config.data_root)
+    folds = _load_or_make_folds(labels, config, output_dir, rank, distributed)
+    table = series_table(labels, Path(config.cache_dir), config.shape).join(folds, on="patient_id")
+    if rank == 0:
+        config.to_json(output_dir / "config.json")
+
+    fold_ids = config.folds_to_run or list(range(config.n_folds))
+    scores: dict[int, float] = {}
+    for fold in fold_ids:
+        train_rows = table.filter((pl.col("fold") != fold) & (pl.col("fold") >= 0))
+        valid_rows = table.filter(pl.col("fold") == fold)
+        scores[fold] = train_fold(config, fold, train_rows, valid_rows, labels, progress)
+    if distributed:
+        dist.barrier()
+    oof_series = pl.concat(
+        [pl.read_parquet(output_dir / f"fold{k}" / "oof_series.parquet") for k in fold_ids]
+    )
+    oof_patient = aggregate_patients(oof_series, config.aggregation, by_fold=True)
+    holdout = None
+    holdout_rows = table.filter(pl.col("fold") == -1)
+    if holdout_rows.height and rank == 0:
+        holdout = predict_holdout(config, holdout_rows, fold_ids)
+        holdout.write_parquet(output_dir / "holdout_patient.parquet")
+    if rank == 0:
+        oof_series.write_parquet(output_dir / "oof_series.parquet")
+        oof_patient.write_parquet(output_dir / "oof_patient.parquet")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return CVResult(output_dir, folds, oof_series, oof_patient, holdout, scores)
+
+
+def train_fold(
+    config: FinetuneConfig,
+    fold: int,
+    train_rows: pl.DataFrame,
+    valid_rows: pl.DataFrame,
+    labels: pl.DataFrame,
+    progress: bool = True,
+) -> float:
+    """Train one fold (or resume it); keep the epoch with the best validation RSNA score.
+
+    Returns that score. A fold with a `done.json` is not trained again.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = runtime.device_for(distributed)
+    fold_dir = Path(config.output_dir) / f"fold{fold}"
+    done_file = fold_dir / "done.json"
+    if config.resume and done_file.is_file():
+        return float(json.loads(done_file.read_text())["best_score"])
+    if rank == 0:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    if train_rows.height == 0 or valid_rows.height == 0:
+        raise ValueError(f"fold {fold}: {train_rows.height} training and {valid_rows.height} "
+                         "validation series; use fewer folds or more data")  # fmt: skip
+    runtime.seed_everything(config.seed + 1000 * fold + rank)
+
+    in_chans = _in_chans(train_rows)
+    model = _build_model(config, in_chans).to(device)
+    trained_model: nn.Module = model
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        # find_unused_parameters: the backbone is frozen (no gradient) in the first epochs
+        trained_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=config.freeze_epochs > 0
+        )
+    mean, std = input_normalisation(model.backbone, device)
+    augment = AugmentConfig(
+        config.hflip_prob, config.affine_prob, config.brightness_contrast_prob,
+        config.coarse_dropout_prob,
+    )  # fmt: skip
+    train_set = SeriesDataset(
+        train_rows, config.targets, config.n_slices, config.image_size, True, augment,
+        config.seed + fold,
+    )  # fmt: skip
+    sampler = ResumableSampler(len(train_set), config.seed + fold, rank, world)
+    steps_per_epoch = math.ceil(len(sampler) / config.batch_size / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.backbone.parameters(), "lr": config.lr * config.backbone_lr_factor},
+            {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")]},
+        ],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.01)
+    )
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    class_weights = {t: torch.tensor(CLASS_WEIGHTS[t], device=device) for t in config.targets}
+    prior = training_prior(
+        labels.join(train_rows.select("patient_id").unique(), on="patient_id", how="semi")
+    )
+
+    model.init_head_bias(prior)
+    epoch, best_score = 0, math.inf
+    last_file = fold_dir / "last.pt"
+    if config.resume and last_file.is_file():
+        epoch, best_score = _load_resume(last_file, model, optimizer, scheduler, scaler, device)
+    if rank == 0:
+        runtime.truncate_csv(fold_dir / "log.csv", epoch, EPOCH_COLUMNS, key="epoch")
+        _model_json(config, in_chans, fold_dir / "model.json", prior)
+
+    started = time.monotonic()
+    while epoch < config.epochs:
+        model.set_backbone_trainable(epoch >= config.freeze_epochs)
+        train_set.set_epoch(epoch)
+        sampler.set_position(epoch, 0)
+        loader = DataLoader(
+            train_set, batch_size=config.batch_size, sampler=sampler,
+            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        trained_model.train()
+        model.set_backbone_trainable(epoch >= config.freeze_epochs)
+        losses: list[float] = []
+        bar = tqdm(
+            loader, desc=f"fold {fold} epoch {epoch + 1}/{config.epochs}", unit="batch",
+            disable=not progress or rank != 0, leave=False,
+        )  # fmt: skip
+        for step, batch in enumerate(bar):
+            last_micro = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
+            sync = nullcontext()
+            if distributed and not last_micro:
+                sync = trained_model.no_sync()  # type: ignore[operator]
+            with sync:
+                logits = _logits(trained_model, batch["image"], mean, std, use_amp, amp_dtype)
+                loss = weighted_loss(
+                    logits, batch["labels"].to(device), batch["any_injury"].to(device),
+                    class_weights, config.any_injury_weight,
+                )  # fmt: skip
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"fold {fold} epoch {epoch + 1} batch {step + 1}: non-finite loss; "
+                        f"resume from {last_file} with a lower lr"
+                    )
+                scaler.scale(loss / config.grad_accum).backward()
+            if last_micro:
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        epoch += 1
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        if distributed:
+            train_loss = runtime.mean_over_ranks({"loss": train_loss}, device)["loss"]
+        if rank == 0:
+            series_probs = predict_series(model, valid_rows, config, device, fold, prior)
+            patient_probs = aggregate_patients(series_probs, config.aggregation)
+            valid_labels = labels.join(
+                patient_probs.select("patient_id"), on="patient_id", how="semi"
+            )
+            score = rsna_score(valid_labels, patient_probs.drop("fold", strict=False))
+            valid_loss = _weighted_log_loss(valid_rows, series_probs, config.targets)
+            if score < best_score:
+                best_score = score
+                runtime.save_torch_atomic(model.state_dict(), fold_dir / "best.pt")
+                series_probs.write_parquet(fold_dir / "oof_series.parquet")
+            runtime.append_csv(
+                fold_dir / "log.csv",
+                {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
+                 "valid_rsna": score, "lr": scheduler.get_last_lr()[-1],
+                 "seconds": round(time.monotonic() - started, 2)},
+                EPOCH_COLUMNS,
+            )  # fmt: skip
+            if progress:
+                print(f"fold {fold} epoch {epoch}: train {train_loss:.4f} valid rsna {score:.4f}")
+            _save_resume(last_file, model, optimizer, scheduler, scaler, epoch, best_score)
+        if distributed:
+            dist.barrier()
+    if rank == 0:
+        runtime.write_text_atomic(
+            done_file, json.dumps({"best_score": best_score, "epochs": config.epochs})
+        )
+    return best_score
+
+
+def weighted_loss(
+    logits: dict[str, Tensor],
+    labels: Tensor,
+    any_injury: Tensor,
+    class_weights: dict[str, Tensor],
+    any_injury_weight: float = 1.0,
+) -> Tensor:
+    """Cross-entropy per target weighted like the metric (healthy 1, injury 2 or 6, low 2,
+    high 4): with reduction "mean", torch divides by the summed weights of the batch's true
+    classes, i.e. sum(w * CE) / sum(w) as the metric does. Plus, when every target is
+    trained, the metric's any_injury term: weighted BCE (1/6) on max over targets of
+    1 - p_healthy.
+
+    logits: {target: (B, n_classes)}; labels: (B, n_targets) in `logits`' order.
+    """
+    total = torch.zeros((), device=labels.device)
+    for index, (target, target_logits) in enumerate(logits.items()):
+        total = total + F.cross_entropy(
+            target_logits.float(), labels[:, index], weight=class_weights[target].float()
+        )
+    if any_injury_weight > 0 and len(logits) == len(ALL_TARGETS):
+        injured = torch.stack(
+            [1 - torch.softmax(v.float(), dim=1)[:, 0] for v in logits.values()], dim=1
+        ).amax(dim=1)
+        weights = torch.where(any_injury > 0.5, 6.0, 1.0)
+        bce = F.binary_cross_entropy(injured.clamp(1e-7, 1 - 1e-7), any_injury, reduction="none")
+        total = total + any_injury_weight * (weights * bce).sum() / weights.sum()
+    return total / (len(logits) + (any_injury_weight > 0 and len(logits) == len(ALL_TARGETS)))
+
+
+@torch.no_grad()
+def predict_series(
+    model: CNNBiLSTM,
+    rows: pl.DataFrame,
+    config: FinetuneConfig,
+    device: torch.device,
+    fold: int,
+    prior: dict[str, float],
+) -> pl.DataFrame:
+    """Probabilities per series (softmax per target); targets the model was not trained on
+    get the training folds' best-constant prior, so the table is always a full submission."""
+    model.eval()
+    dataset = SeriesDataset(rows, config.targets, config.n_slices, config.image_size, False)
+    loader = DataLoader(
+        dataset, batch_size=max(1, config.batch_size), num_workers=config.num_workers
+    )
+    mean, std = input_normalisation(model.backbone, device)
+    use_amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    frames = []
+    for batch in loader:
+        probabilities = volume_probabilities(model, batch["image"], mean, std, use_amp, amp_dtype)
+        frame = {
+            "patient_id": batch["patient_id"].tolist(),
+            "series_id": batch["series_id"].tolist(),
+        }
+        frame |= probability_columns(probabilities, len(batch["series_id"]), prior)
+        frames.append(pl.DataFrame(frame))
+    return (
+        pl.concat(frames)
+        .with_columns(pl.lit(fold).alias("fold"))
+        .select("fold", "patient_id", "series_id", *PROBABILITY_COLUMNS)
+    )
+
+
+def volume_probabilities(
+    model: CNNBiLSTM,
+    images: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    use_amp: bool = False,
+    amp_dtype: torch.dtype = torch.float16,
+) -> dict[str, np.ndarray]:
+    """uint8 volumes (B, S, C, H, W) -> {target: (B, n_classes) probabilities}."""
+    logits = _logits(model, images, mean, std, use_amp, amp_dtype)
+    return {t: torch.softmax(v.float(), dim=1).cpu().numpy() for t, v in logits.items()}
+
+
+def probability_columns(
+    probabilities: dict[str, np.ndarray], n_rows: int, prior: dict[str, float]
+) -> dict[str, list[float]]:
+    """Per-target probabilities as the 13 submission columns, prior-filled where missing."""
+    columns: dict[str, list[float]] = {}
+    for target in ALL_TARGETS:
+        for index, column in enumerate(label_columns(target)):
+            if target in probabilities:
+                columns[column] = probabilities[target][:, index].astype(float).tolist()
+            else:
+                columns[column] = [prior[column]] * n_rows
+    return columns
+
+
+def aggregate_patients(
+    series: pl.DataFrame, how: str = "mean", by_fold: bool = False
+) -> pl.DataFrame:
+    """Series probabilities -> one row per patient (mean or max over its series), each group
+    renormalised to sum to 1."""
+    keys = ["fold", "patient_id"] if by_fold and "fold" in series.columns else ["patient_id"]
+    agg = [getattr(pl.col(c), how)().alias(c) for c in PROBABILITY_COLUMNS]
+    patients = series.group_by(keys, maintain_order=True).agg(agg)
+    renormalised = []
+    for target in ALL_TARGETS:
+        cols = label_columns(target)
+        total = pl.sum_horizontal(cols)
+        renormalised += [(pl.col(c) / total).alias(c) for c in cols]
+    return patients.with_columns(renormalised).sort(keys)
+
+
+def load_fold_model(
+    fold_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[CNNBiLSTM, dict[str, Any]]:
+    """A fold's best model, rebuilt from its model.json (no pretrained weights needed: the
+    checkpoint holds them all) and loaded with weights_only=True."""
+    meta = json.loads((Path(fold_dir) / "model.json").read_text())
+    model = build_classifier(
+        meta["backbone"], meta["in_chans"], "random", targets=meta["targets"],
+        hidden_size=meta["hidden_size"], num_layers=meta["num_layers"], dropout=meta["dropout"],
+        pooling=meta["pooling"],
+    )  # fmt: skip
+    state = torch.load(Path(fold_dir) / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def predict_holdout(
+    config: FinetuneConfig, rows: pl.DataFrame, fold_ids: Sequence[int]
+) -> pl.DataFrame:
+    """The mean of every fold model's probabilities on the held-out patients."""
+    device = runtime.device_for(False)
+    predictions = []
+    for fold in fold_ids:
+        model, meta = load_fold_model(Path(config.output_dir) / f"fold{fold}", device)
+        series = predict_series(model, rows, config, device, -1, meta["prior"])
+        predictions.append(series)
+    stacked = pl.concat(predictions)
+    mean = stacked.group_by(["fold", "patient_id", "series_id"], maintain_order=True).agg(
+        [pl.col(c).mean() for c in PROBABILITY_COLUMNS]
+    )
+    return aggregate_patients(mean, config.aggregation)
+
+
+def _logits(
+    model: nn.Module,
+    images: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    use_amp: bool,
+    amp_dtype: torch.dtype,
+) -> dict[str, Tensor]:
+    device = mean.device
+    volumes = (images.to(device, non_blocking=True).float() / 255.0 - mean) / std
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        return model(volumes)
+
+
+def _weighted_log_loss(
+    rows: pl.DataFrame, series_probs: pl.DataFrame, targets: Sequence[str]
+) -> float:
+    """The training objective on validation series (per series, not per patient)."""
+    joined = rows.join(series_probs, on=["patient_id", "series_id"])
+    losses = []
+    for target in targets:
+        probs = joined.select(label_columns(target)).to_numpy()
+        truth = joined[f"{target}_class"].to_numpy()
+        weights = np.asarray(CLASS_WEIGHTS[target])[truth]
+        picked = np.clip(probs[np.arange(len(truth)), truth], 1e-15, 1.0)
+        losses.append(float((weights * -np.log(picked)).sum() / weights.sum()))
+    return float(np.mean(losses))
+
+
+def _in_chans(rows: pl.DataFrame) -> int:
+    volume = np.load(rows["path"][0], mmap_mode="r")
+    return 1 if volume.ndim == 3 else int(volume.shape[1])
+
+
+def _build_model(config: FinetuneConfig, in_chans: int) -> CNNBiLSTM:
+    return build_classifier(
+        config.backbone, in_chans, config.init,  # type: ignore[arg-type]
+        encoder_file=config.encoder_file or None, weights_file=config.weights_file or None,
+        targets=config.targets, hidden_size=config.hidden_size, num_layers=config.num_layers,
+        dropout=config.dropout, pooling=config.pooling,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[str, float]) -> None:
+    meta = {
+        "backbone": config.backbone,
+        "in_chans": in_chans,
+        "targets": list(config.targets),
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_layers,
+        "dropout": config.dropout,
+        "pooling": config.pooling,
+        "n_slices": config.n_slices,
+        "image_size": config.image_size,
+        "shape": list(config.shape),
+        "aggregation": config.aggregation,
+        "prior": prior,
+        "settings": dataclasses.asdict(config),
+    }
+    runtime.write_text_atomic(path, json.dumps(meta, indent=1))
+
+
+def _load_or_make_folds(
+    labels: pl.DataFrame, config: FinetuneConfig, output_dir: Path, rank: int, distributed: bool
+) -> pl.DataFrame:
+    """The run's folds: read back on resume so that a re-run never reshuffles patients."""
+    path = output_dir / "folds.csv"
+    if rank == 0 and not (config.resume and path.is_file()):
+        folds = make_folds(labels, config.n_folds, config.seed, config.holdout)
+        runtime.write_text_atomic(path, folds.write_csv())
+    if distributed:
+        dist.barrier()
+    return pl.read_csv(path)
+
+
+def _save_resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    best_score: float,
+) -> None:
+    runtime.save_torch_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "best_score": best_score,
+            "rng": runtime.rng_state(),
+        },
+        path,
+    )
+
+
+def _load_resume(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[int, float]:
+    payload = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    runtime.set_rng_state(payload["rng"])
+    return int(payload["epoch"]), float(payload["best_score"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="CNN-BiLSTM cross-validation (single process or torchrun)"
+    )
+    parser.add_argument("--config", required=True, help="a config.json written by FinetuneConfig")
+    args = parser.parse_args()
+    result = run_cross_validation(FinetuneConfig.from_json(args.config))
+    print(json.dumps({"fold_scores": result.fold_scores}))
+
+
+if __name__ == "__main__":
+    main()

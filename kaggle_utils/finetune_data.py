@@ -1,0 +1,214 @@
+"""Labelled series for fine-tuning: the table that joins labels to cached volumes, patient
+folds, and a dataset that turns a cached (slices, H, W) volume into an augmented slice stack.
+
+Augmentation goes through albumentations with the slices stacked as channels of one image, so
+every slice of a volume gets the same flip, affine, brightness/contrast and dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from torch.utils.data import Dataset
+
+from kaggle_utils.classifier import TARGET_CLASSES
+from kaggle_utils.preprocess import cache_path, load_metadata
+
+
+def label_columns(target: str) -> list[str]:
+    return [f"{target}_{c}" for c in TARGET_CLASSES[target]]
+
+
+def series_table(
+    labels: pl.DataFrame,
+    cache_dir: Path,
+    shape: Sequence[int],
+    split_meta: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """One row per cached series of a labelled patient: patient_id, series_id, path, and the
+    class index of every target (`<target>_class`) plus `any_injury`.
+
+    Series whose preprocessing failed are left out (and reported by notebook 01).
+    """
+    metadata = load_metadata(Path(cache_dir)).filter(pl.col("status") == "ok")
+    metadata = metadata.select("patient_id", "series_id")
+    if split_meta is not None:
+        metadata = metadata.join(split_meta.select("series_id"), on="series_id", how="semi")
+    table = metadata.join(class_indices(labels), on="patient_id", how="inner")
+    paths = [str(cache_path(Path(cache_dir), shape, s)) for s in table["series_id"]]
+    table = table.with_columns(pl.Series("path", paths))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} cached volumes of shape {list(shape)} missing (e.g. {missing[0]}): "
+            "run notebook 01 with this shape"
+        )
+    return table.sort("patient_id", "series_id")
+
+
+def class_indices(labels: pl.DataFrame) -> pl.DataFrame:
+    """train.csv's one-hot columns -> one class index per target, plus any_injury."""
+    columns = [pl.col("patient_id")]
+    for target in TARGET_CLASSES:
+        onehot = pl.concat_list(label_columns(target))
+        columns.append(onehot.list.arg_max().cast(pl.Int64).alias(f"{target}_class"))
+    any_injury = pl.max_horizontal([1 - pl.col(f"{t}_healthy") for t in TARGET_CLASSES]).cast(
+        pl.Int64
+    )
+    return labels.select(*columns, any_injury.alias("any_injury"))
+
+
+def make_folds(
+    labels: pl.DataFrame, n_folds: int = 5, seed: int = 0, holdout: float = 0.0
+) -> pl.DataFrame:
+    """patient_id -> fold (0..n_folds-1), stratified on the injury pattern; with `holdout`
+    (the paper's 20 %), that share of patients gets fold -1: a test split never trained on.
+
+    Patients are the unit, so a patient's series always share a fold.
+    """
+    table = class_indices(labels)
+    strata = _strata(table)
+    patients = table["patient_id"].to_numpy()
+    folds = np.full(len(patients), -1, dtype=np.int64)
+    pool = np.arange(len(patients))
+    if holdout > 0:
+        pool, _ = train_test_split(
+            pool, test_size=holdout, random_state=seed, stratify=_mergeable(strata, 2)
+        )
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    pool_strata = _mergeable(strata[pool], n_folds)
+    for fold, (_, valid) in enumerate(splitter.split(pool, pool_strata)):
+        folds[pool[valid]] = fold
+    return pl.DataFrame({"patient_id": patients, "fold": folds})
+
+
+def _strata(table: pl.DataFrame) -> np.ndarray:
+    """A coarse injury pattern per patient: any injury, and the worst organ grade."""
+    worst = np.max(
+        np.stack([table[f"{t}_class"].to_numpy() for t in ("kidney", "liver", "spleen")]), axis=0
+    )
+    extravasation = table["extravasation_class"].to_numpy()
+    return np.array(
+        [f"{a}{w}{e}" for a, w, e in zip(table["any_injury"], worst, extravasation, strict=True)]
+    )
+
+
+def _mergeable(strata: np.ndarray, n_splits: int) -> np.ndarray:
+    """Strata too rare to split n ways are merged into one "rare" stratum (then into the
+    most common one if still too rare), so stratification never fails on small data."""
+    values, counts = np.unique(strata, return_counts=True)
+    rare = set(values[counts < n_splits])
+    merged = np.array(["rare" if s in rare else s for s in strata])
+    values, counts = np.unique(merged, return_counts=True)
+    if "rare" in values and counts[list(values).index("rare")] < n_splits:
+        merged[merged == "rare"] = values[np.argmax(counts)]
+    return merged
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Applied identically to every slice of a volume."""
+
+    hflip_prob: float = 0.0  # left-right flips put the liver on the spleen's side: off
+    affine_prob: float = 0.5  # small shift, scale, rotation
+    brightness_contrast_prob: float = 0.5
+    coarse_dropout_prob: float = 0.3
+
+
+def build_transform(image_size: int, train: bool, augment: AugmentConfig) -> Any:
+    """albumentations pipeline for an (H, W, slices * channels) uint8 image."""
+    import albumentations as A
+
+    steps: list[Any] = []
+    if train:
+        steps += [
+            A.HorizontalFlip(p=augment.hflip_prob),
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.06, 0.06),
+                rotate=(-10, 10),
+                p=augment.affine_prob,
+            ),
+            A.RandomBrightnessContrast(0.1, 0.1, p=augment.brightness_contrast_prob),
+            A.CoarseDropout(
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.15),
+                hole_width_range=(0.05, 0.15),
+                p=augment.coarse_dropout_prob,
+            ),
+            A.RandomCrop(image_size, image_size, pad_if_needed=True),
+        ]
+    else:
+        steps.append(A.CenterCrop(image_size, image_size, pad_if_needed=True))
+    return A.Compose(steps)
+
+
+def slice_indices(
+    n_available: int, n_slices: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """All slices (n_slices 0), or n_slices evenly spaced over the volume, each jittered within
+    its own interval when `rng` is given (training)."""
+    if n_slices <= 0 or (n_slices == n_available and rng is None):
+        return np.arange(n_available)
+    edges = np.linspace(0, n_available, n_slices + 1)
+    if rng is None:
+        positions = (edges[:-1] + edges[1:]) / 2
+    else:
+        positions = rng.uniform(edges[:-1], edges[1:])
+    return np.clip(np.floor(positions).astype(np.int64), 0, n_available - 1)
+
+
+class SeriesDataset(Dataset):
+    """Item i: {"image": uint8 (S, C, h, w), "labels": int64 (n_targets,), "any_injury": float,
+    "patient_id": int, "series_id": int}. Random draws come from (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        table: pl.DataFrame,
+        targets: Sequence[str],
+        n_slices: int = 0,
+        image_size: int = 256,
+        train: bool = False,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.rows = table.to_dicts()
+        self.targets = tuple(targets)
+        self.n_slices, self.image_size, self.train = n_slices, image_size, train
+        self.transform = build_transform(image_size, train, augment or AugmentConfig())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        volume = np.load(row["path"], mmap_mode="r")
+        if volume.ndim == 3:
+            volume = volume[:, None]
+        volume = np.asarray(volume[slice_indices(volume.shape[0], self.n_slices, rng)])
+        n_slices, channels, height, width = volume.shape
+        image = volume.reshape(n_slices * channels, height, width).transpose(1, 2, 0)
+        if rng is not None:
+            # albumentations draws from its own generator: seed it from ours, per item
+            self.transform.set_random_seed(int(rng.integers(2**31)))
+        image = self.transform(image=np.ascontiguousarray(image))["image"]
+        stack = image.transpose(2, 0, 1).reshape(n_slices, channels, *image.shape[:2])
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(stack)),
+            "labels": torch.tensor([row[f"{t}_class"] for t in self.targets], dtype=torch.long),
+            "any_injury": torch.tensor(float(row["any_injury"])),
+            "patient_id": int(row["patient_id"]),
+            "series_id": int(row["series_id"]),
+        }
