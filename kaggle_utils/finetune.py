@@ -125,6 +125,33 @@ class CVResult:
     fold_scores: dict[int, float]  # best validation RSNA score per fold
 
 
+def launch_torchrun(config: FinetuneConfig, nproc_per_node: int = 0) -> CVResult:
+    """`run_cross_validation(config)` under torchrun (one process per GPU by default)."""
+    config_file = Path(config.output_dir) / "config.json"
+    config.to_json(config_file)
+    runtime.run_torchrun("kaggle_utils.finetune", config_file, nproc_per_node)
+    return read_cv_result(Path(config.output_dir))
+
+
+def read_cv_result(output_dir: Path) -> CVResult:
+    """A finished run's result, from its files."""
+    output_dir = Path(output_dir)
+    holdout_file = output_dir / "holdout_patient.parquet"
+    oof_series = pl.read_parquet(output_dir / "oof_series.parquet")
+    scores = {}
+    for fold in sorted(oof_series["fold"].unique().to_list()):
+        done = json.loads((output_dir / f"fold{fold}" / "done.json").read_text())
+        scores[int(fold)] = float(done["best_score"])
+    return CVResult(
+        output_dir=output_dir,
+        folds=pl.read_csv(output_dir / "folds.csv"),
+        oof_series=oof_series,
+        oof_patient=pl.read_parquet(output_dir / "oof_patient.parquet"),
+        holdout_patient=pl.read_parquet(holdout_file) if holdout_file.is_file() else None,
+        fold_scores=scores,
+    )
+
+
 def read_labels(data_root: str | Path) -> pl.DataFrame:
     path = Path(data_root) / "train.csv"
     if not path.is_file():

@@ -111,3 +111,74 @@ def pretraining_curves(log_csv: str | Path, chance: float | None = None) -> Figu
     probe_ax.set_title("held-out position probe")
     fig.tight_layout()
     return fig
+
+
+def _group_columns(target: str) -> list[str]:
+    from kaggle_utils.classifier import TARGET_CLASSES
+
+    return [f"{target}_{c}" for c in TARGET_CLASSES[target]]
+
+
+def _aligned(labels: object, predictions: object, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """(true class index, probabilities) of one target, rows matched by patient_id."""
+    import polars as pl
+
+    columns = _group_columns(target)
+    joined = (
+        pl.DataFrame(predictions)
+        .select("patient_id", *columns)
+        .join(pl.DataFrame(labels).select("patient_id", *columns), on="patient_id", suffix="_true")
+    )
+    truth = joined.select([f"{c}_true" for c in columns]).to_numpy().argmax(axis=1)
+    return truth, joined.select(columns).to_numpy()
+
+
+def confusion_matrices(labels: object, predictions: object) -> Figure:
+    """Per target, counts of true class (rows) against the most probable class (columns)."""
+    from kaggle_utils.classifier import TARGET_CLASSES
+
+    fig, axes = plt.subplots(1, len(TARGET_CLASSES), figsize=(3.1 * len(TARGET_CLASSES), 3.2))
+    for ax, target in zip(axes, TARGET_CLASSES, strict=True):
+        truth, probabilities = _aligned(labels, predictions, target)
+        n = probabilities.shape[1]
+        matrix = np.zeros((n, n), dtype=int)
+        np.add.at(matrix, (truth, probabilities.argmax(axis=1)), 1)
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=9)
+        names = TARGET_CLASSES[target]
+        ax.set_xticks(range(n), names, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("predicted (argmax)", fontsize=7)
+    axes[0].set_ylabel("true", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def precision_recall_curves(labels: object, predictions: object) -> Figure:
+    """Per target, one precision-recall curve for each injury class (one-vs-rest), with its
+    average precision and the class prevalence (the curve of a useless model)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    from kaggle_utils.classifier import TARGET_CLASSES
+
+    fig, axes = plt.subplots(1, len(TARGET_CLASSES), figsize=(3.1 * len(TARGET_CLASSES), 3.2))
+    for ax, target in zip(axes, TARGET_CLASSES, strict=True):
+        truth, probabilities = _aligned(labels, predictions, target)
+        for index, name in enumerate(TARGET_CLASSES[target][1:], start=1):
+            positive = truth == index
+            if not positive.any():
+                continue
+            precision, recall, _ = precision_recall_curve(positive, probabilities[:, index])
+            ap = average_precision_score(positive, probabilities[:, index])
+            line = ax.plot(recall, precision, label=f"{name} AP {ap:.2f}")[0]
+            ax.axhline(positive.mean(), color=line.get_color(), ls=":", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("recall", fontsize=7)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("precision", fontsize=8)
+    fig.tight_layout()
+    return fig

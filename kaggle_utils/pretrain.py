@@ -17,8 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -552,29 +550,10 @@ def pretraining_volume_dirs(
 
 
 def launch_torchrun(config: PretrainConfig, nproc_per_node: int = 0) -> PretrainResult:
-    """Run `pretrain` under torchrun in a child process (one process per GPU by default, or
-    `nproc_per_node` CPU/GPU processes), streaming its output; for notebooks.
-
-    Raises:
-        RuntimeError: torchrun exited with an error (its last lines are in the message).
-    """
-    n_procs = nproc_per_node or max(1, torch.cuda.device_count())
+    """`pretrain(config)` under torchrun (one process per GPU by default); for notebooks."""
     config_file = Path(config.output_dir) / "config.json"
     config.to_json(config_file)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={n_procs}", "-m", "kaggle_utils.pretrain", "--config", str(config_file),
-    ]  # fmt: skip
-    tail: list[str] = []
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    ) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            tail = [*tail[-40:], line]
-    if process.returncode != 0:
-        raise RuntimeError(f"torchrun exited with {process.returncode}:\n{''.join(tail)}")
+    runtime.run_torchrun("kaggle_utils.pretrain", config_file, nproc_per_node)
     return read_result(Path(config.output_dir))
 
 

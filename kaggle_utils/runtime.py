@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,3 +118,27 @@ def save_torch_atomic(payload: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def run_torchrun(module: str, config_file: Path, nproc_per_node: int = 0) -> None:
+    """`torchrun --standalone --nproc_per_node N -m <module> --config <file>` in a child
+    process (one process per GPU by default), its output streamed; for notebooks.
+
+    Raises:
+        RuntimeError: torchrun exited with an error (its last lines are in the message).
+    """
+    n_procs = nproc_per_node or max(1, torch.cuda.device_count())
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={n_procs}", "-m", module, "--config", str(config_file),
+    ]  # fmt: skip
+    tail: list[str] = []
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail = [*tail[-40:], line]
+    if process.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {process.returncode}:\n{''.join(tail)}")

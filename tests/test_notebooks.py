@@ -17,7 +17,9 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
 def test_there_are_notebooks() -> None:
-    assert [p.name for p in NOTEBOOKS][:2] == ["01_dicom_preprocess.py", "02_voco2d_pretrain.py"]
+    assert [p.name for p in NOTEBOOKS][:3] == [
+        "01_dicom_preprocess.py", "02_voco2d_pretrain.py", "03_finetune_bilstm.py",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
@@ -67,8 +69,8 @@ def test_notebook_01_preprocesses_a_tiny_dataset(tiny_competition: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_notebook_02_pretrains_on_notebook_01_cache(tiny_competition: Path, tmp_path: Path) -> None:
-    cache, run = tmp_path / "cache", tmp_path / "pretrain"
+def test_notebooks_01_02_03_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_path: Path) -> None:
+    cache, run, finetune = tmp_path / "cache", tmp_path / "pretrain", tmp_path / "finetune"
     run_notebook(
         "01_dicom_preprocess", tmp_path, data_root=str(tiny_competition), output_dir=str(cache),
         workers=0, smoke=True, limit=20,
@@ -81,3 +83,13 @@ def test_notebook_02_pretrains_on_notebook_01_cache(tiny_competition: Path, tmp_
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["probe_after"]["same"] is not None
+    run_notebook(
+        "03_finetune_bilstm", tmp_path, data_root=str(tiny_competition), cache_dir=str(cache),
+        output_dir=str(finetune), shape=[8, 32, 32], backbone="test_efficientnet", init="voco",
+        encoder_file=str(run / "encoder.pt"), image_size=32, smoke=True,
+    )  # fmt: skip
+    report = json.loads((finetune / "report.json").read_text())
+    assert set(report["folds"]) == {"0", "1"}
+    assert report["summary"]["rsna_score"]["mean"] > 0
+    for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet"):
+        assert (finetune / name).is_file(), name

@@ -1,0 +1,142 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · CNN-BiLSTM fine-tuning with patient-grouped cross-validation
+#
+# The pretrained 2D encoder (notebook 02) embeds every slice of a cached volume
+# (96 × 256 × 256); a bidirectional LSTM reads the slice sequence, pooling over slices feeds one
+# head per target (bowel, extravasation: 2 classes; kidney, liver, spleen: 3). The loss is the
+# cross-entropy weighted like the competition metric, plus its any-injury term.
+#
+# Folds group patients (a patient's series never straddle folds) and are stratified on injury;
+# each fold keeps its best epoch by validation RSNA score and writes out-of-fold predictions.
+# The report gives the RSNA score with its six parts and the paper's mAP, macro precision and
+# macro recall as mean ± std over folds, beside the best-constant prior on the same folds.
+
+# %% tags=["parameters"]
+data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
+cache_dir: str = ""  # notebook 01's cache; empty: outputs/cache (/kaggle/working/cache)
+output_dir: str = ""  # run folder; empty: outputs/finetune (/kaggle/working/finetune)
+shape: list = [96, 256, 256]  # cached (slices, H, W) volumes to train on
+backbone: str = "efficientnetv2_rw_t"  # timm name; must match notebook 02's for init "voco"
+init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
+encoder_file: str = ""  # notebook 02's encoder.pt; empty: outputs/pretrain/encoder.pt
+weights_file: str = ""  # local ImageNet weights for init "imagenet"
+targets: list = ["bowel", "extravasation", "kidney", "liver", "spleen"]  # or a subset
+hidden_size: int = 256  # LSTM hidden size per direction
+num_layers: int = 2  # LSTM layers
+dropout: float = 0.2
+pooling: str = "attention"  # over slices: "attention", "max" or "mean"
+n_slices: int = 0  # slices per volume fed to the model: 0 for all, else evenly sampled
+image_size: int = 256  # random crop in training, centre crop otherwise
+epochs: int = 10
+batch_size: int = 2  # volumes per step
+grad_accum: int = 1
+lr: float = 1e-4  # AdamW, warmup then cosine
+backbone_lr_factor: float = 1.0  # backbone learning rate relative to lr
+weight_decay: float = 1e-2
+freeze_epochs: int = 0  # epochs with the backbone frozen
+any_injury_weight: float = 1.0  # weight of the any-injury loss term; 0 turns it off
+hflip_prob: float = 0.0  # augmentation, the same for every slice of a volume
+affine_prob: float = 0.5
+brightness_contrast_prob: float = 0.5
+coarse_dropout_prob: float = 0.3
+n_folds: int = 5
+folds_to_run: list = []  # e.g. [0] for a quick look; empty for all folds
+holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
+aggregation: str = "mean"  # per patient over its series: "mean" or "max"
+num_workers: int = 2  # data loader processes
+seed: int = 0
+resume: bool = True  # skip finished folds, resume an interrupted one
+launch: str = "inprocess"  # "inprocess" or "torchrun" (one process per GPU)
+nproc_per_node: int = 0  # torchrun processes; 0 for one per GPU
+smoke: bool = False  # tiny, fast settings for tests
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import polars as pl
+from IPython.display import Markdown, display
+
+from kaggle_utils import paths
+from kaggle_utils.finetune import FinetuneConfig, launch_torchrun, read_labels, run_cross_validation
+from kaggle_utils.plots import confusion_matrices, precision_recall_curves
+from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
+
+if smoke:
+    epochs, batch_size, n_folds, num_workers, hidden_size, num_layers = 1, 2, 2, 0, 16, 1
+root = paths.resolve_data_root(data_root)
+cache = paths.resolve_output_dir(cache_dir, default_name="cache")
+run_dir = paths.resolve_output_dir(output_dir, default_name="finetune")
+if init == "voco" and not encoder_file:
+    encoder_file = str(paths.resolve_output_dir("", default_name="pretrain") / "encoder.pt")
+config = FinetuneConfig(
+    data_root=str(root), cache_dir=str(cache), output_dir=str(run_dir), shape=list(shape),
+    backbone=backbone, init=init, encoder_file=encoder_file, weights_file=weights_file,
+    targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
+    pooling=pooling, n_slices=n_slices, image_size=image_size, epochs=epochs,
+    batch_size=batch_size, grad_accum=grad_accum, lr=lr, backbone_lr_factor=backbone_lr_factor,
+    weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
+    hflip_prob=hflip_prob, affine_prob=affine_prob,
+    brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
+    n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, aggregation=aggregation,
+    num_workers=num_workers, seed=seed, resume=resume,
+)  # fmt: skip
+print(f"labels: {root / 'train.csv'}; volumes: {cache}; run folder: {run_dir}")
+
+# %% [markdown]
+# ## Train every fold (finished folds are skipped, an interrupted one resumes)
+
+# %%
+if launch == "torchrun":
+    result = launch_torchrun(config, nproc_per_node)
+else:
+    result = run_cross_validation(config)
+print(
+    "best validation RSNA score per fold:", {k: round(v, 4) for k, v in result.fold_scores.items()}
+)
+
+# %% [markdown]
+# ## Report: the model against the best-constant prior on the same folds
+#
+# Thresholds for the paper's precision and recall are fitted on the other folds' out-of-fold
+# predictions, never on the fold being scored.
+
+# %%
+labels = read_labels(root)
+report = cross_validation_report(labels, result.oof_patient, result.folds, result.holdout_patient)
+(run_dir / "report.json").write_text(json.dumps(report, indent=1))
+display(Markdown(markdown_table(report, HEADLINE)))
+display(Markdown(markdown_table(report)))
+
+# %%
+oof = result.oof_patient.drop("fold")
+fig = confusion_matrices(labels, oof)
+fig.savefig(run_dir / "confusion_matrices.png", dpi=80, bbox_inches="tight")
+plt.show()
+fig = precision_recall_curves(labels, oof)
+fig.savefig(run_dir / "precision_recall.png", dpi=80, bbox_inches="tight")
+plt.show()
+curves = pl.concat(
+    [
+        pl.read_csv(run_dir / f"fold{k}" / "log.csv").with_columns(pl.lit(k).alias("fold"))
+        for k in result.fold_scores
+    ]
+)
+display(curves)

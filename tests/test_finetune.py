@@ -1,0 +1,288 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from kaggle_utils import finetune as finetune_module
+from kaggle_utils.classifier import ALL_TARGETS, TARGET_CLASSES, CNNBiLSTM, build_classifier
+from kaggle_utils.finetune import (
+    FinetuneConfig,
+    aggregate_patients,
+    load_fold_model,
+    read_labels,
+    run_cross_validation,
+    weighted_loss,
+)
+from kaggle_utils.finetune_data import (
+    SeriesDataset,
+    class_indices,
+    make_folds,
+    series_table,
+    slice_indices,
+)
+from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS
+from kaggle_utils.models import build_backbone
+from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.report import cross_validation_report, markdown_table, training_prior
+
+SHAPE = (8, 32, 32)
+
+
+def tiny_model(pooling: str = "attention", targets=ALL_TARGETS) -> CNNBiLSTM:
+    torch.manual_seed(0)
+    return CNNBiLSTM(build_backbone("test_efficientnet", 1), targets, 8, 1, 0.0, pooling)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pooling", ["attention", "max", "mean"])
+def test_model_output_shapes(pooling: str) -> None:
+    out = tiny_model(pooling)(torch.randn(3, 5, 1, 32, 32))
+    assert list(out) == list(ALL_TARGETS)
+    for target, logits in out.items():
+        assert logits.shape == (3, len(TARGET_CLASSES[target]))
+
+
+def test_subset_of_targets_and_bad_arguments() -> None:
+    model = tiny_model(targets=("liver",))
+    assert list(model(torch.randn(2, 4, 1, 32, 32))) == ["liver"]
+    with pytest.raises(ValueError, match="targets"):
+        tiny_model(targets=("lungs",))
+    with pytest.raises(ValueError, match="pooling"):
+        tiny_model(pooling="sum")
+
+
+def test_head_bias_starts_the_model_at_the_prior() -> None:
+    model = tiny_model().eval()
+    prior = {c: 1.0 for c in LABEL_COLUMNS} | {"liver_healthy": 8.0, "liver_low": 1.0}
+    prior = {
+        k: v / sum(prior[f"{k.split('_')[0]}_{c}"] for c in TARGET_CLASSES[k.split("_")[0]])
+        for k, v in prior.items()
+    }
+    model.init_head_bias(prior)
+    for head in model.heads.values():
+        torch.nn.init.zeros_(head.weight)
+    out = model(torch.randn(2, 3, 1, 32, 32))
+    liver = torch.softmax(out["liver"], dim=1)[0].tolist()
+    assert liver == pytest.approx([prior["liver_healthy"], prior["liver_low"], prior["liver_high"]])
+
+
+def test_frozen_backbone_gets_no_gradient_and_keeps_bn_statistics() -> None:
+    model = tiny_model()
+    model.set_backbone_trainable(False)
+    model.train()
+    running = model.backbone.bn1.running_mean.clone()
+    out = model(torch.randn(2, 3, 1, 32, 32) * 5)
+    sum(v.sum() for v in out.values()).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert torch.equal(model.backbone.bn1.running_mean, running)
+    assert any(p.grad is not None for p in model.lstm.parameters())
+
+
+def test_voco_init_loads_the_encoder_and_checks_its_backbone(tmp_path: Path) -> None:
+    encoder = build_backbone("test_efficientnet", 1)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+    (tmp_path / "encoder.json").write_text(
+        json.dumps({"backbone": "test_efficientnet", "in_chans": 1})
+    )
+    model = build_classifier(
+        "test_efficientnet", 1, "voco", tmp_path / "encoder.pt", hidden_size=8, num_layers=1
+    )
+    torch.testing.assert_close(model.backbone.conv_stem.weight, encoder.conv_stem.weight)
+    with pytest.raises(ValueError, match="pretrained as test_efficientnet with 1"):
+        build_classifier("test_resnet", 1, "voco", tmp_path / "encoder.pt")
+    with pytest.raises(ValueError, match="needs encoder_file"):
+        build_classifier("test_efficientnet", 1, "voco")
+
+
+def slow_weighted_loss(logits, labels, any_injury, any_weight) -> float:
+    terms = []
+    for index, (target, values) in enumerate(logits.items()):
+        weights = CLASS_WEIGHTS[target]
+        num = den = 0.0
+        for row in range(values.shape[0]):
+            probs = torch.softmax(values[row].double(), 0)
+            truth = int(labels[row, index])
+            num += weights[truth] * -math.log(probs[truth].item())
+            den += weights[truth]
+        terms.append(num / den)
+    if any_weight:
+        num = den = 0.0
+        for row in range(labels.shape[0]):
+            injured = max(1 - torch.softmax(v[row].double(), 0)[0].item() for v in logits.values())
+            y = float(any_injury[row])
+            w = 6.0 if y else 1.0
+            num += w * -(y * math.log(injured) + (1 - y) * math.log(1 - injured))
+            den += w
+        terms.append(any_weight * num / den)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("any_weight", [0.0, 1.0])
+def test_weighted_loss_matches_slow_reference(any_weight: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    logits = {t: torch.randn(6, len(c), generator=g) for t, c in TARGET_CLASSES.items()}
+    labels = torch.stack(
+        [torch.randint(0, len(c), (6,), generator=g) for c in TARGET_CLASSES.values()], 1
+    )
+    any_injury = (labels > 0).any(1).float()
+    weights = {t: torch.tensor(CLASS_WEIGHTS[t]) for t in TARGET_CLASSES}
+    loss = weighted_loss(logits, labels, any_injury, weights, any_weight)
+    expected = slow_weighted_loss(logits, labels, any_injury, any_weight)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def labels_table(n: int, seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    columns: dict[str, list[int]] = {"patient_id": list(range(100, 100 + n))}
+    for target, classes in TARGET_CLASSES.items():
+        probs = [0.7] + [0.3 / (len(classes) - 1)] * (len(classes) - 1)
+        picked = rng.choice(len(classes), size=n, p=probs)
+        for index, name in enumerate(classes):
+            columns[f"{target}_{name}"] = (picked == index).astype(int).tolist()
+    frame = pl.DataFrame(columns)
+    return frame.with_columns(class_indices(frame)["any_injury"])
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.2])
+def test_folds_partition_patients_stratified_and_deterministic(holdout: float) -> None:
+    labels = labels_table(200)
+    folds = make_folds(labels, 5, seed=3, holdout=holdout)
+    assert folds["patient_id"].n_unique() == 200 == folds.height
+    assert folds.equals(make_folds(labels, 5, seed=3, holdout=holdout))
+    held = folds.filter(pl.col("fold") == -1).height
+    assert held == pytest.approx(200 * holdout, abs=1)
+    joined = folds.join(class_indices(labels), on="patient_id").filter(pl.col("fold") >= 0)
+    sizes = joined.group_by("fold").len()["len"]
+    assert sizes.max() - sizes.min() <= 1
+    injured = joined.group_by("fold").agg(pl.col("any_injury").mean())["any_injury"]
+    assert injured.max() - injured.min() < 0.15
+
+
+def test_slice_indices() -> None:
+    np.testing.assert_array_equal(slice_indices(10, 0), np.arange(10))
+    np.testing.assert_array_equal(slice_indices(10, 5), [1, 3, 5, 7, 9])
+    jittered = slice_indices(96, 24, np.random.default_rng(0))
+    assert len(jittered) == 24 and np.all(np.diff(jittered) >= 0) and jittered.max() < 96
+    bins = np.floor(np.arange(24) * 4)
+    assert np.all((jittered >= bins) & (jittered < bins + 4))
+    assert len(slice_indices(5, 8)) == 8  # more slices than available: repeats
+
+
+def test_aggregate_patients_mean_max_and_renormalise() -> None:
+    series = pl.DataFrame(
+        {"patient_id": [1, 1, 2], "series_id": [10, 11, 20]}
+        | {c: [0.2, 0.6, 0.5] for c in LABEL_COLUMNS}
+    )
+    mean = aggregate_patients(series, "mean")
+    assert mean.height == 2
+    assert mean.filter(pl.col("patient_id") == 1)["liver_low"][0] == pytest.approx(1 / 3)
+    maximum = aggregate_patients(series, "max")
+    assert maximum.filter(pl.col("patient_id") == 1)["bowel_injury"][0] == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("ft_cache")
+    preprocess_dataset(
+        list_series(tiny_competition, "train"), cache, PreprocessConfig(shapes=(SHAPE,)),
+        workers=0, progress=False,
+    )  # fmt: skip
+    return cache
+
+
+def test_series_table_and_dataset(tiny_competition: Path, cached: Path) -> None:
+    labels = read_labels(tiny_competition)
+    table = series_table(labels, cached, SHAPE)
+    assert set(table["patient_id"]) <= set(labels["patient_id"])
+    assert table.height == pl.read_parquet(cached / "metadata.parquet").height
+    train = SeriesDataset(table, ALL_TARGETS, n_slices=4, image_size=24, train=True, seed=1)
+    item = train[0]
+    assert item["image"].shape == (4, 1, 24, 24) and item["image"].dtype == torch.uint8
+    assert item["labels"].shape == (5,)
+    assert torch.equal(item["image"], train[0]["image"])  # (seed, epoch, index) decides
+    train.set_epoch(1)
+    assert not torch.equal(item["image"], train[0]["image"])
+    evaluation = SeriesDataset(table, ("liver",), n_slices=0, image_size=32)
+    assert evaluation[0]["image"].shape == (8, 1, 32, 32)
+    np.testing.assert_array_equal(evaluation[0]["image"][:, 0].numpy(), np.load(table["path"][0]))
+
+
+def smoke_config(
+    tiny_competition: Path, cached: Path, output: Path, **overrides: object
+) -> FinetuneConfig:
+    settings: dict[str, object] = {
+        "data_root": str(tiny_competition), "cache_dir": str(cached), "output_dir": str(output),
+        "shape": list(SHAPE), "backbone": "test_efficientnet", "init": "random",
+        "hidden_size": 8, "num_layers": 1, "image_size": 32, "epochs": 2, "batch_size": 2,
+        "lr": 1e-3, "n_folds": 2, "num_workers": 0,
+    }  # fmt: skip
+    settings.update(overrides)
+    return FinetuneConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_cross_validation_writes_oof_checkpoints_and_report(
+    tiny_competition: Path, cached: Path, tmp_path: Path
+) -> None:
+    result = run_cross_validation(smoke_config(tiny_competition, cached, tmp_path), progress=False)
+    labels = read_labels(tiny_competition)
+    assert set(result.fold_scores) == {0, 1} and all(
+        math.isfinite(v) for v in result.fold_scores.values()
+    )
+    assert result.oof_patient["patient_id"].n_unique() == result.oof_patient.height
+    assert set(result.oof_patient["patient_id"]) == set(
+        series_table(labels, cached, SHAPE)["patient_id"]
+    )
+    for fold in (0, 1):
+        fold_dir = tmp_path / f"fold{fold}"
+        assert (fold_dir / "done.json").is_file()
+        model, meta = load_fold_model(fold_dir)
+        assert meta["targets"] == list(ALL_TARGETS) and not model.training
+    report = cross_validation_report(labels, result.oof_patient, result.folds)
+    assert set(report["folds"]) == {0, 1}
+    assert "rsna_score" in markdown_table(report)
+    assert report["prior_summary"]["rsna_score"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_an_interrupted_fold_resumes_and_finished_folds_are_skipped(
+    tiny_competition: Path, cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = smoke_config(tiny_competition, cached, tmp_path, folds_to_run=[0])
+    real_save = finetune_module._save_resume
+
+    def killed_after_first_epoch(path, model, optimizer, scheduler, scaler, epoch, best):  # type: ignore[no-untyped-def]
+        real_save(path, model, optimizer, scheduler, scaler, epoch, best)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(finetune_module, "_save_resume", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_cross_validation(config, progress=False)
+    monkeypatch.setattr(finetune_module, "_save_resume", real_save)
+    run_cross_validation(config, progress=False)
+    log = pl.read_csv(tmp_path / "fold0" / "log.csv")
+    assert log["epoch"].to_list() == [1, 2]
+    best = tmp_path / "fold0" / "best.pt"
+    stamp = best.stat().st_mtime_ns
+    run_cross_validation(config, progress=False)  # done: nothing retrained
+    assert best.stat().st_mtime_ns == stamp
+
+
+def test_training_prior_is_floored() -> None:
+    labels = (
+        labels_table(50)
+        .drop("any_injury")
+        .with_columns(
+            pl.lit(1).alias("kidney_healthy"),
+            pl.lit(0).alias("kidney_low"),
+            pl.lit(0).alias("kidney_high"),
+        )
+    )
+    prior = training_prior(labels)
+    assert prior["kidney_high"] == pytest.approx(1e-3, rel=0.01)
+    assert sum(prior[f"kidney_{c}"] for c in TARGET_CLASSES["kidney"]) == pytest.approx(1.0)
