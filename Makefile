@@ -23,7 +23,7 @@ help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
 	@echo "make test       lint + the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without slow end-to-end runs"
-	@echo "make benchmark  decoding speed against plain pydicom (numbers for the README)"
+	@echo "make benchmark  decoding speed; a 2D-VoCo step against a 3D VoCo step (README numbers)"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
 
 install: $(VENV)/.installed
@@ -65,6 +65,7 @@ notebooks: install
 
 benchmark: install
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/pretrain_cost.py --bare
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)

@@ -118,9 +118,14 @@ def build_classifier(
     num_layers: int = 2,
     dropout: float = 0.2,
     pooling: Pooling = "attention",
+    global_pool: str = "avg",
 ) -> CNNBiLSTM:
     """A CNN-BiLSTM whose backbone starts from a 2D-VoCo encoder (notebook 02's encoder.pt),
     ImageNet weights from a local file, or random weights.
+
+    `global_pool` is timm's in-slice pooling of the backbone's feature map: "avg" (timm's
+    default), "max" or "avgmax"; max keeps a small lesion's response from being averaged away
+    over the whole slice. It has no weights, so any choice loads any encoder.
 
     Raises:
         ValueError: the encoder was pretrained with another backbone or channel count.
@@ -129,14 +134,14 @@ def build_classifier(
     if init == "voco":
         if not encoder_file:
             raise ValueError("init='voco' needs encoder_file (notebook 02's encoder.pt)")
-        backbone = build_backbone(backbone_name, in_chans)
+        backbone = build_backbone(backbone_name, in_chans, global_pool=global_pool)
         load_voco_encoder(backbone, encoder_file, backbone_name, in_chans)
     elif init == "imagenet":
         if not weights_file:
             raise ValueError("init='imagenet' needs weights_file (a local timm weights file)")
-        backbone = build_backbone(backbone_name, in_chans, weights_file)
+        backbone = build_backbone(backbone_name, in_chans, weights_file, global_pool=global_pool)
     elif init == "random":
-        backbone = build_backbone(backbone_name, in_chans)
+        backbone = build_backbone(backbone_name, in_chans, global_pool=global_pool)
     else:
         raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {init!r}")
     return CNNBiLSTM(backbone, targets, hidden_size, num_layers, dropout, pooling)

@@ -72,7 +72,8 @@ class FinetuneConfig:
     hidden_size: int = 256
     num_layers: int = 2
     dropout: float = 0.2
-    pooling: str = "attention"  # "max", "mean" or "attention"
+    pooling: str = "attention"  # over slices: "max", "mean" or "attention"
+    global_pool: str = "avg"  # within a slice (timm): "avg", "max" or "avgmax"
     n_slices: int = 0  # slices fed to the model: 0 for all, else evenly sampled (jittered)
     image_size: int = 256  # crop size (random crop in training, centre crop otherwise)
     epochs: int = 10
@@ -469,7 +470,7 @@ def load_fold_model(
     model = build_classifier(
         meta["backbone"], meta["in_chans"], "random", targets=meta["targets"],
         hidden_size=meta["hidden_size"], num_layers=meta["num_layers"], dropout=meta["dropout"],
-        pooling=meta["pooling"],
+        pooling=meta["pooling"], global_pool=meta.get("global_pool", "avg"),
     )  # fmt: skip
     state = torch.load(Path(fold_dir) / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(state)
@@ -533,6 +534,7 @@ def _build_model(config: FinetuneConfig, in_chans: int) -> CNNBiLSTM:
         encoder_file=config.encoder_file or None, weights_file=config.weights_file or None,
         targets=config.targets, hidden_size=config.hidden_size, num_layers=config.num_layers,
         dropout=config.dropout, pooling=config.pooling,  # type: ignore[arg-type]
+        global_pool=config.global_pool,
     )  # fmt: skip
 
 
@@ -545,6 +547,7 @@ def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[s
         "num_layers": config.num_layers,
         "dropout": config.dropout,
         "pooling": config.pooling,
+        "global_pool": config.global_pool,
         "n_slices": config.n_slices,
         "image_size": config.image_size,
         "shape": list(config.shape),

@@ -74,14 +74,15 @@ IMAGE_LEVEL_COLUMNS: tuple[str, ...] = ("patient_id", "series_id", "instance_num
 SUBMISSION_COLUMNS: tuple[str, ...] = ("patient_id", *LABEL_COLUMNS)
 INJURY_NAMES: tuple[str, ...] = ("Active_Extravasation", "Bowel")
 
-# Per-patient class probabilities, well above the real prevalence (SPEC sec. 2) so that every
-# class occurs even in a few dozen patients.
+# Per-patient class probabilities, well above the real prevalence (SPEC sec. 2): every class
+# occurs even in a few dozen patients, and a CPU-sized demo has enough injured examples of each
+# class for a small model to learn from.
 PREVALENCE: dict[str, tuple[float, ...]] = {
-    "bowel": (0.85, 0.15),
-    "extravasation": (0.80, 0.20),
-    "kidney": (0.80, 0.12, 0.08),
-    "liver": (0.75, 0.15, 0.10),
-    "spleen": (0.75, 0.15, 0.10),
+    "bowel": (0.75, 0.25),
+    "extravasation": (0.70, 0.30),
+    "kidney": (0.70, 0.16, 0.14),
+    "liver": (0.60, 0.22, 0.18),
+    "spleen": (0.60, 0.22, 0.18),
 }
 
 Z_SPACINGS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 5.0)
@@ -411,7 +412,9 @@ def _organ_injury(rng: np.random.Generator, organ: str, box: Ellipsoid, grade: i
         )
         return Laceration(point, tuple(float(v) for v in normal), _u(rng, 0.012, 0.018), 0.9 * rx)
 
-    delta = _u(rng, 32.0, 42.0)
+    # Lacerations and contusions enhance far less than parenchyma in portal-venous CT: 50-90 HU
+    # darker than the enhanced organ.
+    delta = _u(rng, 50.0, 90.0)
     if grade == 1:
         if rng.random() < 0.5:
             return OrganInjury(organ, 1, (inside(0.3, (0.22, 0.3)),), (), False, delta)
