@@ -15,6 +15,9 @@ DEMO_SHAPES ?= [[16, 96, 96], [32, 128, 128]]
 DEMO_PRETRAIN ?= -y "volume_shape: [16, 96, 96]" -p crop_size 32 -p backbone test_efficientnet \
 	-p hidden_dim 256 -p out_dim 256 -p steps 150 -p batch_size 8 -p lr 1e-3 -p warmup_steps 10 \
 	-p probe_every 50 -p checkpoint_every 50 -p n_probe_volumes 8 -p num_workers 0
+DEMO_FINETUNE ?= -y "shape: [32, 128, 128]" -p backbone test_efficientnet -p init voco \
+	-p hidden_size 64 -p num_layers 1 -p n_slices 16 -p image_size 128 -p epochs 6 \
+	-p batch_size 4 -p lr 1e-3 -p n_folds 3 -p num_workers 0
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
 .PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo
@@ -44,7 +47,12 @@ demo: demo-data
 		-y 'shapes: $(DEMO_SHAPES)'
 	$(PAPERMILL) notebooks/02_voco2d_pretrain.ipynb $(DEMO_OUT)/notebooks/02_voco2d_pretrain.ipynb \
 		-p cache_dir $(DEMO_OUT)/cache -p output_dir $(DEMO_OUT)/pretrain $(DEMO_PRETRAIN)
-	@echo "demo: cache in $(DEMO_OUT)/cache, encoder and curves in $(DEMO_OUT)/pretrain, executed notebooks in $(DEMO_OUT)/notebooks"
+	$(PAPERMILL) notebooks/03_finetune_bilstm.ipynb $(DEMO_OUT)/notebooks/03_finetune_bilstm.ipynb \
+		-p data_root $(DEMO_DATA) -p cache_dir $(DEMO_OUT)/cache -p output_dir $(DEMO_OUT)/finetune \
+		-p encoder_file $(DEMO_OUT)/pretrain/encoder.pt $(DEMO_FINETUNE)
+	$(PAPERMILL) notebooks/04_submission.ipynb $(DEMO_OUT)/notebooks/04_submission.ipynb \
+		-p data_root $(DEMO_DATA) -p model_dir $(DEMO_OUT)/finetune -p output_csv $(DEMO_OUT)/submission.csv
+	$(PY) -m kaggle_utils.demo $(DEMO_OUT) $(DEMO_DATA)
 
 test: install lint
 	$(PY) -m pytest

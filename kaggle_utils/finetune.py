@@ -8,6 +8,7 @@ What a run writes to `output_dir`:
     fold<k>/last.pt                              the resume point (every epoch, atomically)
     fold<k>/log.csv                              one row per epoch
     fold<k>/done.json                            the fold finished (skipped on re-runs)
+    preprocess.json                              windows and body crop of the training cache
     oof_series.parquet, oof_patient.parquet      out-of-fold probabilities of the best epochs
     holdout_patient.parquet                      the fold ensemble on the held-out patients
 """
@@ -49,6 +50,7 @@ from kaggle_utils.finetune_data import (
 )
 from kaggle_utils.metric import CLASS_WEIGHTS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
+from kaggle_utils.preprocess import cache_settings
 from kaggle_utils.pretrain_data import ResumableSampler
 from kaggle_utils.report import training_prior
 
@@ -172,6 +174,14 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     table = series_table(labels, Path(config.cache_dir), config.shape).join(folds, on="patient_id")
     if rank == 0:
         config.to_json(output_dir / "config.json")
+        # The windows and body crop travel with the model folder (notebook 04 on Kaggle has
+        # the models but not the training cache).
+        settings = cache_settings(Path(config.cache_dir))
+        preprocess = {
+            "windows": [list(w) for w in settings.windows],
+            "body_crop": settings.body_crop,
+        }
+        runtime.write_text_atomic(output_dir / "preprocess.json", json.dumps(preprocess, indent=1))
 
     fold_ids = config.folds_to_run or list(range(config.n_folds))
     scores: dict[int, float] = {}

@@ -1,0 +1,102 @@
+"""The closing summary of `make demo`: what each step produced and how long it took.
+
+python -m kaggle_utils.demo outputs/demo inputs/demo-rsna
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from kaggle_utils.submission import ensemble_prior, load_fold_models, score_against_labels
+
+NOTEBOOKS = ("01_dicom_preprocess", "02_voco2d_pretrain", "03_finetune_bilstm", "04_submission")
+
+
+def notebook_minutes(notebook_dir: Path) -> dict[str, float | None]:
+    """Run time of each executed notebook, from the duration papermill records in it."""
+    minutes: dict[str, float | None] = {}
+    for name in NOTEBOOKS:
+        path = notebook_dir / f"{name}.ipynb"
+        if not path.is_file():
+            minutes[name] = None
+            continue
+        duration = json.loads(path.read_text())["metadata"].get("papermill", {}).get("duration")
+        minutes[name] = None if duration is None else round(duration / 60, 2)
+    return minutes
+
+
+def demo_summary(demo_out: Path, data_root: Path) -> dict[str, Any]:
+    """Probe accuracy, CV RSNA score against the prior, demo test score against the prior,
+    minutes per step."""
+    summary: dict[str, Any] = {"minutes": notebook_minutes(demo_out / "notebooks")}
+    pretrain = demo_out / "pretrain" / "summary.json"
+    if pretrain.is_file():
+        summary["pretrain"] = json.loads(pretrain.read_text())
+    report_file = demo_out / "finetune" / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        summary["cv"] = {
+            "model": report["summary"]["rsna_score"],
+            "prior": report["prior_summary"]["rsna_score"],
+        }
+    submission = demo_out / "submission.csv"
+    labels = data_root / "test_labels.csv"
+    if submission.is_file() and labels.is_file():
+        prior = ensemble_prior(load_fold_models(demo_out / "finetune", torch.device("cpu")))
+        scores = score_against_labels(pl.read_csv(submission), labels, prior)
+        summary["test"] = {
+            "n_patients": scores["n_patients"],
+            "model": scores["submission"]["rsna_score"],
+            "prior": scores["prior"]["rsna_score"],
+        }
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = ["# Demo run", ""]
+    if "pretrain" in summary:
+        p = summary["pretrain"]
+        lines.append(
+            f"- 2D-VoCo position probe (held-out volumes, chance {p['chance']:.2f}): same volume "
+            f"{p['probe_before']['same']:.3f} -> {p['probe_after']['same']:.3f}, cross volume "
+            f"{p['probe_before']['cross']:.3f} -> {p['probe_after']['cross']:.3f}"
+        )
+    if "cv" in summary:
+        m, q = summary["cv"]["model"], summary["cv"]["prior"]
+        lines.append(
+            f"- CV RSNA score (lower is better): model {m['mean']:.4f} ± {m['std']:.4f}, "
+            f"best-constant prior {q['mean']:.4f} ± {q['std']:.4f}"
+        )
+    if "test" in summary:
+        t = summary["test"]
+        lines.append(
+            f"- demo test split ({t['n_patients']} patients): model {t['model']:.4f}, "
+            f"prior {t['prior']:.4f}"
+        )
+    minutes = ", ".join(
+        f"{name.split('_', 1)[0]}: {value} min" for name, value in summary["minutes"].items()
+    )
+    lines.append(f"- minutes per notebook: {minutes}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="summarise a `make demo` run")
+    parser.add_argument("demo_out", type=Path)
+    parser.add_argument("data_root", type=Path)
+    args = parser.parse_args()
+    summary = demo_summary(args.demo_out, args.data_root)
+    text = markdown(summary)
+    (args.demo_out / "report.md").write_text(text)
+    (args.demo_out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

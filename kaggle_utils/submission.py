@@ -1,0 +1,900 @@
+"""Test DICOMs -> `submission.csv`, offline: the step notebook 04 runs (`predict_test_set`).
+
+Every test series is decoded and preprocessed on the fly with exactly notebook 01's code
+(`load_series`, then `prepare_volumes`), while the model works on the previous one; every fold
+model of a notebook 03 run predicts it (optionally with a left-right flip as test-time
+augmentation), the folds are averaged, the series of a patient aggregated (mean or max), and
+the table is checked against `sample_submission.csv` before it is written atomically.
+
+The file is always complete: a patient without series, an empty or undecodable series folder,
+or a series the model fails on falls back to the patient's other series, else to the prior
+(the mean of the folds' best-constant predictions, SPEC section 7); every fallback is logged
+and listed in `SubmissionResult.problems`.
+
+Preprocessing settings (windows, body crop) must be those the models were trained with. They
+are looked up, in this order, in:
+
+1. `<model_dir>/preprocess.json`, written by `save_preprocess_settings` (so that they travel
+   with the model folder to Kaggle, where notebook 01's cache is not attached);
+2. the training cache named by `<model_dir>/config.json` (`cache_dir`), when it is readable;
+3. the default: one soft-tissue window (50/400) with body crop, accepted only if the models
+   take one channel.
+
+What a model folder may hold besides notebook 03's files:
+    preprocess.json     {"windows": [[level, width], ...], "body_crop": bool}
+    scaling.json        {column: factor}: per-column probability scaling fitted on the
+                        out-of-fold predictions (`fit_probability_scaling`)
+
+Nothing here reaches for the network: models are rebuilt from `model.json` with random
+weights and loaded from `best.pt` with `weights_only=True` (`finetune.load_fold_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+from tqdm.std import tqdm
+
+from kaggle_utils import paths, runtime
+from kaggle_utils.classifier import CNNBiLSTM
+from kaggle_utils.dicom import load_series
+from kaggle_utils.finetune import (
+    PROBABILITY_COLUMNS,
+    aggregate_patients,
+    load_fold_model,
+    probability_columns,
+    volume_probabilities,
+)
+from kaggle_utils.finetune_data import AugmentConfig, build_transform, slice_indices
+from kaggle_utils.metric import (
+    LABEL_COLUMNS,
+    PATIENT_ID,
+    SCORE_PARTS,
+    TARGET_GROUPS,
+    best_constant_prediction,
+    constant_submission,
+    rsna_score,
+    rsna_score_parts,
+    validate_submission,
+)
+from kaggle_utils.models import input_normalisation
+from kaggle_utils.preprocess import (
+    PreprocessConfig,
+    SeriesTask,
+    cache_settings,
+    list_series,
+    prepare_volumes,
+)
+from kaggle_utils.volume import DEFAULT_WINDOWS
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SUBMISSION = "sample_submission.csv"
+SUBMISSION_NAME = "submission.csv"
+SCALING_FILE = "scaling.json"
+PREPROCESS_FILE = "preprocess.json"
+# Coordinate-search grid of `fit_probability_scaling`: 13 log-spaced factors from 0.5 to 2.
+SCALING_GRID: tuple[float, ...] = tuple(float(v) for v in np.geomspace(0.5, 2.0, 13))
+
+PROBLEM_SCHEMA = {
+    "patient_id": pl.Int64,
+    "series_id": pl.Int64,
+    "stage": pl.String,  # missing, decode, preprocess, predict, ignored
+    "reason": pl.String,
+    "fallback": pl.String,  # "other series", "prior" or "not predicted"
+}
+TIMING_SCHEMA = {
+    "patient_id": pl.Int64,
+    "series_id": pl.Int64,
+    "status": pl.String,  # "ok" or the stage that failed
+    "n_slices": pl.Int64,  # decoded slices (0 when decoding failed)
+    "decode_s": pl.Float64,
+    "preprocess_s": pl.Float64,
+    "model_s": pl.Float64,
+}
+FALLBACK_OTHER = "other series"
+FALLBACK_PRIOR = "prior"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SubmissionResult:
+    """What `predict_test_set` made, wrote and measured."""
+
+    submission: pl.DataFrame  # sample_submission's columns and patient order
+    problems: pl.DataFrame  # PROBLEM_SCHEMA: one row per fallback
+    timings: pl.DataFrame  # TIMING_SCHEMA: one row per series
+    csv_path: Path
+    series: pl.DataFrame = field(default_factory=pl.DataFrame)  # fold-mean per good series
+    prior: dict[str, float] = field(default_factory=dict)  # the fallback probabilities
+    settings: dict[str, Any] = field(default_factory=dict)  # device, folds, windows, ...
+    wall_seconds: float = 0.0  # the whole call, model loading included
+
+    def summary(self) -> pl.DataFrame:
+        """Mean seconds per study (a patient: all its series) and per series for decoding,
+        preprocessing and the model, their total, and the wall clock of the run (less than
+        the total when decoding overlaps the model; includes model loading)."""
+        per_study = self.timings.group_by("patient_id").agg(
+            pl.col("decode_s", "preprocess_s", "model_s").sum()
+        )
+        n_studies = max(per_study.height, 1)
+        n_series = max(self.timings.height, 1)
+        rows = []
+        for what in ("decode", "preprocess", "model"):
+            total = float(self.timings[f"{what}_s"].sum())
+            rows.append((what, total / n_studies, total / n_series, total))
+        total = sum(r[3] for r in rows)
+        rows.append(("total", total / n_studies, total / n_series, total))
+        wall = self.wall_seconds
+        rows.append(("wall clock", wall / n_studies, wall / n_series, wall))
+        return pl.DataFrame(
+            rows, schema=["what", "per_study_s", "per_series_s", "sum_s"], orient="row"
+        )
+
+
+@dataclass
+class PreparedSeries:
+    """One series after decoding and preprocessing, or why it could not be (picklable: it
+    comes back from a worker process)."""
+
+    patient_id: int
+    series_id: int
+    volume: np.ndarray | None  # uint8 (S, H, W) or (S, C, H, W)
+    n_slices: int = 0
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    stage: str | None = None  # the stage that failed, None when it worked
+    error: str | None = None
+
+
+@dataclass
+class FoldModel:
+    """A fold's model on its device, with its model.json and input normalisation."""
+
+    fold: int
+    model: CNNBiLSTM
+    meta: dict[str, Any]
+    mean: Tensor
+    std: Tensor
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def resolve_model_dir(model_dir: str | Path = "") -> Path:
+    """The fine-tuning run folder: `model_dir` if given, else outputs/finetune in the project,
+    /kaggle/working/finetune, or a Kaggle dataset (/kaggle/input/<name>[/<folder>]) holding
+    `fold<k>/model.json`.
+
+    Raises:
+        FileNotFoundError: the folder has no fold model, or none was found (says where it looked).
+    """
+    if str(model_dir):
+        path = Path(model_dir).expanduser()
+        if not fold_dirs(path):
+            raise FileNotFoundError(
+                f"{path}: no fold<k>/best.pt with its model.json; give the folder notebook 03 "
+                "wrote (its output_dir), or the Kaggle dataset that holds a copy of it"
+            )
+        return path
+    candidates = [paths.project_root() / "outputs" / "finetune", paths.KAGGLE_WORKING / "finetune"]
+    if paths.KAGGLE_INPUT.is_dir():
+        datasets = sorted(p for p in paths.KAGGLE_INPUT.iterdir() if p.is_dir())
+        candidates += datasets
+        candidates += sorted(p for d in datasets for p in d.iterdir() if p.is_dir())
+    for path in candidates:
+        if fold_dirs(path):
+            return path
+    raise FileNotFoundError(
+        "no fine-tuned models found (looked for fold<k>/model.json in outputs/finetune, "
+        "/kaggle/working/finetune and /kaggle/input/*): pass model_dir=<notebook 03's output>"
+    )
+
+
+def resolve_output_csv(output_csv: str | Path = "") -> Path:
+    """`output_csv` if given, else /kaggle/working/submission.csv on Kaggle (where the
+    competition looks for it), else outputs/submission.csv in the project."""
+    if str(output_csv):
+        return Path(output_csv).expanduser()
+    if paths.on_kaggle():
+        return paths.KAGGLE_WORKING / SUBMISSION_NAME
+    return paths.project_root() / "outputs" / SUBMISSION_NAME
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto": the GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: a CUDA device is asked for but none is available.
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available: use 'auto'")
+    return resolved
+
+
+def fold_dirs(model_dir: Path) -> list[Path]:
+    """`fold<k>/` folders with both `best.pt` and `model.json`, in fold order."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    found = [
+        d
+        for d in model_dir.glob("fold*")
+        if d.name[4:].isdigit() and (d / "best.pt").is_file() and (d / "model.json").is_file()
+    ]
+    return sorted(found, key=lambda d: int(d.name[4:]))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_fold_models(model_dir: Path, device: torch.device) -> list[FoldModel]:
+    """Every fold model of a run, checked to share what the shared input needs.
+
+    Raises:
+        FileNotFoundError: no fold model.
+        ValueError: folds that disagree on the volume shape or the number of channels.
+    """
+    folds = []
+    for fold_dir in fold_dirs(model_dir):
+        model, meta = load_fold_model(fold_dir, device)
+        mean, std = input_normalisation(model.backbone, device)
+        folds.append(FoldModel(int(fold_dir.name[4:]), model, meta, mean, std))
+    if not folds:
+        raise FileNotFoundError(f"{model_dir}: no fold<k>/best.pt with its model.json")
+    first = folds[0].meta
+    for fold in folds[1:]:
+        for key in ("shape", "in_chans"):
+            if fold.meta[key] != first[key]:
+                raise ValueError(
+                    f"{model_dir}: fold{fold.fold} has {key} {fold.meta[key]}, fold"
+                    f"{folds[0].fold} {first[key]}: the folds of one submission must share it"
+                )
+    return folds
+
+
+def ensemble_prior(folds: Sequence[FoldModel]) -> dict[str, float]:
+    """The fallback probabilities: the mean of the folds' priors (each the best constant of
+    its training folds); each group still sums to 1."""
+    return {c: float(np.mean([f.meta["prior"][c] for f in folds])) for c in LABEL_COLUMNS}
+
+
+def model_input(volume: np.ndarray, n_slices: int, transform: Any) -> np.ndarray:
+    """A uint8 volume (S, H, W) or (S, C, H, W) -> the model's (s, C, h, w) input, exactly as
+    `finetune_data.SeriesDataset` evaluates it: evenly spaced slices, then the centre crop of
+    `build_transform(image_size, train=False)` applied to all slices as one image."""
+    if volume.ndim == 3:
+        volume = volume[:, None]
+    volume = np.asarray(volume[slice_indices(volume.shape[0], n_slices)])
+    count, channels, height, width = volume.shape
+    image = volume.reshape(count * channels, height, width).transpose(1, 2, 0)
+    image = transform(image=np.ascontiguousarray(image))["image"]
+    stack = image.transpose(2, 0, 1).reshape(count, channels, *image.shape[:2])
+    return np.ascontiguousarray(stack)
+
+
+class EnsemblePredictor:
+    """Series volumes -> the 13 probability columns, averaged over folds (and over the
+    left-right flip with `tta`). Half precision (autocast, bf16 where supported, else fp16) on
+    CUDA with `amp`; the CPU stays in fp32."""
+
+    def __init__(self, folds: Sequence[FoldModel], tta: bool = False, amp: bool = True) -> None:
+        self.folds = list(folds)
+        self.tta = tta
+        self.device = folds[0].mean.device
+        self.use_amp = amp and self.device.type == "cuda"
+        bf16 = self.use_amp and torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        sizes = {int(f.meta["image_size"]) for f in self.folds}
+        # built now, not in the first prediction: albumentations' import would count as model time
+        self._transforms = {size: build_transform(size, False, AugmentConfig()) for size in sizes}
+
+    @property
+    def precision(self) -> str:
+        return str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
+
+    @torch.inference_mode()
+    def predict(self, volumes: Sequence[np.ndarray]) -> dict[str, list[float]]:
+        """{column: one probability per volume}, in `PROBABILITY_COLUMNS` order."""
+        inputs: dict[tuple[int, int], Tensor] = {}
+        total = {c: np.zeros(len(volumes)) for c in PROBABILITY_COLUMNS}
+        for fold in self.folds:
+            key = (int(fold.meta["n_slices"]), int(fold.meta["image_size"]))
+            if key not in inputs:
+                transform = self._transforms[key[1]]
+                batch = np.stack([model_input(v, key[0], transform) for v in volumes])
+                images = torch.from_numpy(batch)
+                inputs[key] = images.pin_memory() if self.device.type == "cuda" else images
+            images = inputs[key]
+            probabilities = self._probabilities(fold, images)
+            if self.tta:
+                flipped = self._probabilities(fold, images.flip(-1))
+                probabilities = {t: (p + flipped[t]) / 2 for t, p in probabilities.items()}
+            columns = probability_columns(probabilities, len(volumes), fold.meta["prior"])
+            for column, values in columns.items():
+                total[column] += np.asarray(values)
+        return {c: (v / len(self.folds)).tolist() for c, v in total.items()}
+
+    def _probabilities(self, fold: FoldModel, images: Tensor) -> dict[str, np.ndarray]:
+        return volume_probabilities(
+            fold.model, images, fold.mean, fold.std, self.use_amp, self.amp_dtype
+        )
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def save_preprocess_settings(model_dir: Path, config: PreprocessConfig | None = None) -> Path:
+    """Write `<model_dir>/preprocess.json` (windows, body crop), from `config` or else from the
+    training cache named in the run's config.json, so that the settings travel with the model
+    folder to Kaggle. Run it once after notebook 03, while the cache is still there.
+
+    Raises:
+        FileNotFoundError: no `config` and the training cache cannot be read.
+    """
+    model_dir = Path(model_dir)
+    if config is None:
+        cache_dir = _training_cache_dir(model_dir)
+        if cache_dir is None:
+            raise FileNotFoundError(f"{model_dir}: config.json names no training cache_dir")
+        config = cache_settings(cache_dir)
+    payload = {"windows": [list(w) for w in config.windows], "body_crop": config.body_crop}
+    path = model_dir / PREPROCESS_FILE
+    runtime.write_text_atomic(path, json.dumps(payload, indent=1))
+    return path
+
+
+def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[PreprocessConfig, str]:
+    """The preprocessing of the test series: the models' volume shape with the windows and
+    body crop they were trained with, and where those came from (see the module docstring).
+
+    Raises:
+        ValueError: the settings found give a number of channels the models do not take.
+    """
+    shape = tuple(int(v) for v in meta["shape"])
+    model_dir = Path(model_dir)
+    windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS
+    body_crop, source = True, "default (soft tissue 50/400, body crop)"
+    cache_dir = _training_cache_dir(model_dir, meta)
+    if (model_dir / PREPROCESS_FILE).is_file():
+        saved = json.loads((model_dir / PREPROCESS_FILE).read_text())
+        windows, body_crop = saved["windows"], bool(saved["body_crop"])
+        source = str(model_dir / PREPROCESS_FILE)
+    elif cache_dir is not None:
+        try:
+            cached = cache_settings(cache_dir)
+            windows, body_crop = cached.windows, cached.body_crop
+            source = f"training cache {cache_dir}"
+        except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError) as error:
+            logger.info("training cache %s not readable (%s): default windows", cache_dir, error)
+    config = PreprocessConfig.from_params([shape], windows, body_crop)
+    if len(config.windows) != int(meta["in_chans"]):
+        raise ValueError(
+            f"the models take {meta['in_chans']} channels but the windows from {source} give "
+            f"{len(config.windows)}: put the training windows in {model_dir / PREPROCESS_FILE} "
+            '({"windows": [[level, width], ...], "body_crop": true}; save_preprocess_settings '
+            "writes it from the training cache)"
+        )
+    return config, source
+
+
+def _training_cache_dir(model_dir: Path, meta: Mapping[str, Any] | None = None) -> Path | None:
+    """notebook 03's cache_dir, from config.json (else from model.json's settings)."""
+    config_file = Path(model_dir) / "config.json"
+    settings: Mapping[str, Any] = {}
+    if config_file.is_file():
+        settings = json.loads(config_file.read_text())
+    elif meta is not None:
+        settings = meta.get("settings", {})
+    cache_dir = settings.get("cache_dir") or ""
+    return Path(cache_dir) if cache_dir and Path(cache_dir).is_dir() else None
+
+
+def prepare_series(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries:
+    """Decode and preprocess one series as notebook 01 does; never raises for bad data (the
+    failure comes back as `stage` and `error`, so that one series never stops a run)."""
+    prepared = PreparedSeries(task.patient_id, task.series_id, None)
+    start = time.perf_counter()
+    try:
+        series = load_series(task.series_dir)
+    except Exception as error:  # reported by the caller, see docstring
+        prepared.decode_s = time.perf_counter() - start
+        prepared.stage, prepared.error = "decode", f"{type(error).__name__}: {error}"
+        return prepared
+    prepared.decode_s = time.perf_counter() - start
+    prepared.n_slices = int(series.hu.shape[0])
+    start = time.perf_counter()
+    try:
+        volumes, _ = prepare_volumes(series, config)
+        prepared.volume = volumes[config.shapes[0]]
+    except Exception as error:  # reported by the caller, see docstring
+        prepared.stage, prepared.error = "preprocess", f"{type(error).__name__}: {error}"
+    prepared.preprocess_s = time.perf_counter() - start
+    return prepared
+
+
+def prefetched_series(
+    tasks: Sequence[SeriesTask], config: PreprocessConfig, workers: int = 1
+) -> Iterator[PreparedSeries]:
+    """`prepare_series` of every task, in order, the next ones prepared while the caller works
+    on the current one: in this thread (`workers` 0, for debugging), in one background thread
+    (1: decoding releases the GIL for most of its work), or in `workers` processes.
+
+    At most `workers + 1` series are in flight, so memory stays bounded. A worker process that
+    dies (a crash in native code) costs only its series: that one is retried alone, recorded
+    as failed if it kills its process again, and the others go on in a fresh pool.
+    """
+    if workers <= 0:
+        for task in tasks:
+            yield prepare_series(task, config)
+        return
+    remaining = iter(tasks)
+    executor = _executor(workers)
+    pending: deque[tuple[SeriesTask, Any]] = deque(
+        (t, executor.submit(prepare_series, t, config)) for t in islice(remaining, workers + 1)
+    )
+    try:
+        while pending:
+            task, future = pending.popleft()
+            try:
+                prepared = future.result()
+            except BrokenProcessPool:
+                executor.shutdown(wait=False, cancel_futures=True)
+                prepared = _prepare_isolated(task, config)
+                executor = _executor(workers)
+                pending = deque((t, executor.submit(prepare_series, t, config)) for t, _ in pending)
+            upcoming = next(remaining, None)
+            if upcoming is not None:
+                pending.append((upcoming, executor.submit(prepare_series, upcoming, config)))
+            yield prepared
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _executor(workers: int) -> Executor:
+    """One background thread, or a process pool checked to start and to import this module:
+    "spawn" workers cannot start from a script without an `if __name__ == "__main__":` guard
+    and would fail every series; such a caller gets the thread instead."""
+    if workers == 1:
+        return ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pool.submit(_worker_ready).result()
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        logger.warning(
+            "worker processes cannot start (a script without an `if __name__ == "
+            '"__main__":` guard?): decoding in one background thread instead'
+        )
+        return ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    return pool
+
+
+def _worker_ready() -> int:
+    """A no-op that a worker can only run once it has imported this module."""
+    return os.getpid()
+
+
+def _prepare_isolated(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries:
+    """A series whose worker died, retried alone in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(prepare_series, task, config).result()
+        except BrokenProcessPool:
+            return PreparedSeries(
+                task.patient_id, task.series_id, None, stage="decode",
+                error="the worker process died while decoding this series (a crash in native "
+                "code, or out of memory)",
+            )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the submission
+
+
+def read_sample_submission(data_root: Path) -> pl.DataFrame:
+    """`sample_submission.csv`: its columns and patient order are the submission's contract.
+
+    Raises:
+        FileNotFoundError: it is missing.
+        ValueError: it does not have exactly `patient_id` and the 13 probability columns.
+    """
+    path = Path(data_root) / SAMPLE_SUBMISSION
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data_root must be the competition folder")
+    sample = pl.read_csv(path)
+    expected = {PATIENT_ID, *LABEL_COLUMNS}
+    if set(sample.columns) != expected:
+        missing = sorted(expected - set(sample.columns))
+        extra = sorted(set(sample.columns) - expected)
+        raise ValueError(f"{path}: missing columns {missing}, unknown columns {extra}")
+    return sample
+
+
+def write_submission(submission: pl.DataFrame, sample: pl.DataFrame, path: Path) -> Path:
+    """Validate (`metric.validate_submission`) and only then write, to a temporary sibling
+    renamed into place: a refused table leaves no file, a killed run never half a file."""
+    validate_submission(submission, sample)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        submission.write_csv(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def predict_test_set(
+    data_root: str | Path = "",
+    model_dir: str | Path = "",
+    output_csv: str | Path = "",
+    *,
+    batch_size: int = 1,
+    tta: bool = False,
+    aggregation: str | None = None,
+    device: str | torch.device = "auto",
+    workers: int = 1,
+    amp: bool = True,
+    progress: bool = True,
+) -> SubmissionResult:
+    """Predict every patient of `sample_submission.csv` from its test DICOMs and write the
+    submission (see the module docstring for the whole story).
+
+    Args:
+        data_root: the competition folder ("": Kaggle's input, else inputs/...); read only.
+        model_dir: notebook 03's run folder ("": see `resolve_model_dir`).
+        output_csv: where to write ("": /kaggle/working/submission.csv on Kaggle, else
+            outputs/submission.csv).
+        batch_size: series per forward pass (all volumes share the models' shape).
+        tta: also predict the left-right flipped volume and average (helps only models
+            trained with flips: notebook 03's `hflip_prob`, off by default).
+        aggregation: "mean" or "max" over a patient's series; None: the models' setting.
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        workers: 0 decodes in this thread, 1 in a background thread, more in processes.
+        amp: autocast to bf16/fp16 on CUDA (ignored on the CPU).
+        progress: show a progress bar over series.
+
+    Raises:
+        FileNotFoundError: no sample submission or no fold model.
+        ValueError: bad arguments, or a submission that fails validation (nothing written).
+    """
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    root = paths.resolve_data_root(data_root)
+    run_dir = resolve_model_dir(model_dir)
+    csv_path = resolve_output_csv(output_csv)
+    sample = read_sample_submission(root)
+    torch_device = resolve_device(device)
+    folds = load_fold_models(run_dir, torch_device)
+    how = aggregation or folds[0].meta.get("aggregation", "mean")
+    if how not in ("mean", "max"):
+        raise ValueError(f"aggregation must be 'mean' or 'max', not {how!r}")
+    if tta and not all(f.meta.get("settings", {}).get("hflip_prob", 0) > 0 for f in folds):
+        logger.warning("tta: the models were trained without left-right flips (hflip_prob 0)")
+    config, source = preprocess_settings(run_dir, folds[0].meta)
+    prior = ensemble_prior(folds)
+    scaling = read_probability_scaling(run_dir)
+    predictor = EnsemblePredictor(folds, tta, amp)
+    settings = {
+        "data_root": str(root), "model_dir": str(run_dir), "folds": [f.fold for f in folds],
+        "device": str(torch_device), "precision": predictor.precision, "tta": tta,
+        "aggregation": how, "batch_size": batch_size, "workers": workers,
+        "shape": list(config.shapes[0]), "windows": [list(w) for w in config.windows],
+        "body_crop": config.body_crop, "preprocessing_from": source,
+        "scaling": scaling or {},
+    }  # fmt: skip
+    logger.info("submission settings: %s", settings)
+
+    tasks, problems = _test_series(root, sample)
+    series_rows: list[dict[str, Any]] = []
+    timings: list[dict[str, Any]] = []
+    batch: list[PreparedSeries] = []
+    bar = tqdm(total=len(tasks), desc="test series", unit="series", disable=not progress)
+    for prepared in prefetched_series(tasks, config, workers):
+        if prepared.stage is None:
+            batch.append(prepared)
+        else:
+            _record_failure(prepared, problems, timings)
+        if len(batch) == batch_size:
+            _predict_batch(predictor, batch, series_rows, problems, timings)
+            batch = []
+        bar.update()
+    if batch:
+        _predict_batch(predictor, batch, series_rows, problems, timings)
+    bar.close()
+
+    series = pl.DataFrame(
+        series_rows,
+        schema={"patient_id": pl.Int64, "series_id": pl.Int64}
+        | dict.fromkeys(PROBABILITY_COLUMNS, pl.Float64),
+    )
+    patients = aggregate_patients(series, how)
+    if scaling:
+        patients = apply_probability_scaling(patients, scaling)
+    submission = _assemble(sample, patients, prior)
+    problem_table = _with_fallbacks(problems, set(patients["patient_id"].to_list()))
+    write_submission(submission, sample, csv_path)
+    logger.info(
+        "%s: %d patients, %d from the prior; %d series predicted, %d problems",
+        csv_path, submission.height, submission.height - patients.height, series.height,
+        problem_table.height,
+    )  # fmt: skip
+    return SubmissionResult(
+        submission=submission,
+        problems=problem_table,
+        timings=pl.DataFrame(timings, schema=TIMING_SCHEMA).sort("patient_id", "series_id"),
+        csv_path=csv_path,
+        series=series,
+        prior=prior,
+        settings=settings,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _test_series(root: Path, sample: pl.DataFrame) -> tuple[list[SeriesTask], list[dict[str, Any]]]:
+    """The series of the sample's patients (folders plus test_series_meta.csv rows), and a
+    problem for every sample patient without any series and every series of a patient the
+    sample does not have."""
+    problems: list[dict[str, Any]] = []
+    try:
+        found = list_series(root, "test")
+    except FileNotFoundError as error:
+        logger.warning("no test series at all: %s", error)
+        found = []
+    wanted = [int(p) for p in sample[PATIENT_ID].to_list()]
+    wanted_set = set(wanted)
+    tasks = [t for t in found if t.patient_id in wanted_set]
+    for task in found:
+        if task.patient_id not in wanted_set:
+            reason = "patient not in sample_submission.csv"
+            logger.warning(
+                "patient %d series %d: ignored, %s", task.patient_id, task.series_id, reason
+            )
+            problems.append(_problem(task.patient_id, task.series_id, "ignored", reason))
+    with_series = {t.patient_id for t in tasks}
+    for patient in wanted:
+        if patient not in with_series:
+            reason = "no series folder in test_images/ and no row in test_series_meta.csv"
+            logger.warning("patient %d series -: %s", patient, reason)
+            problems.append(_problem(patient, None, "missing", reason))
+    return tasks, problems
+
+
+def _problem(patient_id: int, series_id: int | None, stage: str, reason: str) -> dict[str, Any]:
+    return {"patient_id": patient_id, "series_id": series_id, "stage": stage, "reason": reason}
+
+
+def _record_failure(
+    prepared: PreparedSeries, problems: list[dict[str, Any]], timings: list[dict[str, Any]]
+) -> None:
+    logger.warning(
+        "patient %d series %d: %s failed: %s",
+        prepared.patient_id, prepared.series_id, prepared.stage, prepared.error,
+    )  # fmt: skip
+    problems.append(
+        _problem(prepared.patient_id, prepared.series_id, str(prepared.stage), str(prepared.error))
+    )
+    timings.append(_timing(prepared, str(prepared.stage), 0.0))
+
+
+def _timing(prepared: PreparedSeries, status: str, model_s: float) -> dict[str, Any]:
+    return {
+        "patient_id": prepared.patient_id, "series_id": prepared.series_id, "status": status,
+        "n_slices": prepared.n_slices, "decode_s": prepared.decode_s,
+        "preprocess_s": prepared.preprocess_s, "model_s": model_s,
+    }  # fmt: skip
+
+
+def _predict_batch(
+    predictor: EnsemblePredictor,
+    batch: list[PreparedSeries],
+    series_rows: list[dict[str, Any]],
+    problems: list[dict[str, Any]],
+    timings: list[dict[str, Any]],
+) -> None:
+    """Predict a batch; if it fails, each series alone, so that one bad series costs only
+    itself (recorded at stage "predict")."""
+    start = time.perf_counter()
+    try:
+        columns = predictor.predict([p.volume for p in batch])  # type: ignore[misc]
+    except Exception as error:  # retried per series below
+        if len(batch) > 1:
+            logger.info("a batch of %d series failed (%s): one by one", len(batch), error)
+            for prepared in batch:
+                _predict_batch(predictor, [prepared], series_rows, problems, timings)
+            return
+        _empty_cuda_cache()
+        prepared = batch[0]
+        prepared.stage, prepared.error = "predict", f"{type(error).__name__}: {error}"
+        _record_failure(prepared, problems, timings)
+        return
+    seconds = (time.perf_counter() - start) / len(batch)
+    for index, prepared in enumerate(batch):
+        series_rows.append(
+            {"patient_id": prepared.patient_id, "series_id": prepared.series_id}
+            | {c: values[index] for c, values in columns.items()}
+        )
+        timings.append(_timing(prepared, "ok", seconds))
+
+
+def _empty_cuda_cache() -> None:
+    """After a failure on the GPU (often out of memory), give the cached blocks back."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _assemble(
+    sample: pl.DataFrame, patients: pl.DataFrame, prior: Mapping[str, float]
+) -> pl.DataFrame:
+    """The sample's patients in its order and its columns; the prior where no series worked."""
+    order = sample.select(PATIENT_ID).with_row_index("_row")
+    predicted = patients.select(PATIENT_ID, *LABEL_COLUMNS).with_columns(
+        pl.col(PATIENT_ID).cast(sample.schema[PATIENT_ID])
+    )
+    joined = order.join(predicted, on=PATIENT_ID, how="left").sort("_row")
+    filled = joined.with_columns(pl.col(c).fill_null(float(prior[c])) for c in LABEL_COLUMNS)
+    return filled.select(sample.columns)
+
+
+def _with_fallbacks(problems: list[dict[str, Any]], predicted: set[int]) -> pl.DataFrame:
+    """Each problem with what its patient got instead; one log line per prior fallback."""
+    rows = []
+    for problem in problems:
+        if problem["stage"] == "ignored":
+            fallback = "not predicted"
+        elif problem["patient_id"] in predicted:
+            fallback = FALLBACK_OTHER
+        else:
+            fallback = FALLBACK_PRIOR
+        rows.append(problem | {"fallback": fallback})
+    for patient in sorted({r["patient_id"] for r in rows if r["fallback"] == FALLBACK_PRIOR}):
+        logger.warning("patient %d: no usable series, the prior is used", patient)
+    return pl.DataFrame(rows, schema=PROBLEM_SCHEMA)
+
+
+# --------------------------------------------------------------------------- probability scaling
+
+
+def read_probability_scaling(model_dir: Path) -> dict[str, float] | None:
+    """`<model_dir>/scaling.json` ({column: factor}), checked; None when there is none.
+
+    Raises:
+        ValueError: an unknown column or a factor that is not a positive finite number.
+    """
+    path = Path(model_dir) / SCALING_FILE
+    if not path.is_file():
+        return None
+    factors = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    _check_factors(factors, str(path))
+    return factors
+
+
+def save_probability_scaling(model_dir: Path, factors: Mapping[str, float]) -> Path:
+    """Write `<model_dir>/scaling.json`, which `predict_test_set` then applies."""
+    _check_factors(factors, "factors")
+    path = Path(model_dir) / SCALING_FILE
+    runtime.write_text_atomic(path, json.dumps(dict(factors), indent=1))
+    return path
+
+
+def _check_factors(factors: Mapping[str, float], what: str) -> None:
+    unknown = sorted(set(factors) - set(LABEL_COLUMNS))
+    if unknown:
+        raise ValueError(f"{what}: unknown columns {unknown} (use those of {LABEL_COLUMNS})")
+    bad = {c: v for c, v in factors.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"{what}: factors must be positive and finite, not {bad}")
+
+
+def apply_probability_scaling(df: pl.DataFrame, factors: Mapping[str, float]) -> pl.DataFrame:
+    """Multiply each probability column by its factor (missing: 1), then divide each target
+    group by its sum again; other columns (patient_id, fold) are kept as they are."""
+    _check_factors(factors, "factors")
+    scaled = df.with_columns(pl.col(c) * float(factors.get(c, 1.0)) for c in LABEL_COLUMNS)
+    renormalised = []
+    for columns in TARGET_GROUPS.values():
+        total = pl.sum_horizontal(columns)
+        renormalised += [(pl.col(c) / total).alias(c) for c in columns]
+    return scaled.with_columns(renormalised)
+
+
+def fit_probability_scaling(
+    labels: pl.DataFrame,
+    oof_patient: pl.DataFrame,
+    grid: Sequence[float] = SCALING_GRID,
+    rounds: int = 2,
+) -> dict[str, float]:
+    """Per-column factors that lower the RSNA score of out-of-fold predictions (notebook 03's
+    oof_patient), by coordinate search: each column in turn takes the grid value that scores
+    best with the others fixed, `rounds` times. Starting from 1 and accepting only
+    improvements, the fitted score is never worse than the unscaled one.
+
+    The factors are fitted on the same predictions they are scored on: with few patients they
+    overfit, so compare across folds before trusting them.
+    """
+    predictions = oof_patient.drop("fold", strict=False)
+    truth = labels.join(predictions.select(PATIENT_ID), on=PATIENT_ID, how="semi")
+    factors = dict.fromkeys(LABEL_COLUMNS, 1.0)
+    best = rsna_score(truth, predictions)
+    for _ in range(rounds):
+        improved = False
+        for column in LABEL_COLUMNS:
+            for value in grid:
+                trial = factors | {column: float(value)}
+                score = rsna_score(truth, apply_probability_scaling(predictions, trial))
+                if score < best - 1e-12:
+                    best, factors, improved = score, trial, True
+        if not improved:
+            break
+    return factors
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_against_labels(
+    submission: pl.DataFrame,
+    labels_csv: str | Path,
+    prior: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The RSNA score and its six parts of a submission against labels (the demo's
+    `test_labels.csv`, or a holdout), beside those of the prior on the same patients.
+
+    `prior`: the fallback probabilities (`SubmissionResult.prior`); None uses the labels' own
+    best constant, an oracle no constant can beat there.
+
+    Returns {"n_patients": n, "submission": {"rsna_score", <part>: ...}, "prior": {...}}.
+
+    Raises:
+        ValueError: the labels and the submission share no patient.
+    """
+    labels = pl.read_csv(labels_csv)
+    truth = labels.join(submission.select(PATIENT_ID), on=PATIENT_ID, how="semi")
+    if truth.height == 0:
+        raise ValueError(f"{labels_csv}: no patient of the submission has a label")
+    predictions = submission.join(truth.select(PATIENT_ID), on=PATIENT_ID, how="semi")
+    values = dict(prior) if prior is not None else best_constant_prediction(truth)
+    constant = constant_submission(truth[PATIENT_ID].to_list(), values)
+    return {
+        "n_patients": truth.height,
+        "submission": _scored(truth, predictions),
+        "prior": _scored(truth, constant),
+    }
+
+
+def _scored(truth: pl.DataFrame, predictions: pl.DataFrame) -> dict[str, float]:
+    parts = rsna_score_parts(truth, predictions)
+    return {"rsna_score": float(np.mean(list(parts.values())))} | {
+        part: float(parts[part]) for part in SCORE_PARTS
+    }
+
+
+def score_table(scores: Mapping[str, Any]) -> pl.DataFrame:
+    """`score_against_labels`' result as a table: one row for the submission, one for the
+    prior, columns the score and its six parts (lower is better)."""
+    return pl.DataFrame([{"prediction": name} | scores[name] for name in ("submission", "prior")])

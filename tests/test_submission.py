@@ -1,0 +1,497 @@
+"""Submission (notebook 04): a valid file from the tiny dataset and a tiny trained run, the same
+predictions as notebook 01's cache + notebook 03's predictor, fallbacks for every kind of broken
+input, validation before writing, probability scaling, scoring, and the notebook itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import papermill
+import polars as pl
+import pytest
+import torch
+
+from kaggle_utils import submission as submission_module
+from kaggle_utils.finetune import (
+    FinetuneConfig,
+    load_fold_model,
+    predict_series,
+    read_labels,
+    run_cross_validation,
+)
+from kaggle_utils.finetune_data import AugmentConfig, SeriesDataset, build_transform, series_table
+from kaggle_utils.metric import (
+    LABEL_COLUMNS,
+    TARGET_GROUPS,
+    constant_submission,
+    rsna_score,
+    validate_submission,
+)
+from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.submission import (
+    EnsemblePredictor,
+    SubmissionResult,
+    apply_probability_scaling,
+    fit_probability_scaling,
+    load_fold_models,
+    model_input,
+    predict_test_set,
+    preprocess_settings,
+    resolve_model_dir,
+    save_preprocess_settings,
+    save_probability_scaling,
+    score_against_labels,
+    score_table,
+    write_submission,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (8, 32, 32)
+N_SLICES, IMAGE_SIZE = 6, 28  # a sampled slice subset and a real centre crop
+
+
+@pytest.fixture(scope="module")
+def train_cache(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("sub_cache")
+    preprocess_dataset(
+        list_series(tiny_competition, "train"), cache, PreprocessConfig(shapes=(SHAPE,)),
+        workers=0, progress=False,
+    )  # fmt: skip
+    return cache
+
+
+@pytest.fixture(scope="module")
+def model_dir(
+    tiny_competition: Path, train_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A two-fold, one-epoch notebook 03 run on the tiny dataset."""
+    output = tmp_path_factory.mktemp("sub_finetune")
+    config = FinetuneConfig(
+        data_root=str(tiny_competition), cache_dir=str(train_cache), output_dir=str(output),
+        shape=list(SHAPE), backbone="test_efficientnet", init="random", hidden_size=8,
+        num_layers=1, n_slices=N_SLICES, image_size=IMAGE_SIZE, epochs=1, batch_size=2, lr=1e-3,
+        n_folds=2, num_workers=0,
+    )  # fmt: skip
+    run_cross_validation(config, progress=False)
+    return output
+
+
+@pytest.fixture(scope="module")
+def clean(
+    tiny_competition: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> SubmissionResult:
+    """The submission of the untouched tiny test set, decoded in this thread."""
+    output = tmp_path_factory.mktemp("sub_clean") / "submission.csv"
+    return predict_test_set(tiny_competition, model_dir, output, workers=0, progress=False)
+
+
+def copy_model_dir(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+def group_sums(frame: pl.DataFrame) -> np.ndarray:
+    return np.stack([frame.select(c).sum_horizontal().to_numpy() for c in TARGET_GROUPS.values()])
+
+
+def test_the_csv_follows_the_sample_and_is_valid(
+    tiny_competition: Path, clean: SubmissionResult
+) -> None:
+    sample = pl.read_csv(tiny_competition / "sample_submission.csv")
+    written = pl.read_csv(clean.csv_path)
+    assert written.columns == sample.columns
+    assert written["patient_id"].to_list() == sample["patient_id"].to_list()
+    values = written.select(LABEL_COLUMNS).to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()
+    np.testing.assert_allclose(group_sums(written), 1.0, atol=1e-9)
+    validate_submission(written, sample)
+    np.testing.assert_allclose(values, clean.submission.select(LABEL_COLUMNS).to_numpy())
+    assert clean.problems.height == 0
+    assert clean.timings.height == len(list_series(tiny_competition, "test"))
+    assert clean.timings["status"].to_list() == ["ok"] * clean.timings.height
+    assert (clean.timings["decode_s"] > 0).all() and (clean.timings["model_s"] > 0).all()
+    summary = clean.summary()
+    assert summary["what"].to_list() == ["decode", "preprocess", "model", "total", "wall clock"]
+    total = summary.filter(pl.col("what") == "total")
+    assert total["per_study_s"][0] == pytest.approx(total["sum_s"][0] / sample.height)
+    assert clean.settings["preprocessing_from"].startswith("training cache")
+    assert clean.settings["precision"] == "float32" and clean.settings["folds"] == [0, 1]
+    assert not list(clean.csv_path.parent.glob(".*.tmp"))
+
+
+def test_on_the_fly_preprocessing_matches_the_cache_and_notebook_03(
+    tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
+) -> None:
+    """Decoding on the fly must give the model what notebook 01's cache and notebook 03's
+    `predict_series` give it: same volumes, slices and crop, so the same probabilities."""
+    cache = tmp_path / "test_cache"
+    preprocess_dataset(
+        list_series(tiny_competition, "test"), cache, PreprocessConfig(shapes=(SHAPE,)),
+        workers=0, progress=False,
+    )  # fmt: skip
+    table = series_table(pl.read_csv(tiny_competition / "test_labels.csv"), cache, SHAPE)
+    config = FinetuneConfig.from_json(model_dir / "config.json")
+    folds = []
+    for fold in (0, 1):
+        model, meta = load_fold_model(model_dir / f"fold{fold}")
+        folds.append(predict_series(model, table, config, torch.device("cpu"), fold, meta["prior"]))
+    reference = (
+        pl.concat(folds)
+        .group_by("patient_id", "series_id")
+        .agg(pl.col(LABEL_COLUMNS).mean())
+        .sort("patient_id", "series_id")
+    )
+    ours = clean.series.sort("patient_id", "series_id")
+    assert ours.select("patient_id", "series_id").equals(
+        reference.select("patient_id", "series_id")
+    )
+    np.testing.assert_allclose(
+        ours.select(LABEL_COLUMNS).to_numpy(), reference.select(LABEL_COLUMNS).to_numpy(), atol=1e-5
+    )
+    dataset = SeriesDataset(table, ["liver"], N_SLICES, IMAGE_SIZE, train=False)
+    volume = np.load(table["path"][0])
+    transform = build_transform(IMAGE_SIZE, False, AugmentConfig())
+    np.testing.assert_array_equal(
+        model_input(volume, N_SLICES, transform), dataset[0]["image"].numpy()
+    )
+
+
+def test_prefetching_in_a_thread_gives_the_same_file(
+    tiny_competition: Path,
+    model_dir: Path,
+    clean: SubmissionResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    submitted: list[int] = []
+
+    class CountingPool(submission_module.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(args[0].series_id)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(submission_module, "ThreadPoolExecutor", CountingPool)
+    result = predict_test_set(
+        tiny_competition, model_dir, tmp_path / "sub.csv", workers=1, batch_size=2,
+        progress=False,
+    )  # fmt: skip
+    assert submitted == [t.series_id for t in list_series(tiny_competition, "test")]
+    assert result.submission["patient_id"].equals(clean.submission["patient_id"])
+    np.testing.assert_allclose(
+        result.submission.select(LABEL_COLUMNS).to_numpy(),
+        clean.submission.select(LABEL_COLUMNS).to_numpy(),
+        atol=1e-6,
+    )
+
+
+def test_tta_averages_the_flip_and_max_aggregation_takes_the_worst_series(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    folds = load_fold_models(model_dir, torch.device("cpu"))
+    volume = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
+    plain = EnsemblePredictor(folds).predict([volume, volume[..., ::-1]])
+    both = EnsemblePredictor(folds, tta=True).predict([volume])
+    for column in LABEL_COLUMNS:
+        assert both[column][0] == pytest.approx(np.mean(plain[column]), abs=1e-6)
+    assert plain["liver_low"][0] != pytest.approx(plain["liver_low"][1], abs=1e-9)
+
+    result = predict_test_set(
+        tiny_competition, model_dir, tmp_path / "sub.csv", aggregation="max", workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert result.settings["aggregation"] == "max"
+    worst = result.series.filter(pl.col("patient_id") == 13084).select(LABEL_COLUMNS).max()
+    expected = apply_probability_scaling(worst, {})
+    row = result.submission.filter(pl.col("patient_id") == 13084).select(LABEL_COLUMNS)
+    np.testing.assert_allclose(row.to_numpy(), expected.to_numpy(), atol=1e-12)
+
+
+def corrupt_copy(tiny_competition: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny competition folder to break (the fixture is shared)."""
+    return Path(shutil.copytree(tiny_competition, tmp_path / "data"))
+
+
+def file_listing(folder: Path) -> set[tuple[str, int]]:
+    return {(str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")}
+
+
+def test_broken_series_fall_back_to_other_series_or_the_prior(
+    tiny_competition: Path,
+    model_dir: Path,
+    clean: SubmissionResult,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """(a) every file of 13084/23900 garbage, (b) patient 47992's folder deleted (its row in
+    test_series_meta.csv stays), (c) 56295/89229 an empty folder."""
+    data = corrupt_copy(tiny_competition, tmp_path)
+    images = data / "test_images"
+    for index, dicom in enumerate(sorted((images / "13084" / "23900").iterdir())):
+        data_bytes = dicom.read_bytes()
+        dicom.write_bytes(b"not a DICOM file" if index % 2 else data_bytes[: len(data_bytes) // 2])
+    shutil.rmtree(images / "47992")
+    for dicom in (images / "56295" / "89229").iterdir():
+        dicom.unlink()
+    before = file_listing(data)
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+        result = predict_test_set(
+            data, model_dir, tmp_path / "out" / "submission.csv", workers=1, progress=False
+        )
+    assert file_listing(data) == before  # nothing written to the input folder
+    validate_submission(pl.read_csv(result.csv_path), pl.read_csv(data / "sample_submission.csv"))
+
+    problems = {(r["patient_id"], r["series_id"]): r for r in result.problems.to_dicts()}
+    assert set(problems) == {(13084, 23900), (47992, 34083), (56295, 89229)}
+    assert problems[(13084, 23900)]["fallback"] == "other series"
+    assert "no readable DICOM slices" in problems[(13084, 23900)]["reason"]
+    assert problems[(47992, 34083)]["fallback"] == "prior"
+    assert "not found" in problems[(47992, 34083)]["reason"]
+    assert problems[(56295, 89229)]["fallback"] == "other series"
+    assert "no files" in problems[(56295, 89229)]["reason"]
+    assert {r["stage"] for r in problems.values()} == {"decode"}
+    for patient, series in problems:
+        assert any(f"patient {patient} series {series}" in m for m in caplog.messages)
+    assert any("patient 47992: no usable series" in m for m in caplog.messages)
+
+    rows = {r["patient_id"]: r for r in result.submission.to_dicts()}
+    assert [rows[47992][c] for c in LABEL_COLUMNS] == pytest.approx(
+        [result.prior[c] for c in LABEL_COLUMNS]
+    )
+    good = {13084: 84698, 56295: 69728}  # the series left: the patient's prediction is theirs
+    for patient, series in good.items():
+        expected = clean.series.filter(pl.col("series_id") == series).row(0, named=True)
+        assert [rows[patient][c] for c in LABEL_COLUMNS] == pytest.approx(
+            [expected[c] for c in LABEL_COLUMNS], abs=1e-6
+        )
+    assert result.timings.filter(pl.col("status") == "ok").height == 2
+
+
+def test_patients_without_any_usable_series_get_the_prior(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """47992 has no folder and no meta row at all; both series of 56295 are broken; a
+    test series of a patient the sample does not list is ignored."""
+    data = corrupt_copy(tiny_competition, tmp_path)
+    images = data / "test_images"
+    shutil.rmtree(images / "47992")
+    meta = pl.read_csv(data / "test_series_meta.csv")
+    meta.filter(pl.col("patient_id") != 47992).write_csv(data / "test_series_meta.csv")
+    shutil.rmtree(images / "56295" / "69728")
+    (images / "56295" / "69728").mkdir()
+    for dicom in (images / "56295" / "89229").iterdir():
+        dicom.write_bytes(dicom.read_bytes()[:100])
+    shutil.copytree(images / "13084" / "84698", images / "99999" / "1")
+    result = predict_test_set(data, model_dir, tmp_path / "submission.csv", progress=False)
+    validate_submission(pl.read_csv(result.csv_path), pl.read_csv(data / "sample_submission.csv"))
+    table = result.problems.sort("patient_id", "series_id", nulls_last=True)
+    assert table.select("patient_id", "series_id", "stage", "fallback").rows() == [
+        (47992, None, "missing", "prior"),
+        (56295, 69728, "decode", "prior"),
+        (56295, 89229, "decode", "prior"),
+        (99999, 1, "ignored", "not predicted"),
+    ]
+    prior = [result.prior[c] for c in LABEL_COLUMNS]
+    for patient in (47992, 56295):
+        row = result.submission.filter(pl.col("patient_id") == patient).select(LABEL_COLUMNS)
+        assert list(row.row(0)) == pytest.approx(prior)
+    assert 99999 not in result.submission["patient_id"].to_list()
+
+
+def test_a_series_the_model_fails_on_costs_only_itself(
+    tiny_competition: Path,
+    model_dir: Path,
+    clean: SubmissionResult,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_prepare = submission_module.prepare_series
+
+    def one_unusable_volume(task, config):  # type: ignore[no-untyped-def]
+        prepared = real_prepare(task, config)
+        if task.series_id == 69728:
+            prepared.volume = np.zeros((4, 4), np.uint8)  # no slice axis: the model step raises
+        return prepared
+
+    monkeypatch.setattr(submission_module, "prepare_series", one_unusable_volume)
+    result = predict_test_set(
+        tiny_competition, model_dir, tmp_path / "sub.csv", batch_size=2, workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert result.problems.select("patient_id", "series_id", "stage", "fallback").rows() == [
+        (56295, 69728, "predict", "other series")
+    ]
+    assert set(result.series["series_id"]) == set(clean.series["series_id"]) - {69728}
+    assert result.timings.filter(pl.col("status") == "ok").height == clean.series.height - 1
+
+
+def test_a_bad_submission_is_refused_before_anything_is_written(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sample = pl.read_csv(tiny_competition / "sample_submission.csv")
+    good = constant_submission(sample["patient_id"], dict.fromkeys(LABEL_COLUMNS, 0.5))
+    target = tmp_path / "submission.csv"
+    with pytest.raises(ValueError, match="missing from the submission"):
+        write_submission(good.head(2), sample, target)
+    assert not target.exists()
+    write_submission(good, sample, target)
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match="columns out of order"):
+        write_submission(good.select(reversed(good.columns)), sample, target)
+    assert target.read_bytes() == before  # the previous file is left as it was
+
+    real_assemble = submission_module._assemble
+    monkeypatch.setattr(
+        submission_module, "_assemble", lambda *a: real_assemble(*a).head(sample.height - 1)
+    )
+    output = tmp_path / "e2e" / "submission.csv"
+    with pytest.raises(ValueError, match="patients missing from the submission"):
+        predict_test_set(tiny_competition, model_dir, output, workers=0, progress=False)
+    assert not output.exists() and not list(output.parent.glob("*"))
+
+
+def miscalibrated(seed: int = 0, n: int = 300) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Labels and predictions that know the truth but are far too confident in "healthy"."""
+    rng = np.random.default_rng(seed)
+    labels: dict[str, object] = {"patient_id": np.arange(n)}
+    predictions: dict[str, object] = {"patient_id": np.arange(n)}
+    for columns in TARGET_GROUPS.values():
+        truth = np.where(rng.random(n) < 0.3, rng.integers(1, len(columns), n), 0)
+        noisy = np.clip(truth + (rng.random(n) < 0.3), 0, len(columns) - 1)
+        for index, column in enumerate(columns):
+            labels[column] = (truth == index).astype(np.int64)
+            predictions[column] = np.where(noisy == index, 0.8, 0.2 / (len(columns) - 1))
+            if index == 0:
+                predictions[column] = predictions[column] * 6  # type: ignore[operator]
+    return pl.DataFrame(labels), apply_probability_scaling(pl.DataFrame(predictions), {})
+
+
+def test_scaling_never_worsens_the_oof_score_and_keeps_groups_normalised(
+    tiny_competition: Path, model_dir: Path
+) -> None:
+    labels = read_labels(tiny_competition)
+    oof = pl.read_parquet(model_dir / "oof_patient.parquet")
+    truth = labels.join(oof.select("patient_id"), on="patient_id", how="semi")
+    factors = fit_probability_scaling(labels, oof)
+    before = rsna_score(truth, oof.drop("fold"))
+    assert rsna_score(truth, apply_probability_scaling(oof.drop("fold"), factors)) <= before
+
+    labels, predictions = miscalibrated()
+    factors = fit_probability_scaling(labels, predictions)
+    scaled = apply_probability_scaling(predictions, factors)
+    assert rsna_score(labels, scaled) < rsna_score(labels, predictions) - 0.05
+    assert min(factors.values()) >= 0.5 and max(factors.values()) <= 2.0
+    np.testing.assert_allclose(group_sums(scaled), 1.0, atol=1e-12)
+    assert scaled["patient_id"].equals(predictions["patient_id"])
+    with pytest.raises(ValueError, match="unknown columns"):
+        apply_probability_scaling(predictions, {"liver_medium": 2.0})
+    with pytest.raises(ValueError, match="positive"):
+        apply_probability_scaling(predictions, {"liver_low": 0.0})
+
+
+def test_scaling_json_in_the_model_folder_is_applied(
+    tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
+) -> None:
+    scaled_dir = copy_model_dir(model_dir, tmp_path)
+    factors = {"liver_healthy": 2.0, "spleen_high": 0.5, "bowel_injury": 1.5}
+    save_probability_scaling(scaled_dir, factors)
+    result = predict_test_set(
+        tiny_competition, scaled_dir, tmp_path / "sub.csv", workers=0, progress=False
+    )
+    expected = apply_probability_scaling(clean.submission, factors)
+    np.testing.assert_allclose(
+        result.submission.select(LABEL_COLUMNS).to_numpy(),
+        expected.select(LABEL_COLUMNS).to_numpy(),
+        atol=1e-9,
+    )
+    assert result.settings["scaling"] == factors
+
+
+def test_score_against_labels_gives_the_model_and_the_prior(
+    tiny_competition: Path, clean: SubmissionResult
+) -> None:
+    labels_csv = tiny_competition / "test_labels.csv"
+    scores = score_against_labels(clean.submission, labels_csv, clean.prior)
+    labels = pl.read_csv(labels_csv)
+    assert scores["n_patients"] == labels.height == clean.submission.height
+    assert scores["submission"]["rsna_score"] == pytest.approx(rsna_score(labels, clean.submission))
+    constant = constant_submission(labels["patient_id"], clean.prior)
+    assert scores["prior"]["rsna_score"] == pytest.approx(rsna_score(labels, constant))
+    assert set(scores["prior"]) == {"rsna_score", "bowel", "extravasation", "kidney", "liver",
+                                    "spleen", "any_injury"}  # fmt: skip
+    table = score_table(scores)
+    assert table["prediction"].to_list() == ["submission", "prior"]
+    oracle = score_against_labels(clean.submission, labels_csv)
+    assert oracle["prior"]["rsna_score"] <= scores["prior"]["rsna_score"] + 1e-12
+    with pytest.raises(ValueError, match="no patient"):
+        score_against_labels(clean.submission.with_columns(pl.col("patient_id") + 1), labels_csv)
+
+
+def test_preprocessing_settings_come_from_the_model_folder_or_the_cache(
+    model_dir: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    meta = json.loads((model_dir / "fold0" / "model.json").read_text())
+    config, source = preprocess_settings(model_dir, meta)
+    assert source == f"training cache {train_cache}"
+    assert config.shapes == (SHAPE,) and config.windows == ((50.0, 400.0),) and config.body_crop
+
+    moved = copy_model_dir(model_dir, tmp_path)  # as on Kaggle: the cache is not attached
+    settings = json.loads((moved / "config.json").read_text()) | {"cache_dir": "/nowhere"}
+    (moved / "config.json").write_text(json.dumps(settings))
+    assert preprocess_settings(moved, meta)[1].startswith("default")
+
+    save_preprocess_settings(moved, PreprocessConfig(windows=((40.0, 1000.0),), body_crop=False))
+    config, source = preprocess_settings(moved, meta)
+    assert source.endswith("preprocess.json")
+    assert config.windows == ((40.0, 1000.0),) and not config.body_crop
+    save_preprocess_settings(moved, PreprocessConfig(windows=((50.0, 400.0), (80.0, 150.0))))
+    with pytest.raises(ValueError, match="take 1 channels"):
+        preprocess_settings(moved, meta)
+    with pytest.raises(FileNotFoundError, match=r"config\.json names no training cache"):
+        save_preprocess_settings(moved)
+
+
+def test_model_dir_must_hold_fold_models(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no fold<k>/best\.pt"):
+        resolve_model_dir(tmp_path)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_file(
+    tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
+) -> None:
+    result = predict_test_set(
+        tiny_competition, model_dir, tmp_path / "sub.csv", workers=2, progress=False
+    )
+    assert result.problems.height == 0
+    np.testing.assert_allclose(
+        result.submission.select(LABEL_COLUMNS).to_numpy(),
+        clean.submission.select(LABEL_COLUMNS).to_numpy(),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.slow
+def test_notebook_04_writes_a_valid_submission(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    output_csv = tmp_path / "submission.csv"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "04_submission.ipynb"),
+        str(tmp_path / "executed_04_submission.ipynb"),
+        parameters={
+            "data_root": str(tiny_competition),
+            "model_dir": str(model_dir),
+            "output_csv": str(output_csv),
+            "smoke": True,
+        },
+        kernel_name="python3",
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    sample = pl.read_csv(tiny_competition / "sample_submission.csv")
+    validate_submission(pl.read_csv(output_csv), sample)
+    executed = (tmp_path / "executed_04_submission.ipynb").read_text()
+    assert "rsna_score" in executed and "per_study_s" in executed
