@@ -64,8 +64,9 @@ def markdown(summary: dict[str, Any]) -> str:
         p = summary["pretrain"]
         lines.append(
             f"- 2D-VoCo position probe (held-out volumes, chance {p['chance']:.2f}): same volume "
-            f"{p['probe_before']['same']:.3f} -> {p['probe_after']['same']:.3f}, cross volume "
-            f"{p['probe_before']['cross']:.3f} -> {p['probe_after']['cross']:.3f}"
+            f"{_number(p['probe_before']['same'])} -> {_number(p['probe_after']['same'])}, "
+            f"cross volume {_number(p['probe_before']['cross'])} -> "
+            f"{_number(p['probe_after']['cross'])}"
         )
     if "cv" in summary:
         m, q = summary["cv"]["model"], summary["cv"]["prior"]
@@ -84,6 +85,10 @@ def markdown(summary: dict[str, Any]) -> str:
     )
     lines.append(f"- minutes per notebook: {minutes}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main() -> None:

@@ -12,13 +12,17 @@ import papermill
 import polars as pl
 import pytest
 
+from kaggle_utils.demo import demo_summary, markdown
+from kaggle_utils.metric import validate_submission
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
 def test_there_are_notebooks() -> None:
-    assert [p.name for p in NOTEBOOKS][:3] == [
+    assert [p.name for p in NOTEBOOKS] == [
         "01_dicom_preprocess.py", "02_voco2d_pretrain.py", "03_finetune_bilstm.py",
+        "04_submission.py",
     ]  # fmt: skip
 
 
@@ -41,7 +45,8 @@ def test_pair_agrees_has_parameters_and_no_outputs(source: Path) -> None:
 
 
 def run_notebook(name: str, out_dir: Path, **parameters: object) -> Path:
-    output = out_dir / f"executed_{name}.ipynb"
+    output = out_dir / "notebooks" / f"{name}.ipynb"
+    output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(ROOT / "notebooks" / f"{name}.ipynb"),
         str(output),
@@ -69,7 +74,7 @@ def test_notebook_01_preprocesses_a_tiny_dataset(tiny_competition: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_notebooks_01_02_03_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_path: Path) -> None:
+def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_path: Path) -> None:
     cache, run, finetune = tmp_path / "cache", tmp_path / "pretrain", tmp_path / "finetune"
     run_notebook(
         "01_dicom_preprocess", tmp_path, data_root=str(tiny_competition), output_dir=str(cache),
@@ -93,3 +98,16 @@ def test_notebooks_01_02_03_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert report["summary"]["rsna_score"]["mean"] > 0
     for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet"):
         assert (finetune / name).is_file(), name
+    run_notebook(
+        "04_submission", tmp_path, data_root=str(tiny_competition), model_dir=str(finetune),
+        output_csv=str(tmp_path / "submission.csv"), smoke=True,
+    )  # fmt: skip
+    validate_submission(
+        pl.read_csv(tmp_path / "submission.csv"),
+        pl.read_csv(tiny_competition / "sample_submission.csv"),
+    )
+    summary = demo_summary(tmp_path, tiny_competition)
+    assert set(summary) == {"minutes", "pretrain", "cv", "test"}
+    assert all(v is not None and v > 0 for v in summary["minutes"].values())
+    assert summary["test"]["n_patients"] == 3 and summary["test"]["model"] > 0
+    assert "CV RSNA score" in markdown(summary)

@@ -117,7 +117,7 @@ def test_the_csv_follows_the_sample_and_is_valid(
     assert summary["what"].to_list() == ["decode", "preprocess", "model", "total", "wall clock"]
     total = summary.filter(pl.col("what") == "total")
     assert total["per_study_s"][0] == pytest.approx(total["sum_s"][0] / sample.height)
-    assert clean.settings["preprocessing_from"].startswith("training cache")
+    assert clean.settings["preprocessing_from"].endswith("preprocess.json")
     assert clean.settings["precision"] == "float32" and clean.settings["folds"] == [0, 1]
     assert not list(clean.csv_path.parent.glob(".*.tmp"))
 
@@ -434,10 +434,12 @@ def test_preprocessing_settings_come_from_the_model_folder_or_the_cache(
 ) -> None:
     meta = json.loads((model_dir / "fold0" / "model.json").read_text())
     config, source = preprocess_settings(model_dir, meta)
-    assert source == f"training cache {train_cache}"
+    assert source == str(model_dir / "preprocess.json")  # notebook 03 writes it
     assert config.shapes == (SHAPE,) and config.windows == ((50.0, 400.0),) and config.body_crop
 
     moved = copy_model_dir(model_dir, tmp_path)  # as on Kaggle: the cache is not attached
+    (moved / "preprocess.json").unlink()
+    assert preprocess_settings(moved, meta)[1] == f"training cache {train_cache}"
     settings = json.loads((moved / "config.json").read_text()) | {"cache_dir": "/nowhere"}
     (moved / "config.json").write_text(json.dumps(settings))
     assert preprocess_settings(moved, meta)[1].startswith("default")
