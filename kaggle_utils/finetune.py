@@ -59,7 +59,7 @@ PROBABILITY_COLUMNS: tuple[str, ...] = tuple(c for t in ALL_TARGETS for c in lab
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(runtime.JsonConfig):
     """Every choice of a fine-tuning run (notebook 03's parameters)."""
 
     data_root: str = ""  # competition folder with train.csv (labels)
@@ -109,13 +109,6 @@ class FinetuneConfig:
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> FinetuneConfig:
-        return cls(**json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        runtime.write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
 
 
 @dataclass

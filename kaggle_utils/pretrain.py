@@ -64,7 +64,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(runtime.JsonConfig):
     """Every choice of a 2D-VoCo run. Defaults reproduce the paper's setting (EfficientNetV2-T,
     32 x 192 x 192 volumes, a 3 x 3 grid of 64 x 64 base crops, 2 random crops, AdamW 1e-4,
     weight decay 1e-2, EMA momentum 0.9, all loss weights 1)."""
@@ -122,13 +122,6 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "grid", "crop_size", "n_random"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> PretrainConfig:
-        return cls(**json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        runtime.write_text_atomic(Path(path), json.dumps(dataclasses.asdict(self), indent=1))
 
 
 @dataclass

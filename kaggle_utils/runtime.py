@@ -4,6 +4,7 @@ for exact resume, atomic file writes and CSV logs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -142,3 +143,19 @@ def run_torchrun(module: str, config_file: Path, nproc_per_node: int = 0) -> Non
             tail = [*tail[-40:], line]
     if process.returncode != 0:
         raise RuntimeError(f"torchrun exited with {process.returncode}:\n{''.join(tail)}")
+
+
+_Config = TypeVar("_Config", bound="JsonConfig")
+
+
+class JsonConfig:
+    """Mixin for run-setting dataclasses: written to and read from a config.json (what
+    `torchrun -m ... --config` reads)."""
+
+    @classmethod
+    def from_json(cls: type[_Config], path: str | Path) -> _Config:
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_json(self, path: str | Path) -> None:
+        payload = dataclasses.asdict(self)  # type: ignore[call-overload]
+        write_text_atomic(Path(path), json.dumps(payload, indent=1))
