@@ -76,16 +76,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kaggle_utils.crops import cut_crops, sample_voco_crops
-from kaggle_utils.losses import VoCoLoss, intra_loss, regularization_loss, similarity
+from kaggle_utils.losses import intra_loss, regularization_loss, similarity
 from kaggle_utils.models import (
-    CropEncoder,
     ProjectionHead,
-    StudentTeacher,
     build_backbone,
     input_normalisation,
     update_momentum,
 )
-from kaggle_utils.pretrain import PretrainConfig, _forward
+from kaggle_utils.pretrain import PretrainConfig, _forward, build_voco
 from kaggle_utils.pretrain_data import load_volume
 
 CASES = ("2d", "3d")
@@ -120,19 +118,9 @@ def volume_2d(path: str, seed: int) -> Tensor:
 def build_2d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple[Step, int]:
     config = PretrainConfig()
     volume = volume_2d(args.volume, args.seed)
-    backbone = build_backbone(config.backbone, volume.shape[1])
-    model = StudentTeacher(
-        CropEncoder(backbone, config.hidden_dim, config.out_dim, config.slice_mode)  # type: ignore[arg-type]
-    ).to(device)
+    model, loss_fn, optimizer = build_voco(config, volume.shape[1], device)
     model.train()
-    mean, std = input_normalisation(backbone, device)
-    loss_fn = VoCoLoss(
-        config.intra_weight, config.inter_weight, config.reg_weight,
-        config.intra_form, config.reg_form,  # type: ignore[arg-type]
-    )  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    mean, std = input_normalisation(model.student.backbone, device)
     rng = np.random.default_rng(args.seed)
     crops = sample_voco_crops(
         tuple(volume.shape[-2:]), config.grid, config.n_random, rng,

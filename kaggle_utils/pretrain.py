@@ -149,22 +149,13 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     files = volume_files([Path(d) for d in config.volume_dirs])
     train_files, probe_files = split_probe_volumes(files, config.n_probe_volumes, config.seed)
     in_chans = load_volume(train_files[0]).shape[1]
-    backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
-    model = StudentTeacher(
-        CropEncoder(backbone, config.hidden_dim, config.out_dim, config.slice_mode)
-    ).to(device)
+    model, loss_fn, optimizer = build_voco(config, in_chans, device)
+    backbone = model.student.backbone
     student: nn.Module = model.student
     if distributed:
         ddp_ids = [device.index] if device.type == "cuda" else None
         student = nn.parallel.DistributedDataParallel(model.student, device_ids=ddp_ids)
     mean, std = input_normalisation(backbone, device)
-    loss_fn = VoCoLoss(
-        config.intra_weight, config.inter_weight, config.reg_weight,
-        config.intra_form, config.reg_form,  # type: ignore[arg-type]
-    )  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(step, config.warmup_steps, config.steps, config.min_lr_factor),
@@ -276,6 +267,23 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         chance=1.0 / config.grid**2,
         finished=state.step >= config.steps,
     )
+
+
+def build_voco(
+    config: PretrainConfig, in_chans: int, device: torch.device
+) -> tuple[StudentTeacher, VoCoLoss, torch.optim.Optimizer]:
+    """The student-teacher pair on `device`, the loss and the student's AdamW, from a config."""
+    backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
+    encoder = CropEncoder(backbone, config.hidden_dim, config.out_dim, config.slice_mode)  # type: ignore[arg-type]
+    model = StudentTeacher(encoder).to(device)
+    loss_fn = VoCoLoss(
+        config.intra_weight, config.inter_weight, config.reg_weight,
+        config.intra_form, config.reg_form,  # type: ignore[arg-type]
+    )  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    return model, loss_fn, optimizer
 
 
 @dataclass
