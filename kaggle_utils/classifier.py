@@ -11,18 +11,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from kaggle_utils.metric import PAPER_ORGANS, TARGET_GROUPS
 from kaggle_utils.models import build_backbone, load_state_dict_file
 
-# Classes per target, in train.csv's column order.
+# Classes per target, in train.csv's column order (derived from the metric's column groups).
 TARGET_CLASSES: dict[str, tuple[str, ...]] = {
-    "bowel": ("healthy", "injury"),
-    "extravasation": ("healthy", "injury"),
-    "kidney": ("healthy", "low", "high"),
-    "liver": ("healthy", "low", "high"),
-    "spleen": ("healthy", "low", "high"),
+    target: tuple(column.removeprefix(f"{target}_") for column in columns)
+    for target, columns in TARGET_GROUPS.items()
 }
 ALL_TARGETS: tuple[str, ...] = tuple(TARGET_CLASSES)
-PAPER_TARGETS: tuple[str, ...] = ("kidney", "liver", "spleen")
+PAPER_TARGETS: tuple[str, ...] = PAPER_ORGANS
 Pooling = Literal["max", "mean", "attention"]
 EncoderInit = Literal["voco", "imagenet", "random"]
 
@@ -91,7 +89,7 @@ class CNNBiLSTM(nn.Module):
         prediction, so the model starts where the prior ends and only has to learn the rest;
         a zero bias would first spend epochs learning the class balance."""
         for target, head in self.heads.items():
-            probabilities = torch.tensor([prior[f"{target}_{c}"] for c in TARGET_CLASSES[target]])
+            probabilities = torch.tensor([prior[c] for c in TARGET_GROUPS[target]])
             head.bias.copy_(torch.log(probabilities.clamp_min(1e-6)))
 
     def set_backbone_trainable(self, trainable: bool) -> None:

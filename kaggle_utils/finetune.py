@@ -48,14 +48,14 @@ from kaggle_utils.finetune_data import (
     make_folds,
     series_table,
 )
-from kaggle_utils.metric import CLASS_WEIGHTS, rsna_score
+from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
 from kaggle_utils.preprocess import cache_settings
 from kaggle_utils.pretrain_data import ResumableSampler
 from kaggle_utils.report import training_prior
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
-PROBABILITY_COLUMNS: tuple[str, ...] = tuple(c for t in ALL_TARGETS for c in label_columns(t))
+PROBABILITY_COLUMNS: tuple[str, ...] = LABEL_COLUMNS  # the submission's 13 columns
 
 
 @dataclass
@@ -123,9 +123,7 @@ class CVResult:
 
 def launch_torchrun(config: FinetuneConfig, nproc_per_node: int = 0) -> CVResult:
     """`run_cross_validation(config)` under torchrun (one process per GPU by default)."""
-    config_file = Path(config.output_dir) / "config.json"
-    config.to_json(config_file)
-    runtime.run_torchrun("kaggle_utils.finetune", config_file, nproc_per_node)
+    runtime.run_torchrun("kaggle_utils.finetune", config, Path(config.output_dir), nproc_per_node)
     return read_cv_result(Path(config.output_dir))
 
 
@@ -371,19 +369,20 @@ def weighted_loss(
 
     logits: {target: (B, n_classes)}; labels: (B, n_targets) in `logits`' order.
     """
-    total = torch.zeros((), device=labels.device)
-    for index, (target, target_logits) in enumerate(logits.items()):
-        total = total + F.cross_entropy(
+    terms = [
+        F.cross_entropy(
             target_logits.float(), labels[:, index], weight=class_weights[target].float()
         )
+        for index, (target, target_logits) in enumerate(logits.items())
+    ]
     if any_injury_weight > 0 and len(logits) == len(ALL_TARGETS):
         injured = torch.stack(
             [1 - torch.softmax(v.float(), dim=1)[:, 0] for v in logits.values()], dim=1
         ).amax(dim=1)
         weights = torch.where(any_injury > 0.5, 6.0, 1.0)
         bce = F.binary_cross_entropy(injured.clamp(1e-7, 1 - 1e-7), any_injury, reduction="none")
-        total = total + any_injury_weight * (weights * bce).sum() / weights.sum()
-    return total / (len(logits) + (any_injury_weight > 0 and len(logits) == len(ALL_TARGETS)))
+        terms.append(any_injury_weight * (weights * bce).sum() / weights.sum())
+    return torch.stack(terms).mean()
 
 
 @torch.no_grad()

@@ -19,11 +19,12 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
 from kaggle_utils.classifier import TARGET_CLASSES
+from kaggle_utils.metric import TARGET_GROUPS
 from kaggle_utils.preprocess import cache_path, load_metadata
 
 
 def label_columns(target: str) -> list[str]:
-    return [f"{target}_{c}" for c in TARGET_CLASSES[target]]
+    return list(TARGET_GROUPS[target])
 
 
 def series_table(

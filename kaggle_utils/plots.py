@@ -113,17 +113,13 @@ def pretraining_curves(log_csv: str | Path, chance: float | None = None) -> Figu
     return fig
 
 
-def _group_columns(target: str) -> list[str]:
-    from kaggle_utils.classifier import TARGET_CLASSES
-
-    return [f"{target}_{c}" for c in TARGET_CLASSES[target]]
-
-
 def _aligned(labels: object, predictions: object, target: str) -> tuple[np.ndarray, np.ndarray]:
     """(true class index, probabilities) of one target, rows matched by patient_id."""
     import polars as pl
 
-    columns = _group_columns(target)
+    from kaggle_utils.metric import TARGET_GROUPS
+
+    columns = list(TARGET_GROUPS[target])
     joined = (
         pl.DataFrame(predictions)
         .select("patient_id", *columns)

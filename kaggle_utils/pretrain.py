@@ -552,9 +552,7 @@ def pretraining_volume_dirs(
 
 def launch_torchrun(config: PretrainConfig, nproc_per_node: int = 0) -> PretrainResult:
     """`pretrain(config)` under torchrun (one process per GPU by default); for notebooks."""
-    config_file = Path(config.output_dir) / "config.json"
-    config.to_json(config_file)
-    runtime.run_torchrun("kaggle_utils.pretrain", config_file, nproc_per_node)
+    runtime.run_torchrun("kaggle_utils.pretrain", config, Path(config.output_dir), nproc_per_node)
     return read_result(Path(config.output_dir))
 
 

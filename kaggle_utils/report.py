@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from kaggle_utils.classifier import PAPER_TARGETS, TARGET_CLASSES
+from kaggle_utils.classifier import PAPER_TARGETS
 from kaggle_utils.metric import (
+    TARGET_GROUPS,
     best_constant_prediction,
     constant_submission,
     fit_thresholds,
@@ -32,8 +33,8 @@ def training_prior(labels: pl.DataFrame, floor: float = 1e-3) -> dict[str, float
     get probability 0 and an unbounded loss on the fold that has it."""
     prior = best_constant_prediction(labels)
     floored = {}
-    for target in TARGET_CLASSES:
-        columns = [f"{target}_{c}" for c in TARGET_CLASSES[target]]
+    for target in TARGET_GROUPS:
+        columns = TARGET_GROUPS[target]
         values = np.maximum([prior[c] for c in columns], floor)
         floored |= dict(zip(columns, (values / values.sum()).tolist(), strict=True))
     return floored

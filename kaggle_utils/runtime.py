@@ -121,13 +121,18 @@ def save_torch_atomic(payload: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_torchrun(module: str, config_file: Path, nproc_per_node: int = 0) -> None:
-    """`torchrun --standalone --nproc_per_node N -m <module> --config <file>` in a child
-    process (one process per GPU by default), its output streamed; for notebooks.
+def run_torchrun(
+    module: str, config: JsonConfig, output_dir: Path, nproc_per_node: int = 0
+) -> None:
+    """Write `config` to `output_dir/config.json`, then run `torchrun --standalone
+    --nproc_per_node N -m <module> --config <that file>` in a child process (one process per
+    GPU by default), its output streamed; for notebooks.
 
     Raises:
         RuntimeError: torchrun exited with an error (its last lines are in the message).
     """
+    config_file = Path(output_dir) / "config.json"
+    config.to_json(config_file)
     n_procs = nproc_per_node or max(1, torch.cuda.device_count())
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
