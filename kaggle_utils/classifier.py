@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,7 @@ class CNNBiLSTM(nn.Module):
         num_layers: int = 2,
         dropout: float = 0.2,
         pooling: Pooling = "attention",
+        slice_targets: Sequence[str] = (),
     ) -> None:
         super().__init__()
         unknown = set(targets) - set(TARGET_CLASSES)
@@ -65,8 +66,29 @@ class CNNBiLSTM(nn.Module):
         self.heads = nn.ModuleDict(
             {t: nn.Linear(2 * hidden_size, len(TARGET_CLASSES[t])) for t in self.targets}
         )
+        self.slice_targets = tuple(slice_targets)
+        # One logit per slice per target: trained on image_level_labels.csv, it only shapes
+        # the shared features (SPEC sec. 5); predictions come from the volume heads.
+        self.slice_head = (
+            nn.Linear(2 * hidden_size, len(self.slice_targets)) if self.slice_targets else None
+        )
 
-    def forward(self, volumes: Tensor) -> dict[str, Tensor]:
+    @overload
+    def forward(
+        self, volumes: Tensor, with_slices: Literal[False] = False
+    ) -> dict[str, Tensor]: ...
+
+    @overload
+    def forward(
+        self, volumes: Tensor, with_slices: Literal[True]
+    ) -> tuple[dict[str, Tensor], Tensor | None]: ...
+
+    def forward(
+        self, volumes: Tensor, with_slices: bool = False
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor | None]:
+        """Volume logits per target; with `with_slices`, also the slice logits
+        (B, S, n_slice_targets), None without a slice head. A flag, not a second method, so
+        that DDP's wrapper (which only calls forward) serves both."""
         # volumes: (B, S, C, H, W)
         batch, n_slices = volumes.shape[:2]
         features = self.backbone(volumes.flatten(0, 1)).view(batch, n_slices, -1)  # (B, S, F)
@@ -80,7 +102,11 @@ class CNNBiLSTM(nn.Module):
             weights = torch.softmax(self.attention(sequence), dim=1)  # (B, S, 1)
             pooled = (weights * sequence).sum(dim=1)
         pooled = self.dropout(pooled)  # (B, 2H)
-        return {target: head(pooled) for target, head in self.heads.items()}
+        logits = {target: head(pooled) for target, head in self.heads.items()}
+        if not with_slices:
+            return logits
+        slice_logits = self.slice_head(sequence) if self.slice_head is not None else None
+        return logits, slice_logits
 
     @torch.no_grad()
     def init_head_bias(self, prior: dict[str, float]) -> None:
@@ -117,6 +143,7 @@ def build_classifier(
     dropout: float = 0.2,
     pooling: Pooling = "attention",
     global_pool: str = "avg",
+    slice_targets: Sequence[str] = (),
 ) -> CNNBiLSTM:
     """A CNN-BiLSTM whose backbone starts from a 2D-VoCo encoder (notebook 02's encoder.pt),
     ImageNet weights from a local file, or random weights.
@@ -142,7 +169,7 @@ def build_classifier(
         backbone = build_backbone(backbone_name, in_chans, global_pool=global_pool)
     else:
         raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {init!r}")
-    return CNNBiLSTM(backbone, targets, hidden_size, num_layers, dropout, pooling)
+    return CNNBiLSTM(backbone, targets, hidden_size, num_layers, dropout, pooling, slice_targets)
 
 
 def load_voco_encoder(

@@ -42,6 +42,7 @@ from kaggle_utils.classifier import (
     build_classifier,
 )
 from kaggle_utils.finetune_data import (
+    SLICE_TARGETS,
     AugmentConfig,
     SeriesDataset,
     label_columns,
@@ -88,6 +89,9 @@ class FinetuneConfig(runtime.JsonConfig):
     freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
     grad_clip: float = 1.0
     any_injury_weight: float = 1.0  # weight of the auxiliary any_injury loss (0 to turn off)
+    # weight of the per-slice bowel/extravasation loss from image_level_labels.csv (0: off;
+    # also off when the file is missing or neither target is trained)
+    slice_loss_weight: float = 1.0
     hflip_prob: float = 0.0
     affine_prob: float = 0.5
     brightness_contrast_prob: float = 0.5
@@ -153,6 +157,19 @@ def read_labels(data_root: str | Path) -> pl.DataFrame:
     return pl.read_csv(path)
 
 
+def read_image_labels(data_root: str | Path) -> pl.DataFrame | None:
+    """image_level_labels.csv, or None when the folder has none."""
+    path = Path(data_root) / "image_level_labels.csv"
+    return pl.read_csv(path) if path.is_file() else None
+
+
+def slice_targets(config: FinetuneConfig) -> tuple[str, ...]:
+    """The targets trained with slice-level labels in this run (possibly none)."""
+    if config.slice_loss_weight <= 0 or read_image_labels(config.data_root) is None:
+        return ()
+    return tuple(t for t in SLICE_TARGETS if t in config.targets)
+
+
 def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVResult:
     """Train every fold not done yet (resuming an interrupted one), then gather out-of-fold
     and holdout predictions. Works alone or under torchrun (DDP)."""
@@ -162,7 +179,10 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     output_dir.mkdir(parents=True, exist_ok=True)
     labels = read_labels(config.data_root)
     folds = _load_or_make_folds(labels, config, output_dir, rank, distributed)
-    table = series_table(labels, Path(config.cache_dir), config.shape).join(folds, on="patient_id")
+    image_labels = read_image_labels(config.data_root) if slice_targets(config) else None
+    table = series_table(
+        labels, Path(config.cache_dir), config.shape, image_labels=image_labels
+    ).join(folds, on="patient_id")
     if rank == 0:
         config.to_json(output_dir / "config.json")
         # The windows and body crop travel with the model folder (notebook 04 on Kaggle has
@@ -242,7 +262,7 @@ def train_fold(
     )  # fmt: skip
     train_set = SeriesDataset(
         train_rows, config.targets, config.n_slices, config.image_size, True, augment,
-        config.seed + fold,
+        config.seed + fold, model.slice_targets,
     )  # fmt: skip
     sampler = ResumableSampler(len(train_set), config.seed + fold, rank, world)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size / config.grad_accum)
@@ -298,11 +318,16 @@ def train_fold(
             if distributed and not last_micro:
                 sync = trained_model.no_sync()  # type: ignore[operator]
             with sync:
-                logits = _logits(trained_model, batch["image"], mean, std, use_amp, amp_dtype)
+                logits, slice_logits = _logits_with_slices(
+                    trained_model, batch["image"], mean, std, use_amp, amp_dtype
+                )
                 loss = weighted_loss(
                     logits, batch["labels"].to(device), batch["any_injury"].to(device),
                     class_weights, config.any_injury_weight,
                 )  # fmt: skip
+                if slice_logits is not None:
+                    slice_labels = batch["slice_labels"].to(device)
+                    loss = loss + config.slice_loss_weight * slice_loss(slice_logits, slice_labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"fold {fold} epoch {epoch + 1} batch {step + 1}: non-finite loss; "
@@ -383,6 +408,25 @@ def weighted_loss(
         bce = F.binary_cross_entropy(injured.clamp(1e-7, 1 - 1e-7), any_injury, reduction="none")
         terms.append(any_injury_weight * (weights * bce).sum() / weights.sum())
     return torch.stack(terms).mean()
+
+
+def slice_loss(slice_logits: Tensor, slice_labels: Tensor) -> Tensor:
+    """Binary cross-entropy per slice and target, averaged over the known labels (-1: unknown,
+    ignored); 0 when nothing in the batch is known. Each target is averaged on its own, then
+    the targets, so a target's weight does not depend on how many of its series are known.
+
+    slice_logits, slice_labels: (B, S, n_slice_targets).
+    """
+    known = slice_labels >= 0
+    bce = F.binary_cross_entropy_with_logits(
+        slice_logits.float(), slice_labels.clamp_min(0), reduction="none"
+    )
+    per_target = [
+        bce[..., k][known[..., k]].mean() for k in range(bce.shape[-1]) if known[..., k].any()
+    ]
+    if not per_target:
+        return slice_logits.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
+    return torch.stack(per_target).mean()
 
 
 @torch.no_grad()
@@ -473,6 +517,7 @@ def load_fold_model(
         meta["backbone"], meta["in_chans"], "random", targets=meta["targets"],
         hidden_size=meta["hidden_size"], num_layers=meta["num_layers"], dropout=meta["dropout"],
         pooling=meta["pooling"], global_pool=meta.get("global_pool", "avg"),
+        slice_targets=meta.get("slice_targets", ()),
     )  # fmt: skip
     state = torch.load(Path(fold_dir) / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(state)
@@ -510,6 +555,21 @@ def _logits(
         return model(volumes)
 
 
+def _logits_with_slices(
+    model: nn.Module,
+    images: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    use_amp: bool,
+    amp_dtype: torch.dtype,
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Training forward: through DDP's wrapper (its forward) when there is one."""
+    device = mean.device
+    volumes = (images.to(device, non_blocking=True).float() / 255.0 - mean) / std
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        return model(volumes, with_slices=True)
+
+
 def _weighted_log_loss(
     rows: pl.DataFrame, series_probs: pl.DataFrame, targets: Sequence[str]
 ) -> float:
@@ -536,7 +596,7 @@ def _build_model(config: FinetuneConfig, in_chans: int) -> CNNBiLSTM:
         encoder_file=config.encoder_file or None, weights_file=config.weights_file or None,
         targets=config.targets, hidden_size=config.hidden_size, num_layers=config.num_layers,
         dropout=config.dropout, pooling=config.pooling,  # type: ignore[arg-type]
-        global_pool=config.global_pool,
+        global_pool=config.global_pool, slice_targets=slice_targets(config),
     )  # fmt: skip
 
 
@@ -550,6 +610,7 @@ def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[s
         "dropout": config.dropout,
         "pooling": config.pooling,
         "global_pool": config.global_pool,
+        "slice_targets": list(slice_targets(config)),
         "n_slices": config.n_slices,
         "image_size": config.image_size,
         "shape": list(config.shape),

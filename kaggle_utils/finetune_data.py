@@ -22,6 +22,9 @@ from kaggle_utils.classifier import TARGET_CLASSES
 from kaggle_utils.metric import TARGET_GROUPS
 from kaggle_utils.preprocess import cache_path, load_metadata
 
+# Targets with slice-level labels in image_level_labels.csv, by their injury_name there.
+SLICE_TARGETS: dict[str, str] = {"bowel": "Bowel", "extravasation": "Active_Extravasation"}
+
 
 def label_columns(target: str) -> list[str]:
     return list(TARGET_GROUPS[target])
@@ -32,14 +35,26 @@ def series_table(
     cache_dir: Path,
     shape: Sequence[int],
     split_meta: pl.DataFrame | None = None,
+    image_labels: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """One row per cached series of a labelled patient: patient_id, series_id, path, and the
     class index of every target (`<target>_class`) plus `any_injury`.
 
-    Series whose preprocessing failed are left out (and reported by notebook 01).
+    With `image_labels` (image_level_labels.csv), also `slices_<target>` for bowel and
+    extravasation: 0/1 per cached slice, or null where unknown (an injured patient's series
+    without slice annotations). Series whose preprocessing failed are left out (and reported
+    by notebook 01).
     """
     metadata = load_metadata(Path(cache_dir)).filter(pl.col("status") == "ok")
-    metadata = metadata.select("patient_id", "series_id")
+    if image_labels is not None:
+        metadata = metadata.join(
+            cached_slice_labels(metadata, labels, image_labels, shape[0]),
+            on="series_id", how="left",
+        )  # fmt: skip
+    metadata = metadata.drop(
+        [c for c in metadata.columns if c not in ("patient_id", "series_id")
+         and not c.startswith("slices_")]
+    )  # fmt: skip
     if split_meta is not None:
         metadata = metadata.join(split_meta.select("series_id"), on="series_id", how="semi")
     table = metadata.join(class_indices(labels), on="patient_id", how="inner")
@@ -52,6 +67,62 @@ def series_table(
             "run notebook 01 with this shape"
         )
     return table.sort("patient_id", "series_id")
+
+
+def cached_slice_labels(
+    metadata: pl.DataFrame, labels: pl.DataFrame, image_labels: pl.DataFrame, n_cached: int
+) -> pl.DataFrame:
+    """series_id -> `slices_<target>` (list of n_cached 0/1, or null) for the SLICE_TARGETS.
+
+    A slice annotation names a DICOM by instance number; the cache orders slices by z
+    (metadata's `instance_numbers`) and resamples them to n_cached. A cached slice is positive
+    when any original slice it is made of is (see `cached_slice_spans`). A patient without the
+    injury has only negative slices; an injured patient's series without annotations is
+    unknown (null), not negative.
+    """
+    injured = class_indices(labels).select(
+        "patient_id", *[pl.col(f"{t}_class").alias(t) for t in SLICE_TARGETS]
+    )
+    injured_by_patient = {row["patient_id"]: row for row in injured.to_dicts()}
+    flagged: dict[tuple[int, str], set[int]] = {}
+    for row in image_labels.select("series_id", "instance_number", "injury_name").iter_rows():
+        flagged.setdefault((int(row[0]), str(row[2])), set()).add(int(row[1]))
+    rows: dict[str, list[Any]] = {"series_id": []} | {f"slices_{t}": [] for t in SLICE_TARGETS}
+    for meta in metadata.select("patient_id", "series_id", "instance_numbers").iter_rows():
+        patient_id, series_id, instance_numbers = meta
+        rows["series_id"].append(series_id)
+        spans = cached_slice_spans(len(instance_numbers), n_cached)
+        patient = injured_by_patient.get(patient_id)
+        for target, injury_name in SLICE_TARGETS.items():
+            marked = flagged.get((series_id, injury_name))
+            value: list[int] | None
+            if patient is None or patient[target] == 0:
+                value = [0] * n_cached
+            elif not marked:
+                value = None
+            else:
+                hits = np.array([n in marked for n in instance_numbers], dtype=bool)
+                value = [int(hits[start:stop].any()) for start, stop in spans]
+            rows[f"slices_{target}"].append(value)
+    schema = {"series_id": pl.Int64} | {f"slices_{t}": pl.List(pl.Int64) for t in SLICE_TARGETS}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def cached_slice_spans(n_original: int, n_cached: int) -> list[tuple[int, int]]:
+    """For each of n_cached resampled slices, the [start, stop) range of the n_original slices
+    it is made of: adaptive average pooling's windows when shrinking, the (one or two)
+    neighbours trilinear interpolation reads when growing (volume.resample_volume)."""
+    spans = []
+    for j in range(n_cached):
+        if n_original >= n_cached:
+            start = (j * n_original) // n_cached
+            stop = -((-(j + 1) * n_original) // n_cached)  # ceil
+        else:
+            centre = (j + 0.5) * n_original / n_cached - 0.5
+            start = max(0, int(np.floor(centre)))
+            stop = min(n_original, int(np.ceil(centre)) + 1)
+        spans.append((start, max(stop, start + 1)))
+    return spans
 
 
 def class_indices(labels: pl.DataFrame) -> pl.DataFrame:
@@ -168,7 +239,9 @@ def slice_indices(
 
 class SeriesDataset(Dataset):
     """Item i: {"image": uint8 (S, C, h, w), "labels": int64 (n_targets,), "any_injury": float,
-    "patient_id": int, "series_id": int}. Random draws come from (seed, epoch, index)."""
+    "patient_id": int, "series_id": int}, plus "slice_labels": float (S, n_slice_targets) with
+    -1 where unknown when `slice_targets` are given (the table needs their `slices_<target>`
+    columns). Random draws come from (seed, epoch, index)."""
 
     def __init__(
         self,
@@ -179,9 +252,14 @@ class SeriesDataset(Dataset):
         train: bool = False,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        slice_targets: Sequence[str] = (),
     ) -> None:
+        missing = [t for t in slice_targets if f"slices_{t}" not in table.columns]
+        if missing:
+            raise ValueError(f"slice_targets {missing} need series_table(..., image_labels=...)")
         self.rows = table.to_dicts()
         self.targets = tuple(targets)
+        self.slice_targets = tuple(slice_targets)
         self.n_slices, self.image_size, self.train = n_slices, image_size, train
         self.transform = build_transform(image_size, train, augment or AugmentConfig())
         self.seed, self.epoch = seed, 0
@@ -198,7 +276,9 @@ class SeriesDataset(Dataset):
         volume = np.load(row["path"], mmap_mode="r")
         if volume.ndim == 3:
             volume = volume[:, None]
-        volume = np.asarray(volume[slice_indices(volume.shape[0], self.n_slices, rng)])
+        n_available = volume.shape[0]
+        indices = slice_indices(n_available, self.n_slices, rng)
+        volume = np.asarray(volume[indices])
         n_slices, channels, height, width = volume.shape
         image = volume.reshape(n_slices * channels, height, width).transpose(1, 2, 0)
         if rng is not None:
@@ -206,10 +286,25 @@ class SeriesDataset(Dataset):
             self.transform.set_random_seed(int(rng.integers(2**31)))
         image = self.transform(image=np.ascontiguousarray(image))["image"]
         stack = image.transpose(2, 0, 1).reshape(n_slices, channels, *image.shape[:2])
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(stack)),
             "labels": torch.tensor([row[f"{t}_class"] for t in self.targets], dtype=torch.long),
             "any_injury": torch.tensor(float(row["any_injury"])),
             "patient_id": int(row["patient_id"]),
             "series_id": int(row["series_id"]),
         }
+        if self.slice_targets:
+            columns = []
+            for target in self.slice_targets:
+                values = row[f"slices_{target}"]
+                if values is None:
+                    columns.append(np.full(n_slices, -1.0))
+                elif len(values) != n_available:
+                    raise ValueError(
+                        f"series {row['series_id']}: {len(values)} slice labels for a cached "
+                        f"volume of {n_available} slices"
+                    )
+                else:
+                    columns.append(np.asarray(values, dtype=np.float64)[indices])
+            item["slice_labels"] = torch.tensor(np.stack(columns, axis=1), dtype=torch.float32)
+        return item

@@ -42,6 +42,7 @@ hidden_size: int = 256  # LSTM hidden size per direction
 num_layers: int = 2  # LSTM layers
 dropout: float = 0.2
 pooling: str = "attention"  # over slices: "attention", "max" or "mean"
+global_pool: str = "avg"  # within a slice: "avg", "max" or "avgmax"
 n_slices: int = 0  # slices per volume fed to the model: 0 for all, else evenly sampled
 image_size: int = 256  # random crop in training, centre crop otherwise
 epochs: int = 10
@@ -52,6 +53,7 @@ backbone_lr_factor: float = 1.0  # backbone learning rate relative to lr
 weight_decay: float = 1e-2
 freeze_epochs: int = 0  # epochs with the backbone frozen
 any_injury_weight: float = 1.0  # weight of the any-injury loss term; 0 turns it off
+slice_loss_weight: float = 1.0  # per-slice bowel/extravasation loss (image_level_labels.csv)
 hflip_prob: float = 0.0  # augmentation, the same for every slice of a volume
 affine_prob: float = 0.5
 brightness_contrast_prob: float = 0.5
@@ -90,7 +92,8 @@ config = FinetuneConfig(
     data_root=str(root), cache_dir=str(cache), output_dir=str(run_dir), shape=list(shape),
     backbone=backbone, init=init, encoder_file=encoder_file, weights_file=weights_file,
     targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
-    pooling=pooling, n_slices=n_slices, image_size=image_size, epochs=epochs,
+    pooling=pooling, global_pool=global_pool, n_slices=n_slices, image_size=image_size,
+    epochs=epochs, slice_loss_weight=slice_loss_weight,
     batch_size=batch_size, grad_accum=grad_accum, lr=lr, backbone_lr_factor=backbone_lr_factor,
     weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
     hflip_prob=hflip_prob, affine_prob=affine_prob,

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,13 @@ from kaggle_utils.finetune import (
     load_fold_model,
     read_labels,
     run_cross_validation,
+    slice_loss,
     weighted_loss,
 )
 from kaggle_utils.finetune_data import (
     SeriesDataset,
+    cached_slice_labels,
+    cached_slice_spans,
     class_indices,
     make_folds,
     series_table,
@@ -30,6 +36,7 @@ from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS
 from kaggle_utils.models import build_backbone
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
 from kaggle_utils.report import cross_validation_report, markdown_table, training_prior
+from kaggle_utils.volume import resample_volume
 
 SHAPE = (8, 32, 32)
 
@@ -286,3 +293,143 @@ def test_training_prior_is_floored() -> None:
     prior = training_prior(labels)
     assert prior["kidney_high"] == pytest.approx(1e-3, rel=0.01)
     assert sum(prior[f"kidney_{c}"] for c in TARGET_CLASSES["kidney"]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_gloo(
+    tiny_competition: Path, cached: Path, tmp_path: Path
+) -> None:
+    config = smoke_config(tiny_competition, cached, tmp_path, folds_to_run=[0])
+    config.to_json(tmp_path / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kaggle_utils.finetune", "--config", str(tmp_path / "config.json")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pl.read_csv(tmp_path / "fold0" / "log.csv")["epoch"].to_list() == [1, 2]  # rank 0 only
+    oof = pl.read_parquet(tmp_path / "oof_patient.parquet")
+    folds = pl.read_csv(tmp_path / "folds.csv")
+    assert set(oof["patient_id"]) == set(folds.filter(pl.col("fold") == 0)["patient_id"])
+    model, meta = load_fold_model(tmp_path / "fold0")  # saved unwrapped: no "module." keys
+    assert meta["targets"] == list(ALL_TARGETS) and not model.training
+
+
+# --------------------------------------------------------------------------------------------
+# Slice-level supervision (image_level_labels.csv)
+
+
+def test_slice_head_logits_per_slice() -> None:
+    torch.manual_seed(0)
+    model = CNNBiLSTM(
+        build_backbone("test_efficientnet", 1), ALL_TARGETS, 8, 1, 0.0, "max",
+        slice_targets=("bowel", "extravasation"),
+    )  # fmt: skip
+    volumes = torch.randn(2, 5, 1, 32, 32)
+    _, slice_logits = model(volumes, with_slices=True)
+    assert slice_logits is not None and slice_logits.shape == (2, 5, 2)
+    model.eval()
+    plain = model(volumes)
+    assert all(torch.allclose(plain[t], model(volumes, with_slices=True)[0][t]) for t in plain)
+    assert tiny_model()(volumes, with_slices=True)[1] is None
+
+
+def slow_contributors(n_original: int, n_cached: int) -> list[set[int]]:
+    """Which original slices each cached slice is made of, found by resampling one-hot
+    volumes through the cache's own resampler."""
+    contributors: list[set[int]] = [set() for _ in range(n_cached)]
+    for i in range(n_original):
+        volume = np.zeros((n_original, 2, 2), np.float32)
+        volume[i] = 1.0
+        resampled = resample_volume(volume, (n_cached, 2, 2))
+        for j in np.nonzero(resampled[:, 0, 0] > 1e-6)[0]:
+            contributors[int(j)].add(i)
+    return contributors
+
+
+@pytest.mark.parametrize(("n_original", "n_cached"), [(64, 32), (50, 32), (33, 32), (32, 32),
+                                                      (20, 32), (7, 32), (100, 7)])  # fmt: skip
+def test_cached_slice_spans_match_the_resampler(n_original: int, n_cached: int) -> None:
+    spans = cached_slice_spans(n_original, n_cached)
+    expected = slow_contributors(n_original, n_cached)
+    assert [set(range(a, b)) for a, b in spans] == expected
+
+
+def test_cached_slice_labels_follow_z_order_and_mark_unknowns() -> None:
+    # Patient 1: extravasation, annotated on series 10 (instance numbers run backwards in z);
+    # patient 2: extravasation and bowel, series 20 not annotated; patient 3: uninjured.
+    labels = labels_table(3).with_columns(
+        pl.Series("patient_id", [1, 2, 3]),
+        pl.Series("bowel_healthy", [1, 0, 1]), pl.Series("bowel_injury", [0, 1, 0]),
+        pl.Series("extravasation_healthy", [0, 0, 1]),
+        pl.Series("extravasation_injury", [1, 1, 0]),
+    )  # fmt: skip
+    metadata = pl.DataFrame(
+        {"patient_id": [1, 2, 3], "series_id": [10, 20, 30],
+         "instance_numbers": [list(range(8, 0, -1)), list(range(1, 9)), list(range(1, 5))]},
+    )  # fmt: skip
+    image_labels = pl.DataFrame(
+        {"patient_id": [1, 1], "series_id": [10, 10], "instance_number": [8, 1],
+         "injury_name": ["Active_Extravasation", "Active_Extravasation"]},
+    )  # fmt: skip
+    table = cached_slice_labels(metadata, labels, image_labels, n_cached=4).sort("series_id")
+    rows = {r["series_id"]: r for r in table.to_dicts()}
+    # instance 8 is z index 0 -> cached slice 0; instance 1 is z index 7 -> cached slice 3
+    assert rows[10]["slices_extravasation"] == [1, 0, 0, 1]
+    assert rows[10]["slices_bowel"] == [0, 0, 0, 0]  # patient 1 has no bowel injury
+    assert rows[20]["slices_extravasation"] is None and rows[20]["slices_bowel"] is None
+    assert rows[30]["slices_extravasation"] == [0, 0, 0, 0]
+
+
+def slow_slice_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    per_target = []
+    for k in range(logits.shape[-1]):
+        terms = []
+        for b in range(logits.shape[0]):
+            for s in range(logits.shape[1]):
+                y = float(labels[b, s, k])
+                if y < 0:
+                    continue
+                p = 1 / (1 + math.exp(-float(logits[b, s, k])))
+                terms.append(-(y * math.log(p) + (1 - y) * math.log(1 - p)))
+        if terms:
+            per_target.append(sum(terms) / len(terms))
+    return sum(per_target) / len(per_target) if per_target else 0.0
+
+
+def test_slice_loss_matches_slow_reference_and_ignores_unknowns() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 2, generator=g, requires_grad=True)
+    labels = torch.randint(0, 2, (3, 6, 2), generator=g).float()
+    labels[1, :, 0] = -1  # one unknown series for the first target
+    labels[:, :, 1] = -1  # the second target entirely unknown in this batch
+    loss = slice_loss(logits, labels)
+    assert loss.item() == pytest.approx(slow_slice_loss(logits.detach(), labels), rel=1e-5)
+    loss.backward()
+    assert logits.grad is not None and torch.all(logits.grad[1, :, 0] == 0)
+    assert torch.all(logits.grad[..., 1] == 0)
+    empty = slice_loss(logits, torch.full_like(labels, -1))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_dataset_slice_labels_follow_the_sampled_slices(
+    tiny_competition: Path, cached: Path
+) -> None:
+    labels = read_labels(tiny_competition)
+    image_labels = pl.read_csv(tiny_competition / "image_level_labels.csv")
+    table = series_table(labels, cached, SHAPE, image_labels=image_labels)
+    annotated = table.filter(pl.col("slices_extravasation").list.sum() > 0)
+    assert annotated.height > 0  # the generator annotates its extravasation slices
+    dataset = SeriesDataset(
+        annotated, ALL_TARGETS, n_slices=4, image_size=24, train=True, seed=0,
+        slice_targets=("bowel", "extravasation"),
+    )  # fmt: skip
+    row = annotated.row(0, named=True)
+    item = dataset[0]
+    rng = np.random.default_rng([0, 0, 0])  # the dataset's own draw for (seed, epoch, index)
+    indices = slice_indices(SHAPE[0], 4, rng)
+    expected = np.asarray(row["slices_extravasation"])[indices]
+    np.testing.assert_array_equal(item["slice_labels"][:, 1].numpy(), expected)
+    with pytest.raises(ValueError, match="image_labels"):
+        SeriesDataset(series_table(labels, cached, SHAPE), ALL_TARGETS, slice_targets=("bowel",))
