@@ -45,6 +45,8 @@ def demo_summary(demo_out: Path, data_root: Path) -> dict[str, Any]:
             "model": report["summary"]["rsna_score"],
             "prior": report["prior_summary"]["rsna_score"],
         }
+        if "calibrated" in report:
+            summary["cv"]["calibrated"] = report["calibrated"]["summary"]["rsna_score"]
     submission = demo_out / "submission.csv"
     labels = data_root / "test_labels.csv"
     if submission.is_file() and labels.is_file():
@@ -70,15 +72,16 @@ def markdown(summary: dict[str, Any]) -> str:
         )
     if "cv" in summary:
         m, q = summary["cv"]["model"], summary["cv"]["prior"]
-        lines.append(
-            f"- CV RSNA score (lower is better): model {m['mean']:.4f} ± {m['std']:.4f}, "
-            f"best-constant prior {q['mean']:.4f} ± {q['std']:.4f}"
-        )
+        line = f"- CV RSNA score (lower is better): model {m['mean']:.4f} ± {m['std']:.4f}"
+        if "calibrated" in summary["cv"]:
+            c = summary["cv"]["calibrated"]
+            line += f", model calibrated on the other folds {c['mean']:.4f} ± {c['std']:.4f}"
+        lines.append(line + f", best-constant prior {q['mean']:.4f} ± {q['std']:.4f}")
     if "test" in summary:
         t = summary["test"]
         lines.append(
-            f"- demo test split ({t['n_patients']} patients): model {t['model']:.4f}, "
-            f"prior {t['prior']:.4f}"
+            f"- demo test split ({t['n_patients']} patients): model (calibrated when "
+            f"notebook 03 saved a calibration) {t['model']:.4f}, prior {t['prior']:.4f}"
         )
     minutes = ", ".join(
         f"{name.split('_', 1)[0]}: {value} min" for name, value in summary["minutes"].items()

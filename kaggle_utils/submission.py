@@ -22,8 +22,8 @@ are looked up, in this order, in:
 
 What a model folder may hold besides notebook 03's files:
     preprocess.json     {"windows": [[level, width], ...], "body_crop": bool}
-    scaling.json        {column: factor}: per-column probability scaling fitted on the
-                        out-of-fold predictions (`fit_probability_scaling`)
+    calibration.json    blend with the prior and per-column scaling, fitted by notebook 03
+                        on the out-of-fold predictions (`calibration.fit_calibration`)
 
 Nothing here reaches for the network: models are rebuilt from `model.json` with random
 weights and loaded from `best.pt` with `weights_only=True` (`finetune.load_fold_model`).
@@ -31,9 +31,9 @@ weights and loaded from `best.pt` with `weights_only=True` (`finetune.load_fold_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import multiprocessing
 import os
 import time
@@ -53,6 +53,7 @@ from torch import Tensor
 from tqdm.std import tqdm
 
 from kaggle_utils import paths, runtime
+from kaggle_utils.calibration import apply_calibration, read_calibration
 from kaggle_utils.classifier import CNNBiLSTM
 from kaggle_utils.dicom import load_series
 from kaggle_utils.finetune import (
@@ -67,10 +68,8 @@ from kaggle_utils.metric import (
     LABEL_COLUMNS,
     PATIENT_ID,
     SCORE_PARTS,
-    TARGET_GROUPS,
     best_constant_prediction,
     constant_submission,
-    rsna_score,
     rsna_score_parts,
     validate_submission,
 )
@@ -88,10 +87,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_SUBMISSION = "sample_submission.csv"
 SUBMISSION_NAME = "submission.csv"
-SCALING_FILE = "scaling.json"
 PREPROCESS_FILE = "preprocess.json"
-# Coordinate-search grid of `fit_probability_scaling`: 13 log-spaced factors from 0.5 to 2.
-SCALING_GRID: tuple[float, ...] = tuple(float(v) for v in np.geomspace(0.5, 2.0, 13))
 
 PROBLEM_SCHEMA = {
     "patient_id": pl.Int64,
@@ -598,7 +594,7 @@ def predict_test_set(
         logger.warning("tta: the models were trained without left-right flips (hflip_prob 0)")
     config, source = preprocess_settings(run_dir, folds[0].meta)
     prior = ensemble_prior(folds)
-    scaling = read_probability_scaling(run_dir)
+    calibration = read_calibration(run_dir)
     predictor = EnsemblePredictor(folds, tta, amp)
     settings = {
         "data_root": str(root), "model_dir": str(run_dir), "folds": [f.fold for f in folds],
@@ -606,7 +602,7 @@ def predict_test_set(
         "aggregation": how, "batch_size": batch_size, "workers": workers,
         "shape": list(config.shapes[0]), "windows": [list(w) for w in config.windows],
         "body_crop": config.body_crop, "preprocessing_from": source,
-        "scaling": scaling or {},
+        "calibration": dataclasses.asdict(calibration) if calibration else None,
     }  # fmt: skip
     logger.info("submission settings: %s", settings)
 
@@ -634,8 +630,8 @@ def predict_test_set(
         | dict.fromkeys(PROBABILITY_COLUMNS, pl.Float64),
     )
     patients = aggregate_patients(series, how)
-    if scaling:
-        patients = apply_probability_scaling(patients, scaling)
+    if calibration is not None:
+        patients = apply_calibration(patients, calibration)
     submission = _assemble(sample, patients, prior)
     problem_table = _with_fallbacks(problems, set(patients["patient_id"].to_list()))
     write_submission(submission, sample, csv_path)
@@ -775,83 +771,6 @@ def _with_fallbacks(problems: list[dict[str, Any]], predicted: set[int]) -> pl.D
     for patient in sorted({r["patient_id"] for r in rows if r["fallback"] == FALLBACK_PRIOR}):
         logger.warning("patient %d: no usable series, the prior is used", patient)
     return pl.DataFrame(rows, schema=PROBLEM_SCHEMA)
-
-
-# --------------------------------------------------------------------------- probability scaling
-
-
-def read_probability_scaling(model_dir: Path) -> dict[str, float] | None:
-    """`<model_dir>/scaling.json` ({column: factor}), checked; None when there is none.
-
-    Raises:
-        ValueError: an unknown column or a factor that is not a positive finite number.
-    """
-    path = Path(model_dir) / SCALING_FILE
-    if not path.is_file():
-        return None
-    factors = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
-    _check_factors(factors, str(path))
-    return factors
-
-
-def save_probability_scaling(model_dir: Path, factors: Mapping[str, float]) -> Path:
-    """Write `<model_dir>/scaling.json`, which `predict_test_set` then applies."""
-    _check_factors(factors, "factors")
-    path = Path(model_dir) / SCALING_FILE
-    runtime.write_text_atomic(path, json.dumps(dict(factors), indent=1))
-    return path
-
-
-def _check_factors(factors: Mapping[str, float], what: str) -> None:
-    unknown = sorted(set(factors) - set(LABEL_COLUMNS))
-    if unknown:
-        raise ValueError(f"{what}: unknown columns {unknown} (use those of {LABEL_COLUMNS})")
-    bad = {c: v for c, v in factors.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise ValueError(f"{what}: factors must be positive and finite, not {bad}")
-
-
-def apply_probability_scaling(df: pl.DataFrame, factors: Mapping[str, float]) -> pl.DataFrame:
-    """Multiply each probability column by its factor (missing: 1), then divide each target
-    group by its sum again; other columns (patient_id, fold) are kept as they are."""
-    _check_factors(factors, "factors")
-    scaled = df.with_columns(pl.col(c) * float(factors.get(c, 1.0)) for c in LABEL_COLUMNS)
-    renormalised = []
-    for columns in TARGET_GROUPS.values():
-        total = pl.sum_horizontal(columns)
-        renormalised += [(pl.col(c) / total).alias(c) for c in columns]
-    return scaled.with_columns(renormalised)
-
-
-def fit_probability_scaling(
-    labels: pl.DataFrame,
-    oof_patient: pl.DataFrame,
-    grid: Sequence[float] = SCALING_GRID,
-    rounds: int = 2,
-) -> dict[str, float]:
-    """Per-column factors that lower the RSNA score of out-of-fold predictions (notebook 03's
-    oof_patient), by coordinate search: each column in turn takes the grid value that scores
-    best with the others fixed, `rounds` times. Starting from 1 and accepting only
-    improvements, the fitted score is never worse than the unscaled one.
-
-    The factors are fitted on the same predictions they are scored on: with few patients they
-    overfit, so compare across folds before trusting them.
-    """
-    predictions = oof_patient.drop("fold", strict=False)
-    truth = labels.join(predictions.select(PATIENT_ID), on=PATIENT_ID, how="semi")
-    factors = dict.fromkeys(LABEL_COLUMNS, 1.0)
-    best = rsna_score(truth, predictions)
-    for _ in range(rounds):
-        improved = False
-        for column in LABEL_COLUMNS:
-            for value in grid:
-                trial = factors | {column: float(value)}
-                score = rsna_score(truth, apply_probability_scaling(predictions, trial))
-                if score < best - 1e-12:
-                    best, factors, improved = score, trial, True
-        if not improved:
-            break
-    return factors
 
 
 # --------------------------------------------------------------------------- scoring

@@ -96,7 +96,9 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     report = json.loads((finetune / "report.json").read_text())
     assert set(report["folds"]) == {"0", "1"}
     assert report["summary"]["rsna_score"]["mean"] > 0
-    for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet"):
+    assert report["calibrated"]["summary"]["rsna_score"]["n"] == 2  # cross-fitted, both folds
+    for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet",
+                 "calibration.json"):  # fmt: skip
         assert (finetune / name).is_file(), name
     run_notebook(
         "04_submission", tmp_path, data_root=str(tiny_competition), model_dir=str(finetune),
@@ -110,4 +112,5 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert set(summary) == {"minutes", "pretrain", "cv", "test"}
     assert all(v is not None and v > 0 for v in summary["minutes"].values())
     assert summary["test"]["n_patients"] == 3 and summary["test"]["model"] > 0
-    assert "CV RSNA score" in markdown(summary)
+    assert "calibrated on the other folds" in markdown(summary)
+    assert summary["cv"]["calibrated"]["mean"] > 0

@@ -1,6 +1,6 @@
 """Submission (notebook 04): a valid file from the tiny dataset and a tiny trained run, the same
 predictions as notebook 01's cache + notebook 03's predictor, fallbacks for every kind of broken
-input, validation before writing, probability scaling, scoring, and the notebook itself."""
+input, validation before writing, calibration, scoring, and the notebook itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ import pytest
 import torch
 
 from kaggle_utils import submission as submission_module
+from kaggle_utils.calibration import (
+    CALIBRATION_FILE,
+    Calibration,
+    apply_calibration,
+    apply_probability_scaling,
+    cross_fitted,
+    fit_calibration,
+    read_calibration,
+)
 from kaggle_utils.finetune import (
     FinetuneConfig,
     load_fold_model,
@@ -32,18 +41,16 @@ from kaggle_utils.metric import (
     validate_submission,
 )
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.report import training_prior
 from kaggle_utils.submission import (
     EnsemblePredictor,
     SubmissionResult,
-    apply_probability_scaling,
-    fit_probability_scaling,
     load_fold_models,
     model_input,
     predict_test_set,
     preprocess_settings,
     resolve_model_dir,
     save_preprocess_settings,
-    save_probability_scaling,
     score_against_labels,
     score_table,
     write_submission,
@@ -368,45 +375,119 @@ def miscalibrated(seed: int = 0, n: int = 300) -> tuple[pl.DataFrame, pl.DataFra
     return pl.DataFrame(labels), apply_probability_scaling(pl.DataFrame(predictions), {})
 
 
-def test_scaling_never_worsens_the_oof_score_and_keeps_groups_normalised(
+def test_calibration_never_worsens_the_oof_score_and_keeps_groups_normalised(
     tiny_competition: Path, model_dir: Path
 ) -> None:
     labels = read_labels(tiny_competition)
     oof = pl.read_parquet(model_dir / "oof_patient.parquet")
     truth = labels.join(oof.select("patient_id"), on="patient_id", how="semi")
-    factors = fit_probability_scaling(labels, oof)
+    calibration = fit_calibration(labels, oof, training_prior(truth))
     before = rsna_score(truth, oof.drop("fold"))
-    assert rsna_score(truth, apply_probability_scaling(oof.drop("fold"), factors)) <= before
+    assert rsna_score(truth, apply_calibration(oof.drop("fold"), calibration)) <= before
 
     labels, predictions = miscalibrated()
-    factors = fit_probability_scaling(labels, predictions)
-    scaled = apply_probability_scaling(predictions, factors)
-    assert rsna_score(labels, scaled) < rsna_score(labels, predictions) - 0.05
-    assert min(factors.values()) >= 0.5 and max(factors.values()) <= 2.0
-    np.testing.assert_allclose(group_sums(scaled), 1.0, atol=1e-12)
-    assert scaled["patient_id"].equals(predictions["patient_id"])
+    calibration = fit_calibration(labels, predictions, training_prior(labels))
+    calibrated = apply_calibration(predictions, calibration)
+    assert rsna_score(labels, calibrated) < rsna_score(labels, predictions) - 0.05
+    assert min(calibration.factors.values()) >= 0.5 and max(calibration.factors.values()) <= 2.0
+    np.testing.assert_allclose(group_sums(calibrated), 1.0, atol=1e-12)
+    assert calibrated["patient_id"].equals(predictions["patient_id"])
     with pytest.raises(ValueError, match="unknown columns"):
         apply_probability_scaling(predictions, {"liver_medium": 2.0})
     with pytest.raises(ValueError, match="positive"):
         apply_probability_scaling(predictions, {"liver_low": 0.0})
+    with pytest.raises(ValueError, match="model_weight"):
+        Calibration(calibration.prior, {"liver": 1.5})
 
 
-def test_scaling_json_in_the_model_folder_is_applied(
+def slow_apply_calibration(frame: pl.DataFrame, calibration: Calibration) -> np.ndarray:
+    rows = []
+    for row in frame.iter_rows(named=True):
+        out: list[float] = []
+        for target, columns in TARGET_GROUPS.items():
+            w = calibration.model_weight.get(target, 1.0)
+            values = [
+                (w * row[c] + (1 - w) * calibration.prior[c]) * calibration.factors.get(c, 1.0)
+                for c in columns
+            ]
+            out += [v / sum(values) for v in values]
+        rows.append(out)
+    return np.array(rows)
+
+
+def test_apply_calibration_matches_slow_reference() -> None:
+    labels, predictions = miscalibrated(n=20)
+    prior = training_prior(labels)
+    calibration = Calibration(
+        prior, {"bowel": 0.0, "liver": 0.3, "spleen": 1.0}, {"liver_low": 1.7, "bowel_injury": 0.6}
+    )
+    calibrated = apply_calibration(predictions, calibration)
+    np.testing.assert_allclose(
+        calibrated.select(LABEL_COLUMNS).to_numpy(),
+        slow_apply_calibration(predictions, calibration),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(  # weight 0: exactly the prior
+        calibrated.select(TARGET_GROUPS["bowel"]).to_numpy()[0],
+        apply_probability_scaling(
+            constant_submission([0], prior), {"bowel_injury": 0.6}
+        ).select(TARGET_GROUPS["bowel"]).to_numpy()[0],
+    )  # fmt: skip
+
+
+def test_blend_hands_a_useless_head_back_to_the_prior() -> None:
+    labels, predictions = miscalibrated(n=400)
+    rng = np.random.default_rng(5)
+    noise = rng.dirichlet([1.0, 1.0, 1.0], size=predictions.height)  # liver: pure noise
+    predictions = predictions.with_columns(
+        pl.Series(c, noise[:, k]) for k, c in enumerate(TARGET_GROUPS["liver"])
+    )
+    calibration = fit_calibration(labels, predictions, training_prior(labels))
+    assert calibration.model_weight["liver"] <= 0.2
+    assert calibration.model_weight["spleen"] >= 0.7  # informative: kept
+
+
+def test_cross_fitted_calibration_never_sees_the_fold_it_calibrates() -> None:
+    labels, predictions = miscalibrated(n=120)
+    oof = predictions.with_columns((pl.col("patient_id") % 3).alias("fold"))
+    calibrated = cross_fitted(labels, oof)
+    assert calibrated.sort("patient_id")["patient_id"].equals(oof["patient_id"])
+    flipped = labels.with_columns(  # fold 0's liver labels changed: fold 0 must not move
+        pl.when(pl.col("patient_id") % 3 == 0).then(1 - pl.col("liver_healthy"))
+        .otherwise(pl.col("liver_healthy")).alias("liver_healthy"),
+        pl.when(pl.col("patient_id") % 3 == 0).then(pl.col("liver_healthy"))
+        .otherwise(pl.col("liver_low")).alias("liver_low"),
+        pl.when(pl.col("patient_id") % 3 == 0).then(0)
+        .otherwise(pl.col("liver_high")).alias("liver_high"),
+    )  # fmt: skip
+    again = cross_fitted(flipped, oof)
+    fold0 = pl.col("fold") == 0
+    assert calibrated.filter(fold0).equals(again.filter(fold0))
+    assert not calibrated.filter(~fold0).equals(again.filter(~fold0))
+    assert cross_fitted(labels, oof.with_columns(pl.lit(0).alias("fold"))).equals(
+        oof.with_columns(pl.lit(0).alias("fold"))
+    )
+
+
+def test_calibration_json_in_the_model_folder_is_applied(
     tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
 ) -> None:
-    scaled_dir = copy_model_dir(model_dir, tmp_path)
-    factors = {"liver_healthy": 2.0, "spleen_high": 0.5, "bowel_injury": 1.5}
-    save_probability_scaling(scaled_dir, factors)
-    result = predict_test_set(
-        tiny_competition, scaled_dir, tmp_path / "sub.csv", workers=0, progress=False
+    calibrated_dir = copy_model_dir(model_dir, tmp_path)
+    calibration = Calibration(
+        clean.prior, {"liver": 0.5}, {"liver_healthy": 2.0, "spleen_high": 0.5}
     )
-    expected = apply_probability_scaling(clean.submission, factors)
+    calibration.to_json(calibrated_dir / CALIBRATION_FILE)
+    assert read_calibration(calibrated_dir) == calibration
+    result = predict_test_set(
+        tiny_competition, calibrated_dir, tmp_path / "sub.csv", workers=0, progress=False
+    )
+    expected = apply_calibration(clean.submission, calibration)
     np.testing.assert_allclose(
         result.submission.select(LABEL_COLUMNS).to_numpy(),
         expected.select(LABEL_COLUMNS).to_numpy(),
         atol=1e-9,
     )
-    assert result.settings["scaling"] == factors
+    assert result.settings["calibration"]["model_weight"] == {"liver": 0.5}
 
 
 def test_score_against_labels_gives_the_model_and_the_prior(

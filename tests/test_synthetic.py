@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -366,16 +367,24 @@ def test_cli(tmp_path: Path) -> None:
             [*args, *extra], cwd=REPO, capture_output=True, text=True, check=True, timeout=120
         )
 
+    def contents() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
     first = run()
     assert "wrote 3 train + 1 test patients" in first.stdout
     assert (out / COMPLETE_MARKER).is_file()
-    csv_bytes = (out / "train.csv").read_bytes()
+    written = contents()
     second = run()
     assert "nothing to do" in second.stdout
-    third = run("--overwrite")
+    third = run("--overwrite", "--workers", "2")  # patients rendered in two processes
     assert "wrote" in third.stdout
-    assert (out / "train.csv").read_bytes() == csv_bytes
+    assert contents() == written  # byte for byte
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    other = subprocess.run(
+        [*args[:-1], "6"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )  # another seed into the same folder, without --overwrite
+    assert other.returncode == 2 and "--overwrite" in other.stderr
+    assert contents() == written
 
 
 def _pair(labels: PatientLabels, seed: int = 3, n_slices: int = 24, size: int = 96):
@@ -461,3 +470,8 @@ def test_config_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         generate_dataset(tmp_path / "x", SyntheticConfig(min_slices=10, max_slices=5))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_complete_folder_made_with_other_options_is_not_reused(dataset: Path) -> None:
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        generate_dataset(dataset, replace(TINY, test_patients=TINY.test_patients + 1))
