@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kaggle_utils.metric import PAPER_ORGANS, TARGET_GROUPS
-from kaggle_utils.models import build_backbone, load_state_dict_file
+from kaggle_utils.models import build_backbone, feature_dim, load_state_dict_file
 
 # Classes per target, in train.csv's column order (derived from the metric's column groups).
 TARGET_CLASSES: dict[str, tuple[str, ...]] = {
@@ -53,7 +53,7 @@ class CNNBiLSTM(nn.Module):
         self.targets = tuple(targets)
         self.backbone = backbone
         self.lstm = nn.LSTM(
-            backbone.num_features,
+            feature_dim(backbone),
             hidden_size,
             num_layers=num_layers,
             batch_first=True,

@@ -27,7 +27,7 @@ def build_backbone(
     weights_file: str | Path | None = None,
     **timm_kwargs: object,
 ) -> nn.Module:
-    """A timm model that maps (N, in_chans, H, W) to pooled features (N, num_features).
+    """A timm model that maps (N, in_chans, H, W) to pooled features (N, feature_dim).
 
     `weights_file`: ImageNet weights as a local file (e.g. from a Kaggle dataset); timm adapts
     the first convolution to `in_chans`. Without it the weights are random. Never downloads.
@@ -51,6 +51,14 @@ def build_backbone(
     return timm.create_model(
         name, pretrained=False, num_classes=0, in_chans=in_chans, **timm_kwargs
     )
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of the pooled features `build_backbone`'s model returns. Not always timm's
+    `num_features`: MobileNetV3 and others add a head convolution after pooling, whose width
+    timm names `head_hidden_size` (576 vs 1024 for mobilenetv3_small_100)."""
+    width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    return int(width)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -107,7 +115,7 @@ class CropEncoder(nn.Module):
         if slice_mode not in ("average", "per_slice"):
             raise ValueError(f"slice_mode must be 'average' or 'per_slice', not {slice_mode!r}")
         self.backbone = backbone
-        self.projector = ProjectionHead(backbone.num_features, hidden_dim, out_dim)
+        self.projector = ProjectionHead(feature_dim(backbone), hidden_dim, out_dim)
         self.slice_mode: SliceMode = slice_mode
 
     def forward(self, crops: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from kaggle_utils.models import (
     StudentTeacher,
     build_backbone,
     cosine_schedule,
+    feature_dim,
     input_normalisation,
     warmup_cosine,
 )
@@ -458,7 +459,7 @@ def export_encoder(
     meta = {
         "backbone": config.backbone,
         "in_chans": in_chans,
-        "num_features": int(getattr(backbone, "num_features", 0)),
+        "num_features": feature_dim(backbone),
         "steps": state.step,
         "probe": state.last_probe,
         "initial_probe": state.initial_probe,

@@ -7,11 +7,13 @@ import pytest
 import timm
 import torch
 
+from kaggle_utils.classifier import CNNBiLSTM
 from kaggle_utils.models import (
     CropEncoder,
     StudentTeacher,
     build_backbone,
     cosine_schedule,
+    feature_dim,
     load_state_dict_file,
     update_momentum,
     warmup_cosine,
@@ -29,7 +31,16 @@ def test_build_backbone_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
     model = build_backbone("test_efficientnet", 1)
-    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, model.num_features)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, feature_dim(model))
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_050", "resnet10t"])
+def test_feature_dim_is_the_width_of_the_pooled_output(name: str) -> None:
+    # mobilenetv3 pools, then widens with a head convolution: num_features would be wrong
+    model = build_backbone(name, 1)
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, feature_dim(model))
+    classifier = CNNBiLSTM(model, ("liver",), hidden_size=4, num_layers=1)
+    assert classifier(torch.zeros(1, 3, 1, 32, 32))["liver"].shape == (1, 3)
 
 
 def test_build_backbone_loads_local_weights_and_adapts_channels(tmp_path: Path) -> None:
