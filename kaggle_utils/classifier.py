@@ -109,13 +109,18 @@ class CNNBiLSTM(nn.Module):
         return logits, slice_logits
 
     @torch.no_grad()
-    def init_head_bias(self, prior: dict[str, float]) -> None:
-        """Start every head at the prior: bias = log p_c (weights untouched). Trained with the
-        metric-weighted cross-entropy, the best constant is the metric's best-constant
-        prediction, so the model starts where the prior ends and only has to learn the rest;
-        a zero bias would first spend epochs learning the class balance."""
+    def start_at_prior(self, prior: dict[str, float]) -> None:
+        """Make every head predict exactly the prior, whatever the input: weights 0 and
+        bias = log p_c. Trained with the metric-weighted cross-entropy, the best constant is
+        the metric's best-constant prediction, so the model starts where the prior ends and
+        only has to learn the rest. With timm-style random head weights it would instead start
+        at the prior plus input-dependent noise (about 0.2 logits here), which costs log loss
+        on every patient before anything is learned; a zero bias would first spend epochs
+        learning the class balance. The weights still get gradients (the features are
+        non-zero), and through them the rest of the network."""
         for target, head in self.heads.items():
             probabilities = torch.tensor([prior[c] for c in TARGET_GROUPS[target]])
+            head.weight.zero_()
             head.bias.copy_(torch.log(probabilities.clamp_min(1e-6)))
 
     def set_backbone_trainable(self, trainable: bool) -> None:

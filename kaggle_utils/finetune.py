@@ -287,7 +287,7 @@ def train_fold(
         labels.join(train_rows.select("patient_id").unique(), on="patient_id", how="semi")
     )
 
-    model.init_head_bias(prior)
+    model.start_at_prior(prior)
     epoch, best_score = 0, math.inf
     last_file = fold_dir / "last.pt"
     if config.resume and last_file.is_file():
@@ -549,10 +549,8 @@ def _logits(
     use_amp: bool,
     amp_dtype: torch.dtype,
 ) -> dict[str, Tensor]:
-    device = mean.device
-    volumes = (images.to(device, non_blocking=True).float() / 255.0 - mean) / std
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-        return model(volumes)
+    with torch.autocast(mean.device.type, dtype=amp_dtype, enabled=use_amp):
+        return model(_normalised(images, mean, std))
 
 
 def _logits_with_slices(
@@ -564,10 +562,13 @@ def _logits_with_slices(
     amp_dtype: torch.dtype,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Training forward: through DDP's wrapper (its forward) when there is one."""
-    device = mean.device
-    volumes = (images.to(device, non_blocking=True).float() / 255.0 - mean) / std
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-        return model(volumes, with_slices=True)
+    with torch.autocast(mean.device.type, dtype=amp_dtype, enabled=use_amp):
+        return model(_normalised(images, mean, std), with_slices=True)
+
+
+def _normalised(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 volumes -> the backbone's normalised float input, on mean's device."""
+    return (images.to(mean.device, non_blocking=True).float() / 255.0 - mean) / std
 
 
 def _weighted_log_loss(

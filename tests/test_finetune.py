@@ -63,19 +63,21 @@ def test_subset_of_targets_and_bad_arguments() -> None:
         tiny_model(pooling="sum")
 
 
-def test_head_bias_starts_the_model_at_the_prior() -> None:
+def test_the_model_starts_exactly_at_the_prior() -> None:
     model = tiny_model().eval()
     prior = {c: 1.0 for c in LABEL_COLUMNS} | {"liver_healthy": 8.0, "liver_low": 1.0}
     prior = {
         k: v / sum(prior[f"{k.split('_')[0]}_{c}"] for c in TARGET_CLASSES[k.split("_")[0]])
         for k, v in prior.items()
     }
-    model.init_head_bias(prior)
-    for head in model.heads.values():
-        torch.nn.init.zeros_(head.weight)
+    model.start_at_prior(prior)
     out = model(torch.randn(2, 3, 1, 32, 32))
-    liver = torch.softmax(out["liver"], dim=1)[0].tolist()
-    assert liver == pytest.approx([prior["liver_healthy"], prior["liver_low"], prior["liver_high"]])
+    expected = [prior["liver_healthy"], prior["liver_low"], prior["liver_high"]]
+    for row in torch.softmax(out["liver"], dim=1).tolist():  # every input, not just on average
+        assert row == pytest.approx(expected)
+    out["liver"].sum().backward()
+    assert model.heads["liver"].weight.grad is not None
+    assert model.heads["liver"].weight.grad.abs().sum() > 0  # it can still learn
 
 
 def test_frozen_backbone_gets_no_gradient_and_keeps_bn_statistics() -> None:
