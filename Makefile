@@ -9,15 +9,19 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= inputs/demo-rsna
 DEMO_OUT ?= outputs/demo
 WORKERS ?= 2
-# Small CPU settings for the demo: 16x96x96 volumes for pretraining, 32x128x128 for
-# fine-tuning, a tiny timm backbone. The notebooks' defaults are the paper's settings.
-DEMO_SHAPES ?= [[16, 96, 96], [32, 128, 128]]
+# Small CPU settings for the demo: 120 train and 40 test synthetic patients at 128 px,
+# 16x96x96 volumes for pretraining, 32x96x96 for fine-tuning, a tiny timm backbone. The
+# notebooks' defaults are the paper's settings.
+DEMO_SYNTHETIC ?= --train-patients 120 --test-patients 40 --image-size 128 --min-slices 40 \
+	--max-slices 56 --workers $(WORKERS)
+DEMO_SHAPES ?= [[16, 96, 96], [32, 96, 96]]
 DEMO_PRETRAIN ?= -y "volume_shape: [16, 96, 96]" -p crop_size 32 -p backbone test_efficientnet \
 	-p hidden_dim 256 -p out_dim 256 -p steps 150 -p batch_size 8 -p lr 1e-3 -p warmup_steps 10 \
 	-p probe_every 50 -p checkpoint_every 50 -p n_probe_volumes 8 -p num_workers 0
-DEMO_FINETUNE ?= -y "shape: [32, 128, 128]" -p backbone test_efficientnet -p init voco \
-	-p hidden_size 64 -p num_layers 1 -p n_slices 16 -p image_size 128 -p epochs 6 \
-	-p batch_size 4 -p lr 1e-3 -p n_folds 3 -p num_workers 0
+DEMO_FINETUNE ?= -y "shape: [32, 96, 96]" -p backbone test_efficientnet -p init voco \
+	-p hidden_size 64 -p num_layers 1 -p pooling max -p n_slices 16 -p image_size 96 \
+	-p epochs 20 -p batch_size 8 -p lr 1e-3 -p affine_prob 0.5 -p brightness_contrast_prob 0 \
+	-p coarse_dropout_prob 0 -p n_folds 3 -p num_workers 0
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
 .PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo
@@ -38,7 +42,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 demo-data: install
-	$(PY) -m kaggle_utils.synthetic $(DEMO_DATA)
+	$(PY) -m kaggle_utils.synthetic $(DEMO_DATA) $(DEMO_SYNTHETIC)
 
 demo: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
