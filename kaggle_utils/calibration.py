@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,7 @@ def fit_calibration(
             for key in keys:
                 for value in grid:
                     values = getattr(calibration, attribute) | {key: float(value)}
-                    trial = Calibration(
-                        calibration.prior,
-                        values if attribute == "model_weight" else calibration.model_weight,
-                        values if attribute == "factors" else calibration.factors,
-                    )
+                    trial = replace(calibration, **{attribute: values})
                     score = rsna_score(truth, apply_calibration(predictions, trial))
                     if score < best - 1e-12:
                         best, calibration, improved = score, trial, True

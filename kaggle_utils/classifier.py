@@ -113,9 +113,9 @@ class CNNBiLSTM(nn.Module):
         """Make every head predict exactly the prior, whatever the input: weights 0 and
         bias = log p_c. Trained with the metric-weighted cross-entropy, the best constant is
         the metric's best-constant prediction, so the model starts where the prior ends and
-        only has to learn the rest. With timm-style random head weights it would instead start
-        at the prior plus input-dependent noise (about 0.2 logits here), which costs log loss
-        on every patient before anything is learned; a zero bias would first spend epochs
+        only has to learn the rest. With random head weights it would instead start at the
+        prior plus input-dependent noise, which costs log loss on every patient before
+        anything is learned; a zero bias would first spend epochs
         learning the class balance. The weights still get gradients (the features are
         non-zero), and through them the rest of the network."""
         for target, head in self.heads.items():

@@ -157,15 +157,12 @@ def read_labels(data_root: str | Path) -> pl.DataFrame:
     return pl.read_csv(path)
 
 
-def read_image_labels(data_root: str | Path) -> pl.DataFrame | None:
-    """image_level_labels.csv, or None when the folder has none."""
-    path = Path(data_root) / "image_level_labels.csv"
-    return pl.read_csv(path) if path.is_file() else None
+IMAGE_LABELS_FILE = "image_level_labels.csv"
 
 
 def slice_targets(config: FinetuneConfig) -> tuple[str, ...]:
     """The targets trained with slice-level labels in this run (possibly none)."""
-    if config.slice_loss_weight <= 0 or read_image_labels(config.data_root) is None:
+    if config.slice_loss_weight <= 0 or not (Path(config.data_root) / IMAGE_LABELS_FILE).is_file():
         return ()
     return tuple(t for t in SLICE_TARGETS if t in config.targets)
 
@@ -179,7 +176,9 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     output_dir.mkdir(parents=True, exist_ok=True)
     labels = read_labels(config.data_root)
     folds = _load_or_make_folds(labels, config, output_dir, rank, distributed)
-    image_labels = read_image_labels(config.data_root) if slice_targets(config) else None
+    image_labels = None
+    if slice_targets(config):
+        image_labels = pl.read_csv(Path(config.data_root) / IMAGE_LABELS_FILE)
     table = series_table(
         labels, Path(config.cache_dir), config.shape, image_labels=image_labels
     ).join(folds, on="patient_id")
@@ -318,9 +317,11 @@ def train_fold(
             if distributed and not last_micro:
                 sync = trained_model.no_sync()  # type: ignore[operator]
             with sync:
-                logits, slice_logits = _logits_with_slices(
-                    trained_model, batch["image"], mean, std, use_amp, amp_dtype
-                )
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    # through DDP's wrapper when there is one: it only calls forward
+                    logits, slice_logits = trained_model(
+                        _normalised(batch["image"], mean, std), with_slices=True
+                    )
                 loss = weighted_loss(
                     logits, batch["labels"].to(device), batch["any_injury"].to(device),
                     class_weights, config.any_injury_weight,
@@ -551,19 +552,6 @@ def _logits(
 ) -> dict[str, Tensor]:
     with torch.autocast(mean.device.type, dtype=amp_dtype, enabled=use_amp):
         return model(_normalised(images, mean, std))
-
-
-def _logits_with_slices(
-    model: nn.Module,
-    images: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
-) -> tuple[dict[str, Tensor], Tensor | None]:
-    """Training forward: through DDP's wrapper (its forward) when there is one."""
-    with torch.autocast(mean.device.type, dtype=amp_dtype, enabled=use_amp):
-        return model(_normalised(images, mean, std), with_slices=True)
 
 
 def _normalised(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -51,10 +51,7 @@ def series_table(
             cached_slice_labels(metadata, labels, image_labels, shape[0]),
             on="series_id", how="left",
         )  # fmt: skip
-    metadata = metadata.drop(
-        [c for c in metadata.columns if c not in ("patient_id", "series_id")
-         and not c.startswith("slices_")]
-    )  # fmt: skip
+    metadata = metadata.select("patient_id", "series_id", pl.col("^slices_.*$"))
     if split_meta is not None:
         metadata = metadata.join(split_meta.select("series_id"), on="series_id", how="semi")
     table = metadata.join(class_indices(labels), on="patient_id", how="inner")

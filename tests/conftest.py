@@ -3,6 +3,9 @@ with exactly the header a test needs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +127,15 @@ def tiny_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
         train_patients=6, test_patients=3, image_size=64, min_slices=12, max_slices=16, seed=7
     )
     return generate_dataset(root, config)
+
+
+def run_torchrun_on_cpu(module: str, config_file: Path, nproc: int = 2) -> None:
+    """`torchrun --standalone -m <module> --config <config_file>` with `nproc` CPU processes
+    (gloo), one thread each; fails the test with torchrun's stderr when it exits non-zero."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(nproc), "-m", module, "--config", str(config_file)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

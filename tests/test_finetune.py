@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,8 @@ from kaggle_utils.models import build_backbone
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
 from kaggle_utils.report import cross_validation_report, markdown_table, training_prior
 from kaggle_utils.volume import resample_volume
+
+from conftest import run_torchrun_on_cpu
 
 SHAPE = (8, 32, 32)
 
@@ -303,13 +302,7 @@ def test_torchrun_two_cpu_processes_with_gloo(
 ) -> None:
     config = smoke_config(tiny_competition, cached, tmp_path, folds_to_run=[0])
     config.to_json(tmp_path / "config.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kaggle_utils.finetune", "--config", str(tmp_path / "config.json")],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun_on_cpu("kaggle_utils.finetune", tmp_path / "config.json")
     assert pl.read_csv(tmp_path / "fold0" / "log.csv")["epoch"].to_list() == [1, 2]  # rank 0 only
     oof = pl.read_parquet(tmp_path / "oof_patient.parquet")
     folds = pl.read_csv(tmp_path / "folds.csv")

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,8 @@ from kaggle_utils.pretrain_data import (
     split_probe_volumes,
     volume_files,
 )
+
+from conftest import run_torchrun_on_cpu
 
 SHAPE = (8, 64, 64)
 
@@ -194,13 +193,7 @@ def test_short_pretraining_lifts_the_position_probe(volume_dir: Path, tmp_path: 
 def test_torchrun_two_cpu_processes_with_gloo(volume_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(volume_dir, tmp_path, steps=2, probe_every=2)
     config.to_json(tmp_path / "config.json")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kaggle_utils.pretrain", "--config", str(tmp_path / "config.json")],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun_on_cpu("kaggle_utils.pretrain", tmp_path / "config.json")
     with open(tmp_path / "log.csv") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [0, 1, 2]  # rank 0 logs once
     assert (tmp_path / "encoder.pt").is_file()
