@@ -48,7 +48,8 @@ optimizer.
 
 Each case runs in a fresh subprocess, one after the other, so its peak memory is its own: the
 child's peak RSS (`ru_maxrss`) on CPU, `torch.cuda.max_memory_allocated` on CUDA (where both
-cases use bf16 autocast, as both codebases train with mixed precision). Per case: `--warmup`
+cases run at the training loops' precision, `--precision auto`: bf16 on GPUs with native
+bf16, fp16 on older ones, as both codebases train with mixed precision). Per case: `--warmup`
 untimed steps, then `--repeats` timed steps, the median reported (seconds per step = per
 volume). The last line is JSON with every figure, for scripts; `time_ratio` and
 `memory_ratio` are 3D / 2D.
@@ -85,6 +86,7 @@ from kaggle_utils.models import (
 )
 from kaggle_utils.pretrain import PretrainConfig, _forward, build_voco
 from kaggle_utils.pretrain_data import load_volume
+from kaggle_utils.runtime import PRECISIONS, Precision, resolve_precision
 
 CASES = ("2d", "3d")
 BARE_CASES = ("2d-backbone", "3d-encoder")
@@ -94,13 +96,11 @@ MONAI_HINT = 'monai is needed for the 3D case: pip install "monai>=1.3" (or use 
 Step = Callable[[], float]
 
 
-def device_and_amp() -> tuple[torch.device, bool]:
-    cuda = torch.cuda.is_available()
-    return torch.device("cuda" if cuda else "cpu"), cuda
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def device_and_precision(precision: str) -> tuple[torch.device, Precision]:
+    """The GPU if there is one, with the training loops' own precision choice (timing only:
+    the steps below skip fp16's gradient scaler, which costs little)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, resolve_precision(precision, device)
 
 
 def student_params(module: nn.Module) -> int:
@@ -115,7 +115,9 @@ def volume_2d(path: str, seed: int) -> Tensor:
     return torch.from_numpy(rng.integers(0, 256, (32, 1, 192, 192), dtype=np.uint8))
 
 
-def build_2d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple[Step, int]:
+def build_2d(
+    args: argparse.Namespace, device: torch.device, precision: Precision
+) -> tuple[Step, int]:
     config = PretrainConfig()
     volume = volume_2d(args.volume, args.seed)
     model, loss_fn, optimizer = build_voco(config, volume.shape[1], device)
@@ -134,9 +136,7 @@ def build_2d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        parts = _forward(
-            model.student, model.teacher, loss_fn, batch, mean, std, config, amp, torch.bfloat16
-        )
+        parts = _forward(model.student, model.teacher, loss_fn, batch, mean, std, config, precision)
         parts.total.backward()
         nn.utils.clip_grad_norm_(model.student.parameters(), config.grad_clip)
         optimizer.step()
@@ -147,7 +147,7 @@ def build_2d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple
 
 
 def build_2d_backbone(
-    args: argparse.Namespace, device: torch.device, amp: bool
+    args: argparse.Namespace, device: torch.device, precision: Precision
 ) -> tuple[Step, int]:
     config = PretrainConfig()
     volume = volume_2d(args.volume, args.seed)
@@ -165,7 +165,7 @@ def build_2d_backbone(
 
     def step() -> float:
         backbone.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with precision.autocast():
             out = backbone(images).float().mean()
         out.backward()
         return float(out.detach())
@@ -249,7 +249,9 @@ def crops_3d(seed: int) -> tuple[Tensor, Tensor]:
     return inputs, torch.from_numpy(crops.labels.astype(np.float32))[None]
 
 
-def build_3d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple[Step, int]:
+def build_3d(
+    args: argparse.Namespace, device: torch.device, precision: Precision
+) -> tuple[Step, int]:
     student = VoCoSwin(args.swin_checkpoint).to(device)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
@@ -260,10 +262,10 @@ def build_3d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with precision.autocast():
             students = student(inputs).float()
         update_momentum(student, teacher, 0.9)  # VoCo updates the teacher before its forward
-        with torch.no_grad(), autocast(device, amp):
+        with torch.no_grad(), precision.autocast():
             teachers = teacher(inputs).float()
         x_stu, bases_stu = students[:RANDOM_3D][None], students[RANDOM_3D:][None]
         x_tea, bases_tea = teachers[:RANDOM_3D][None], teachers[RANDOM_3D:][None]
@@ -276,7 +278,9 @@ def build_3d(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple
     return step, student_params(student)
 
 
-def build_3d_encoder(args: argparse.Namespace, device: torch.device, amp: bool) -> tuple[Step, int]:
+def build_3d_encoder(
+    args: argparse.Namespace, device: torch.device, precision: Precision
+) -> tuple[Step, int]:
     encoder = VoCoSwin(args.swin_checkpoint, with_head=False).to(device)
     encoder.train()
     inputs, _ = crops_3d(args.seed)
@@ -284,7 +288,7 @@ def build_3d_encoder(args: argparse.Namespace, device: torch.device, amp: bool) 
 
     def step() -> float:
         encoder.zero_grad(set_to_none=True)
-        with autocast(device, amp):
+        with precision.autocast():
             out = encoder(inputs).float().mean()
         out.backward()
         return float(out.detach())
@@ -292,7 +296,7 @@ def build_3d_encoder(args: argparse.Namespace, device: torch.device, amp: bool) 
     return step, student_params(encoder)
 
 
-BUILDERS: dict[str, Callable[[argparse.Namespace, torch.device, bool], tuple[Step, int]]] = {
+BUILDERS: dict[str, Callable[[argparse.Namespace, torch.device, Precision], tuple[Step, int]]] = {
     "2d": build_2d,
     "3d": build_3d,
     "2d-backbone": build_2d_backbone,
@@ -311,8 +315,8 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]  # other work on the machine skews the timings
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    device, amp = device_and_amp()
-    step, params = BUILDERS[args.case](args, device, amp)
+    device, precision = device_and_precision(args.precision)
+    step, params = BUILDERS[args.case](args, device, precision)
     for _ in range(args.warmup):
         step()
     times, loss = [], float("nan")
@@ -327,6 +331,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "case": args.case,
         "device": device.type,
+        "precision": precision.name,
         "threads": torch.get_num_threads(),
         "seconds_per_volume": round(statistics.median(times), 3),
         "step_seconds": [round(t, 3) for t in times],
@@ -346,7 +351,7 @@ def child_command(args: argparse.Namespace, case: str) -> list[str]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--case", case,
         "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--threads", str(args.threads), "--seed", str(args.seed),
+        "--threads", str(args.threads), "--seed", str(args.seed), "--precision", args.precision,
     ]  # fmt: skip
     if args.volume:
         command += ["--volume", args.volume]
@@ -454,6 +459,10 @@ def main() -> None:
     )
     parser.add_argument("--volume", default="", help="a cached (32, [C,] 192, 192) uint8 .npy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="as the training loops: auto = bf16 on native-bf16 GPUs, fp16 on older, fp32 on CPU",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")

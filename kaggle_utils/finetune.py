@@ -100,7 +100,7 @@ class FinetuneConfig(runtime.JsonConfig):
     folds_to_run: list[int] = field(default_factory=list)  # empty: all folds
     holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
     aggregation: str = "mean"  # per patient over its series: "mean" or "max"
-    amp: bool = True
+    precision: str = "auto"  # see runtime.resolve_precision: "auto", "bf16", "fp16", "fp32"
     num_workers: int = 2
     seed: int = 0
     resume: bool = True
@@ -110,6 +110,10 @@ class FinetuneConfig(runtime.JsonConfig):
             raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {self.init!r}")
         if self.aggregation not in ("mean", "max"):
             raise ValueError(f"aggregation must be 'mean' or 'max', not {self.aggregation!r}")
+        if self.precision not in runtime.PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {runtime.PRECISIONS}, not {self.precision!r}"
+            )
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
@@ -278,9 +282,8 @@ def train_fold(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.01)
     )
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    precision = runtime.resolve_precision(config.precision, device)
+    scaler = precision.grad_scaler()
     class_weights = {t: torch.tensor(CLASS_WEIGHTS[t], device=device) for t in config.targets}
     prior = training_prior(
         labels.join(train_rows.select("patient_id").unique(), on="patient_id", how="semi")
@@ -317,7 +320,7 @@ def train_fold(
             if distributed and not last_micro:
                 sync = trained_model.no_sync()  # type: ignore[operator]
             with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with precision.autocast():
                     # through DDP's wrapper when there is one: it only calls forward
                     logits, slice_logits = trained_model(
                         _normalised(batch["image"], mean, std), with_slices=True
@@ -447,11 +450,10 @@ def predict_series(
         dataset, batch_size=max(1, config.batch_size), num_workers=config.num_workers
     )
     mean, std = input_normalisation(model.backbone, device)
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    precision = runtime.resolve_precision(config.precision, device)
     frames = []
     for batch in loader:
-        probabilities = volume_probabilities(model, batch["image"], mean, std, use_amp, amp_dtype)
+        probabilities = volume_probabilities(model, batch["image"], mean, std, precision)
         frame = {
             "patient_id": batch["patient_id"].tolist(),
             "series_id": batch["series_id"].tolist(),
@@ -470,11 +472,11 @@ def volume_probabilities(
     images: Tensor,
     mean: Tensor,
     std: Tensor,
-    use_amp: bool = False,
-    amp_dtype: torch.dtype = torch.float16,
+    precision: runtime.Precision | None = None,
 ) -> dict[str, np.ndarray]:
-    """uint8 volumes (B, S, C, H, W) -> {target: (B, n_classes) probabilities}."""
-    logits = _logits(model, images, mean, std, use_amp, amp_dtype)
+    """uint8 volumes (B, S, C, H, W) -> {target: (B, n_classes) probabilities}; fp32 unless
+    a `precision` (`runtime.resolve_precision`) says otherwise."""
+    logits = _logits(model, images, mean, std, precision)
     return {t: torch.softmax(v.float(), dim=1).cpu().numpy() for t, v in logits.items()}
 
 
@@ -547,10 +549,10 @@ def _logits(
     images: Tensor,
     mean: Tensor,
     std: Tensor,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
+    precision: runtime.Precision | None = None,
 ) -> dict[str, Tensor]:
-    with torch.autocast(mean.device.type, dtype=amp_dtype, enabled=use_amp):
+    precision = precision or runtime.Precision("fp32", mean.device.type)
+    with precision.autocast():
         return model(_normalised(images, mean, std))
 
 

@@ -96,7 +96,8 @@ class PretrainConfig(runtime.JsonConfig):
     warmup_steps: int = 100
     min_lr_factor: float = 0.01
     grad_clip: float = 1.0  # max gradient norm; 0 = off
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # "auto" (bf16 where the GPU has it natively, else fp16; CPU fp32), "bf16", "fp16", "fp32"
+    precision: str = "auto"
     flip_prob: float = 0.0
     rot90_prob: float = 0.0
     intensity: float = 0.1
@@ -117,6 +118,7 @@ class PretrainConfig(runtime.JsonConfig):
             "intra_form": ("voco_code", "paper"),
             "reg_form": ("paper", "voco_code"),
         }
+        choices["precision"] = runtime.PRECISIONS
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
@@ -161,9 +163,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         optimizer,
         lambda step: warmup_cosine(step, config.warmup_steps, config.steps, config.min_lr_factor),
     )
-    use_amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    precision = runtime.resolve_precision(config.precision, device)
+    scaler = precision.grad_scaler()
 
     dataset = VoCoCropDataset(
         train_files,
@@ -208,12 +209,13 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             sync = student.no_sync() if distributed and not last else nullcontext()  # type: ignore[operator]
             with sync:
                 parts = _forward(
-                    student, model.teacher, loss_fn, batch, mean, std, config, use_amp, amp_dtype
+                    student, model.teacher, loss_fn, batch, mean, std, config, precision
                 )
                 if not torch.isfinite(parts.total):
                     raise NonFiniteLossError(
                         f"step {state.step + 1}: the loss is not finite ({_describe(parts)}); "
-                        f"the last good state is {checkpoint_file}. Lower lr or turn off amp."
+                        f"the last good state is {checkpoint_file}. Lower lr or use "
+                        "precision='fp32'."
                     )
                 scaler.scale(parts.total / config.grad_accum).backward()
             for key, value in parts.as_floats().items():
@@ -345,8 +347,7 @@ def _forward(
     mean: Tensor,
     std: Tensor,
     config: PretrainConfig,
-    use_amp: bool,
-    amp_dtype: torch.dtype,
+    precision: runtime.Precision,
 ) -> LossParts:
     device = mean.device
     random_crops = batch["random"].to(device, non_blocking=True)  # (B, R, S, C, h, w)
@@ -356,8 +357,7 @@ def _forward(
     n_bases = base_crops.shape[1]
     crops = torch.cat([random_crops.flatten(0, 1), base_crops.flatten(0, 1)])
     crops = (crops.float() / 255.0 - mean) / std  # (B * (R + K), S, C, h, w)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
-    with autocast:
+    with precision.autocast():
         student_out = student(crops)
         with torch.no_grad():
             teacher_out = teacher(crops)

@@ -1,11 +1,12 @@
 """Run-time plumbing shared by the training loops: torchrun/DDP set-up, seeding, RNG state
-for exact resume, atomic file writes and CSV logs."""
+for exact resume, atomic file writes and CSV logs, and the choice of numeric precision."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import logging
 import os
 import random
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def init_distributed() -> bool:
@@ -164,3 +167,72 @@ class JsonConfig:
     def to_json(self, path: str | Path) -> None:
         payload = dataclasses.asdict(self)  # type: ignore[call-overload]
         write_text_atomic(Path(path), json.dumps(payload, indent=1))
+
+
+# --------------------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a loop computes on its device: autocast to bf16 or fp16, or plain fp32. fp16 needs
+    the gradient scaler (its range underflows small gradients); bf16 and fp32 do not."""
+
+    name: str  # "bf16", "fp16" or "fp32"
+    device_type: str  # "cuda" or "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.name]
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        return self.name == "fp16" and self.device_type == "cuda"
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A scaler that is a no-op unless fp16 on CUDA needs it (so loops call it always)."""
+        return torch.amp.GradScaler("cuda", enabled=self.uses_grad_scaler)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0 and up: Ampere, Ada,
+    Hopper). `torch.cuda.is_bf16_supported` is also true on a T4 (7.5) or a P100 (6.0),
+    where bf16 is emulated and slower than fp16, so it is not the test."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The one decision of pretraining, fine-tuning and inference: "auto" is bf16 on a GPU
+    with native bf16, fp16 with the gradient scaler on an older GPU (Kaggle's T4 and P100),
+    fp32 on the CPU; "bf16", "fp16" and "fp32" force that choice.
+
+    Raises:
+        ValueError: an unknown name, or fp16 on the CPU (CPU autocast has no gradient scaler;
+            use "bf16" or "fp32" there).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise ValueError('precision "fp16" needs a GPU: use "auto", "bf16" or "fp32"')
+        return Precision("fp32" if precision == "auto" else precision, device.type)
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp16"
+    elif precision == "bf16" and not native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        logger.warning(
+            "bf16 asked for on a GPU of compute capability %d.%d: it is emulated there (slow); "
+            '"auto" would pick fp16', major, minor,
+        )  # fmt: skip
+    return Precision(precision, "cuda")

@@ -293,23 +293,23 @@ def model_input(volume: np.ndarray, n_slices: int, transform: Any) -> np.ndarray
 
 class EnsemblePredictor:
     """Series volumes -> the 13 probability columns, averaged over folds (and over the
-    left-right flip with `tta`). Half precision (autocast, bf16 where supported, else fp16) on
-    CUDA with `amp`; the CPU stays in fp32."""
+    left-right flip with `tta`), at the `precision` of `runtime.resolve_precision` ("auto":
+    bf16 on GPUs that have it natively, fp16 on a T4 or P100, fp32 on the CPU)."""
 
-    def __init__(self, folds: Sequence[FoldModel], tta: bool = False, amp: bool = True) -> None:
+    def __init__(
+        self, folds: Sequence[FoldModel], tta: bool = False, precision: str = "auto"
+    ) -> None:
         self.folds = list(folds)
         self.tta = tta
         self.device = folds[0].mean.device
-        self.use_amp = amp and self.device.type == "cuda"
-        bf16 = self.use_amp and torch.cuda.is_bf16_supported()
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self._precision = runtime.resolve_precision(precision, self.device)
         sizes = {int(f.meta["image_size"]) for f in self.folds}
         # built now, not in the first prediction: albumentations' import would count as model time
         self._transforms = {size: build_transform(size, False, AugmentConfig()) for size in sizes}
 
     @property
     def precision(self) -> str:
-        return str(self.amp_dtype).removeprefix("torch.") if self.use_amp else "float32"
+        return self._precision.name
 
     @torch.inference_mode()
     def predict(self, volumes: Sequence[np.ndarray]) -> dict[str, list[float]]:
@@ -334,9 +334,7 @@ class EnsemblePredictor:
         return {c: (v / len(self.folds)).tolist() for c, v in total.items()}
 
     def _probabilities(self, fold: FoldModel, images: Tensor) -> dict[str, np.ndarray]:
-        return volume_probabilities(
-            fold.model, images, fold.mean, fold.std, self.use_amp, self.amp_dtype
-        )
+        return volume_probabilities(fold.model, images, fold.mean, fold.std, self._precision)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -554,7 +552,7 @@ def predict_test_set(
     aggregation: str | None = None,
     device: str | torch.device = "auto",
     workers: int = 1,
-    amp: bool = True,
+    precision: str = "auto",
     progress: bool = True,
 ) -> SubmissionResult:
     """Predict every patient of `sample_submission.csv` from its test DICOMs and write the
@@ -571,7 +569,8 @@ def predict_test_set(
         aggregation: "mean" or "max" over a patient's series; None: the models' setting.
         device: "auto", "cpu", "cuda", "cuda:1", ...
         workers: 0 decodes in this thread, 1 in a background thread, more in processes.
-        amp: autocast to bf16/fp16 on CUDA (ignored on the CPU).
+        precision: "auto" (bf16 on GPUs with native bf16, fp16 on older ones, fp32 on the
+            CPU), or "bf16", "fp16", "fp32" (`runtime.resolve_precision`).
         progress: show a progress bar over series.
 
     Raises:
@@ -595,7 +594,7 @@ def predict_test_set(
     config, source = preprocess_settings(run_dir, folds[0].meta)
     prior = ensemble_prior(folds)
     calibration = read_calibration(run_dir)
-    predictor = EnsemblePredictor(folds, tta, amp)
+    predictor = EnsemblePredictor(folds, tta, precision)
     settings = {
         "data_root": str(root), "model_dir": str(run_dir), "folds": [f.fold for f in folds],
         "device": str(torch_device), "precision": predictor.precision, "tta": tta,

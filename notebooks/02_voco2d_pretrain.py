@@ -56,6 +56,7 @@ lr: float = 1e-4  # AdamW learning rate (warmup + cosine)
 weight_decay: float = 1e-2
 warmup_steps: int = 100
 grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 flip_prob: float = 0.0  # augmentation: flips move organs, off by default
 rot90_prob: float = 0.0
 intensity: float = 0.1  # intensity scale/shift jitter
@@ -107,6 +108,7 @@ config = PretrainConfig(
     reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
     reg_weight=reg_weight, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
     weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
+    precision=precision,
     flip_prob=flip_prob, rot90_prob=rot90_prob, intensity=intensity, num_workers=num_workers,
     checkpoint_every=checkpoint_every, probe_every=probe_every, n_probe_volumes=n_probe_volumes,
     seed=seed, resume=resume, time_limit_s=time_limit_s,

@@ -66,6 +66,7 @@ n_folds: int = 5
 folds_to_run: list = []  # e.g. [0] for a quick look; empty for all folds
 holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
 aggregation: str = "mean"  # per patient over its series: "mean" or "max"
+precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 num_workers: int = 2  # data loader processes
 seed: int = 0
 resume: bool = True  # skip finished folds, resume an interrupted one
@@ -104,6 +105,7 @@ config = FinetuneConfig(
     hflip_prob=hflip_prob, affine_prob=affine_prob,
     brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
     n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, aggregation=aggregation,
+    precision=precision,
     num_workers=num_workers, seed=seed, resume=resume,
 )  # fmt: skip
 print(f"labels: {root / 'train.csv'}; volumes: {cache}; run folder: {run_dir}")

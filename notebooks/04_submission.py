@@ -44,7 +44,7 @@ tta: bool = False  # also predict the left-right flip; only for models trained w
 aggregation: str = ""  # over a patient's series: "mean" or "max"; empty: the models' setting
 device: str = "auto"  # "auto" (GPU if any), "cpu" or "cuda"
 workers: int = 1  # decoding: 0 in this thread, 1 in a background thread, more in processes
-amp: bool = True  # half precision on the GPU (bf16 where supported, else fp16)
+precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 smoke: bool = False  # tiny, fast settings for tests
 
 # %%
@@ -76,7 +76,7 @@ print(f"test DICOMs: {root / 'test_images'}; models: {run_dir}; submission: {csv
 # %%
 result = predict_test_set(
     root, run_dir, csv_path, batch_size=batch_size, tta=tta, aggregation=aggregation or None,
-    device=device, workers=workers, amp=amp,
+    device=device, workers=workers, precision=precision,
 )  # fmt: skip
 settings = result.settings
 print(

@@ -125,7 +125,7 @@ def test_the_csv_follows_the_sample_and_is_valid(
     total = summary.filter(pl.col("what") == "total")
     assert total["per_study_s"][0] == pytest.approx(total["sum_s"][0] / sample.height)
     assert clean.settings["preprocessing_from"].endswith("preprocess.json")
-    assert clean.settings["precision"] == "float32" and clean.settings["folds"] == [0, 1]
+    assert clean.settings["precision"] == "fp32" and clean.settings["folds"] == [0, 1]
     assert not list(clean.csv_path.parent.glob(".*.tmp"))
 
 
