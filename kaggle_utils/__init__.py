@@ -19,4 +19,10 @@ Submodules are imported explicitly (`from kaggle_utils.dicom import read_hu`) so
 one step never pulls in the heavy dependencies of another.
 """
 
+import os
+
+# albumentations asks PyPI for a newer version at import unless told not to: on Kaggle's
+# offline scoring run that is a wait for a time-out, and no notebook should phone home.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 __version__ = "0.1.0"

@@ -21,6 +21,8 @@ pydicom, which raises a Python error that becomes a skipped slice.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import io
 import re
 import threading
@@ -144,6 +146,8 @@ def read_slice(path: str | Path, decoder: Decoder = "auto") -> DicomSlice:
         raise DicomReadError(f"{path}: cannot read the file ({error.strerror or error})") from error
     if decoder not in ("auto", "dicomsdl", "pydicom"):
         raise ValueError(f"decoder must be 'auto', 'dicomsdl' or 'pydicom', not {decoder!r}")
+    if decoder == "auto" and not dicomsdl_available():
+        decoder = "pydicom"
     if decoder != "pydicom":
         usable, why_not = _dicomsdl_can_decode(data)
         if usable:
@@ -258,6 +262,130 @@ def load_series(series_dir: str | Path, decoder: Decoder = "auto") -> Series:
         ordered_by=ordered_by,
         decoder_counts=dict(Counter(s.decoder for s in ordered)),
     )
+
+
+# --------------------------------------------------------------------------- decoders
+
+# The packages that decode pixel data, and what each one is for here.
+DECODER_PACKAGES: dict[str, str] = {
+    "dicomsdl": "the fast path, for the syntaxes in DICOMSDL_SYNTAXES",
+    "pylibjpeg": "pydicom's plugin host for the three below",
+    "pylibjpeg-libjpeg": "JPEG (lossless, baseline, extended) and JPEG-LS, for pydicom",
+    "pylibjpeg-openjpeg": "JPEG 2000, for pydicom",
+    "pylibjpeg-rle": "fast RLE Lossless for pydicom (its own RLE decoder is about 7x slower)",
+    "python-gdcm": "another pydicom backend (optional)",
+}
+OPTIONAL_DECODERS = frozenset({"python-gdcm"})
+# Transfer syntaxes reported at the start of notebooks 01 and 04: the competition's (RLE
+# Lossless), uncompressed, and the compressed ones of other exports and extra data.
+REPORTED_SYNTAXES: dict[str, str] = {
+    "1.2.840.10008.1.2.5": "RLE Lossless (every competition file)",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian (uncompressed)",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline (8 bit)",
+}
+
+
+@functools.cache
+def dicomsdl_available() -> bool:
+    """Whether dicomsdl can be imported (without it, every file goes to pydicom)."""
+    if importlib.util.find_spec("dicomsdl") is None:
+        return False
+    try:
+        _dicomsdl()
+    except Exception:  # a broken install (missing shared library) counts as missing
+        return False
+    return True
+
+
+def decoder_versions() -> dict[str, str | None]:
+    """{package: installed version, or None} for every package of `DECODER_PACKAGES`."""
+    versions: dict[str, str | None] = {}
+    for package in DECODER_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    if versions["dicomsdl"] is not None and not dicomsdl_available():
+        versions["dicomsdl"] = None
+    return versions
+
+
+@dataclass(frozen=True)
+class SyntaxSupport:
+    """Which decoders here can read a transfer syntax."""
+
+    uid: str
+    name: str
+    dicomsdl: bool  # dicomsdl installed and verified for this syntax
+    pydicom: bool  # pydicom has a working decoder for it (native or a plugin)
+    pydicom_plugins: tuple[str, ...]  # the plugins that provide it ("" for pydicom's own)
+
+    @property
+    def decodable(self) -> bool:
+        return self.dicomsdl or self.pydicom
+
+
+def syntax_support(uid: str, name: str = "") -> SyntaxSupport:
+    """What can decode files of transfer syntax `uid` on this machine, right now."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(uid)
+        pydicom_ok, plugins = bool(decoder.is_available), tuple(decoder.available_plugins)
+    except NotImplementedError:  # a syntax pydicom has no decoder for at all
+        pydicom_ok, plugins = False, ()
+    return SyntaxSupport(
+        uid, name or uid, dicomsdl_available() and uid in DICOMSDL_SYNTAXES, pydicom_ok, plugins
+    )
+
+
+def decoder_report(syntaxes: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """A few lines on the installed decoders and what each reported syntax is read with, and
+    the warnings: a missing decoder package (slower, or some syntax unreadable) or a syntax
+    nothing here can decode. Notebooks 01 and 04 print both at their start."""
+    versions = decoder_versions()
+    found = ", ".join(f"{p} {v}" for p, v in versions.items() if v)
+    lines = [f"DICOM decoders: {found or 'none'}; pydicom {_pydicom_version()}"]
+    warnings_: list[str] = []
+    for package, version in versions.items():
+        if version is None and package not in OPTIONAL_DECODERS:
+            warnings_.append(f"{package} is not installed: {DECODER_PACKAGES[package]}")
+    for uid, name in (syntaxes or REPORTED_SYNTAXES).items():
+        support = syntax_support(uid, name)
+        readers = (["dicomsdl"] if support.dicomsdl else []) + (
+            [f"pydicom ({', '.join(support.pydicom_plugins) or 'its own'})"]
+            if support.pydicom
+            else []
+        )
+        lines.append(f"  {name}: {' then '.join(readers) or 'NO DECODER'}")
+        if not support.decodable:
+            warnings_.append(f"no installed decoder reads {name} ({uid}): such series fail")
+    return "\n".join(lines), warnings_
+
+
+def series_transfer_syntax(series_dir: str | Path) -> str | None:
+    """The transfer syntax of a series, read from the header of its first file (cheap: one
+    small read), or None for an empty folder or a file without a Part 10 header."""
+    files = sorted(Path(series_dir).glob("*.dcm"), key=_natural_key)
+    if not files:
+        return None
+    try:
+        with open(files[0], "rb") as handle:
+            head = handle.read(132 + 4096)
+    except OSError:
+        return None
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    return _transfer_syntax(head)
+
+
+def _pydicom_version() -> str:
+    import pydicom
+
+    return str(pydicom.__version__)
 
 
 def _dicomsdl_can_decode(data: bytes) -> tuple[bool, str]:

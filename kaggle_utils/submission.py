@@ -55,7 +55,7 @@ from tqdm.std import tqdm
 from kaggle_utils import paths, runtime
 from kaggle_utils.calibration import apply_calibration, read_calibration
 from kaggle_utils.classifier import CNNBiLSTM
-from kaggle_utils.dicom import load_series
+from kaggle_utils.dicom import load_series, series_transfer_syntax, syntax_support
 from kaggle_utils.finetune import (
     PROBABILITY_COLUMNS,
     aggregate_patients,
@@ -124,6 +124,17 @@ class SubmissionResult:
     prior: dict[str, float] = field(default_factory=dict)  # the fallback probabilities
     settings: dict[str, Any] = field(default_factory=dict)  # device, folds, windows, ...
     wall_seconds: float = 0.0  # the whole call, model loading included
+
+    @property
+    def prior_patients(self) -> list[int]:
+        """The patients that got the prior: none of their series could be used."""
+        prior = self.problems.filter(pl.col("fallback") == FALLBACK_PRIOR)
+        return sorted(set(prior["patient_id"].to_list()))
+
+    @property
+    def prior_share(self) -> float:
+        """The share of the submission's patients that got the prior (0 when all worked)."""
+        return len(self.prior_patients) / max(self.submission.height, 1)
 
     def summary(self) -> pl.DataFrame:
         """Mean seconds per study (a patient: all its series) and per series for decoding,
@@ -542,6 +553,52 @@ def write_submission(submission: pl.DataFrame, sample: pl.DataFrame, path: Path)
     return path
 
 
+class PriorShareError(RuntimeError):
+    """Too many patients got the prior (a broken install or data problem, not a model one).
+    The submission was still written; the error stops the run so that it is noticed."""
+
+
+PREFLIGHT_SCHEMA = {
+    "transfer_syntax": pl.String,
+    "n_series": pl.Int64,
+    "n_patients": pl.Int64,
+    "readers": pl.String,  # e.g. "dicomsdl, pydicom (pylibjpeg)", or "NONE"
+}
+
+
+def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.DataFrame:
+    """Before a long run: the transfer syntax of every series (one header read each) and
+    what will decode it here. A syntax with reader "NONE" means those series will fail and
+    their patients get the prior, unless the patient has another series: fix the install
+    (the bundle's wheels) before the scoring run. Series with no readable first file count
+    under "unreadable"."""
+    root = paths.resolve_data_root(data_root)
+    try:
+        tasks = list_series(root, split)
+    except FileNotFoundError:
+        tasks = []
+    by_syntax: dict[str, list[SeriesTask]] = {}
+    for task in tasks:
+        syntax = series_transfer_syntax(task.series_dir) or "unreadable"
+        by_syntax.setdefault(syntax, []).append(task)
+    rows = []
+    for syntax, members in sorted(by_syntax.items(), key=lambda kv: -len(kv[1])):
+        readers = "NONE"
+        if syntax != "unreadable":
+            support = syntax_support(syntax)
+            names = (["dicomsdl"] if support.dicomsdl else []) + (
+                [f"pydicom ({', '.join(support.pydicom_plugins) or 'its own'})"]
+                if support.pydicom
+                else []
+            )
+            readers = ", ".join(names) or "NONE"
+        rows.append(
+            {"transfer_syntax": syntax, "n_series": len(members),
+             "n_patients": len({t.patient_id for t in members}), "readers": readers}
+        )  # fmt: skip
+    return pl.DataFrame(rows, schema=PREFLIGHT_SCHEMA)
+
+
 def predict_test_set(
     data_root: str | Path = "",
     model_dir: str | Path = "",
@@ -553,6 +610,7 @@ def predict_test_set(
     device: str | torch.device = "auto",
     workers: int = 1,
     precision: str = "auto",
+    max_prior_share: float = 1.0,
     progress: bool = True,
 ) -> SubmissionResult:
     """Predict every patient of `sample_submission.csv` from its test DICOMs and write the
@@ -571,15 +629,22 @@ def predict_test_set(
         workers: 0 decodes in this thread, 1 in a background thread, more in processes.
         precision: "auto" (bf16 on GPUs with native bf16, fp16 on older ones, fp32 on the
             CPU), or "bf16", "fp16", "fp32" (`runtime.resolve_precision`).
+        max_prior_share: fail (after writing the file) when more than this share of the
+            patients got the prior; 1.0 never fails (the scoring run), e.g. 0.05 in an
+            interactive run catches a broken install before the scoring run does.
         progress: show a progress bar over series.
 
     Raises:
         FileNotFoundError: no sample submission or no fold model.
         ValueError: bad arguments, or a submission that fails validation (nothing written).
+        PriorShareError: more than `max_prior_share` of the patients got the prior (the
+            valid file is written first).
     """
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    if not 0.0 <= max_prior_share <= 1.0:
+        raise ValueError(f"max_prior_share must be in [0, 1], not {max_prior_share}")
     root = paths.resolve_data_root(data_root)
     run_dir = resolve_model_dir(model_dir)
     csv_path = resolve_output_csv(output_csv)
@@ -639,7 +704,7 @@ def predict_test_set(
         csv_path, submission.height, submission.height - patients.height, series.height,
         problem_table.height,
     )  # fmt: skip
-    return SubmissionResult(
+    result = SubmissionResult(
         submission=submission,
         problems=problem_table,
         timings=pl.DataFrame(timings, schema=TIMING_SCHEMA).sort("patient_id", "series_id"),
@@ -649,6 +714,28 @@ def predict_test_set(
         settings=settings,
         wall_seconds=time.perf_counter() - started,
     )
+    if result.prior_share > 0:
+        logger.warning(
+            "%d of %d patients (%.1f %%) got the prior: see the problems table",
+            len(result.prior_patients), submission.height, 100 * result.prior_share,
+        )  # fmt: skip
+    if result.prior_share > max_prior_share:
+        raise PriorShareError(
+            f"{len(result.prior_patients)} of {submission.height} patients "
+            f"({100 * result.prior_share:.1f} %) got the prior, more than max_prior_share "
+            f"{max_prior_share:g}. {csv_path} was written and is valid, but check the install "
+            "(decoders at the top of the notebook) and the problems: "
+            f"{_problem_summary(problem_table)}"
+        )
+    return result
+
+
+def _problem_summary(problems: pl.DataFrame, limit: int = 3) -> str:
+    """The most common failure reasons, for an error message."""
+    if problems.height == 0:
+        return "none recorded"
+    counts = problems.group_by("stage", "reason").len().sort("len", descending=True).head(limit)
+    return "; ".join(f"{r['len']} x {r['stage']}: {r['reason']}" for r in counts.to_dicts())
 
 
 def _test_series(root: Path, sample: pl.DataFrame) -> tuple[list[SeriesTask], list[dict[str, Any]]]:

@@ -344,3 +344,68 @@ def test_real_series_is_ascending_z_with_instance_mapping(real_dicom_series: Pat
         np.testing.assert_array_equal(series.hu[index], pydicom_reference_hu(path))
     air, soft_tissue = series.hu[:, 5, 5].mean(), series.hu[:, 256, 256].mean()
     assert air < -900 and -200 < soft_tissue < 200
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+def test_decoder_report_lists_every_decoder_and_syntax() -> None:
+    from kaggle_utils import dicom
+
+    text, problems = dicom.decoder_report()
+    versions = dicom.decoder_versions()
+    assert set(versions) == set(dicom.DECODER_PACKAGES)
+    for package, version in versions.items():
+        if version:
+            assert f"{package} {version}" in text
+    for name in dicom.REPORTED_SYNTAXES.values():
+        assert name in text
+    # this environment installs every required decoder (requirements.txt)
+    assert problems == []
+
+
+def test_without_dicomsdl_everything_goes_to_pydicom_and_the_report_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kaggle_utils import dicom
+
+    monkeypatch.setattr(dicom, "dicomsdl_available", lambda: False)
+    real_version = dicom.importlib.metadata.version
+
+    def version(package: str) -> str:
+        if package == "dicomsdl":
+            raise dicom.importlib.metadata.PackageNotFoundError(package)
+        return real_version(package)
+
+    monkeypatch.setattr(dicom.importlib.metadata, "version", version)
+    stored = np.arange(16, dtype=np.int16).reshape(4, 4)
+    path = write_ct_dicom(tmp_path / "1.dcm", stored, transfer_syntax=RLELossless)
+    assert read_slice(path).decoder == "pydicom"
+    text, problems = dicom.decoder_report()
+    assert "RLE Lossless (every competition file): pydicom" in text
+    assert any(p.startswith("dicomsdl is not installed") for p in problems)
+    assert not dicom.syntax_support(str(RLELossless)).dicomsdl
+
+
+def test_a_syntax_no_decoder_reads_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaggle_utils import dicom
+
+    monkeypatch.setattr(dicom, "dicomsdl_available", lambda: False)
+    # a made-up UID: no decoder exists for it anywhere
+    text, problems = dicom.decoder_report({"1.2.3.4.5": "Made-up syntax"})
+    assert "Made-up syntax: NO DECODER" in text
+    assert any("no installed decoder reads Made-up syntax" in p for p in problems)
+
+
+def test_series_transfer_syntax_reads_one_header(tmp_path: Path) -> None:
+    from kaggle_utils.dicom import series_transfer_syntax
+
+    stored = np.zeros((4, 4), dtype=np.int16)
+    write_ct_dicom(tmp_path / "s" / "2.dcm", stored, transfer_syntax=RLELossless)
+    write_ct_dicom(tmp_path / "s" / "10.dcm", stored)
+    assert series_transfer_syntax(tmp_path / "s") == str(RLELossless)
+    (tmp_path / "empty").mkdir()
+    assert series_transfer_syntax(tmp_path / "empty") is None
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "1.dcm").write_bytes(b"not dicom")
+    assert series_transfer_syntax(tmp_path / "junk") is None

@@ -305,6 +305,44 @@ def test_patients_without_any_usable_series_get_the_prior(
         row = result.submission.filter(pl.col("patient_id") == patient).select(LABEL_COLUMNS)
         assert list(row.row(0)) == pytest.approx(prior)
     assert 99999 not in result.submission["patient_id"].to_list()
+    assert result.prior_patients == [47992, 56295]
+    assert result.prior_share == pytest.approx(2 / result.submission.height)
+
+    # the same run with a limit below that share: the valid file is written, then it fails
+    limited_csv = tmp_path / "limited" / "submission.csv"
+    with pytest.raises(submission_module.PriorShareError, match=r"2 of \d+ patients"):
+        predict_test_set(
+            data, model_dir, limited_csv, max_prior_share=0.1, workers=0, progress=False
+        )
+    validate_submission(pl.read_csv(limited_csv), pl.read_csv(data / "sample_submission.csv"))
+    allowed = predict_test_set(
+        data, model_dir, limited_csv, max_prior_share=result.prior_share, workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert allowed.prior_share == result.prior_share
+
+
+def test_preflight_names_each_syntax_and_what_reads_it(
+    tiny_competition: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = submission_module.decoding_preflight(tiny_competition)
+    n_series = len(list_series(tiny_competition, "test"))
+    assert table["n_series"].sum() == n_series
+    assert "1.2.840.10008.1.2.5" in table["transfer_syntax"].to_list()  # RLE, as the competition
+    assert "NONE" not in table["readers"].to_list()
+    assert all(r.startswith("dicomsdl") for r in table["readers"].to_list())
+
+    # an install without any decoder for RLE Lossless: the preflight says so
+    from kaggle_utils.dicom import SyntaxSupport
+
+    def nothing_reads_rle(uid: str, name: str = "") -> SyntaxSupport:
+        readable = uid != "1.2.840.10008.1.2.5"
+        return SyntaxSupport(uid, name or uid, readable, readable, ())
+
+    monkeypatch.setattr(submission_module, "syntax_support", nothing_reads_rle)
+    broken = submission_module.decoding_preflight(tiny_competition)
+    rle = broken.filter(pl.col("transfer_syntax") == "1.2.840.10008.1.2.5")
+    assert rle["readers"].to_list() == ["NONE"]
 
 
 def test_a_series_the_model_fails_on_costs_only_itself(
