@@ -16,7 +16,7 @@ are looked up, in this order, in:
 
 1. `<model_dir>/preprocess.json`, written by `save_preprocess_settings` (so that they travel
    with the model folder to Kaggle, where notebook 01's cache is not attached);
-2. the training cache named by `<model_dir>/config.json` (`cache_dir`), when it is readable;
+2. the training cache(s) named by `<model_dir>/config.json` (`cache_dir`), when readable;
 3. the default: one soft-tissue window (50/400) with body crop, accepted only if the models
    take one channel.
 
@@ -80,6 +80,7 @@ from kaggle_utils.preprocess import (
     cache_settings,
     list_series,
     prepare_volumes,
+    resolve_cache_dirs,
 )
 from kaggle_utils.volume import DEFAULT_WINDOWS
 
@@ -188,9 +189,10 @@ class FoldModel:
 
 
 def resolve_model_dir(model_dir: str | Path = "") -> Path:
-    """The fine-tuning run folder: `model_dir` if given, else outputs/finetune in the project,
-    /kaggle/working/finetune, or a Kaggle dataset (/kaggle/input/<name>[/<folder>]) holding
-    `fold<k>/model.json`.
+    """The fine-tuning run folder: `model_dir` if given, else outputs/finetune (or
+    /kaggle/working/finetune), else on Kaggle the first attached input (dataset, notebook
+    output or model, in either mount layout, a few folders deep) that holds
+    `fold<k>/model.json` with `fold<k>/best.pt`.
 
     Raises:
         FileNotFoundError: the folder has no fold model, or none was found (says where it looked).
@@ -203,28 +205,52 @@ def resolve_model_dir(model_dir: str | Path = "") -> Path:
                 "wrote (its output_dir), or the Kaggle dataset that holds a copy of it"
             )
         return path
-    candidates = [paths.project_root() / "outputs" / "finetune", paths.KAGGLE_WORKING / "finetune"]
-    if paths.KAGGLE_INPUT.is_dir():
-        datasets = sorted(p for p in paths.KAGGLE_INPUT.iterdir() if p.is_dir())
-        candidates += datasets
-        candidates += sorted(p for d in datasets for p in d.iterdir() if p.is_dir())
+    candidates = [
+        paths.default_output_root() / "finetune",
+        paths.project_root() / "outputs" / "finetune",
+    ]
+    if paths.on_kaggle():
+        candidates += list(_kaggle_input_folders())
     for path in candidates:
         if fold_dirs(path):
             return path
     raise FileNotFoundError(
-        "no fine-tuned models found (looked for fold<k>/model.json in outputs/finetune, "
-        "/kaggle/working/finetune and /kaggle/input/*): pass model_dir=<notebook 03's output>"
+        "no fine-tuned models found (looked for fold<k>/model.json in "
+        f"{', '.join(str(c) for c in candidates[:2])} and, on Kaggle, the attached inputs): "
+        "pass model_dir=<notebook 03's output folder>"
     )
+
+
+def _kaggle_input_folders(max_depth: int = 6, max_children: int = 64) -> Iterator[Path]:
+    """Folders under /kaggle/input, breadth first, a few levels deep (model datasets may sit
+    at /kaggle/input/<slug>/, /kaggle/input/datasets/<owner>/<slug>/<folder>/ or deeper for
+    Kaggle Models). The competition folder, and folders with many subfolders (image trees),
+    are not descended into."""
+    frontier = [paths.kaggle_input()]
+    for _ in range(max_depth):
+        deeper: list[Path] = []
+        for folder in frontier:
+            try:
+                children = sorted(c for c in folder.iterdir() if c.is_dir())
+            except OSError:
+                continue
+            if folder != paths.kaggle_input() and len(children) > max_children:
+                continue
+            for child in children:
+                if child.name == paths.COMPETITION_NAME:
+                    continue
+                yield child
+                deeper.append(child)
+        frontier = deeper
 
 
 def resolve_output_csv(output_csv: str | Path = "") -> Path:
     """`output_csv` if given, else /kaggle/working/submission.csv on Kaggle (where the
-    competition looks for it), else outputs/submission.csv in the project."""
+    competition looks for it), else submission.csv in the default output folder
+    (`paths.default_output_root`: outputs/ in the project)."""
     if str(output_csv):
         return Path(output_csv).expanduser()
-    if paths.on_kaggle():
-        return paths.KAGGLE_WORKING / SUBMISSION_NAME
-    return paths.project_root() / "outputs" / SUBMISSION_NAME
+    return paths.default_output_root() / SUBMISSION_NAME
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -361,10 +387,10 @@ def save_preprocess_settings(model_dir: Path, config: PreprocessConfig | None = 
     """
     model_dir = Path(model_dir)
     if config is None:
-        cache_dir = _training_cache_dir(model_dir)
-        if cache_dir is None:
+        cache_dirs = _training_cache_dirs(model_dir)
+        if cache_dirs is None:
             raise FileNotFoundError(f"{model_dir}: config.json names no training cache_dir")
-        config = cache_settings(cache_dir)
+        config = cache_settings(cache_dirs)
     payload = {"windows": [list(w) for w in config.windows], "body_crop": config.body_crop}
     path = model_dir / PREPROCESS_FILE
     runtime.write_text_atomic(path, json.dumps(payload, indent=1))
@@ -382,18 +408,19 @@ def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[Prepr
     model_dir = Path(model_dir)
     windows: Sequence[Sequence[float]] = DEFAULT_WINDOWS
     body_crop, source = True, "default (soft tissue 50/400, body crop)"
-    cache_dir = _training_cache_dir(model_dir, meta)
+    cache_dirs = _training_cache_dirs(model_dir, meta)
     if (model_dir / PREPROCESS_FILE).is_file():
         saved = json.loads((model_dir / PREPROCESS_FILE).read_text())
         windows, body_crop = saved["windows"], bool(saved["body_crop"])
         source = str(model_dir / PREPROCESS_FILE)
-    elif cache_dir is not None:
+    elif cache_dirs is not None:
+        named = ", ".join(str(d) for d in cache_dirs)
         try:
-            cached = cache_settings(cache_dir)
+            cached = cache_settings(cache_dirs)
             windows, body_crop = cached.windows, cached.body_crop
-            source = f"training cache {cache_dir}"
+            source = f"training cache {named}"
         except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError) as error:
-            logger.info("training cache %s not readable (%s): default windows", cache_dir, error)
+            logger.info("training cache %s not readable (%s): default windows", named, error)
     config = PreprocessConfig.from_params([shape], windows, body_crop)
     if len(config.windows) != int(meta["in_chans"]):
         raise ValueError(
@@ -405,16 +432,22 @@ def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[Prepr
     return config, source
 
 
-def _training_cache_dir(model_dir: Path, meta: Mapping[str, Any] | None = None) -> Path | None:
-    """notebook 03's cache_dir, from config.json (else from model.json's settings)."""
+def _training_cache_dirs(
+    model_dir: Path, meta: Mapping[str, Any] | None = None
+) -> list[Path] | None:
+    """notebook 03's cache folder(s), from config.json (else from model.json's settings): a
+    folder or a list of them (or glob patterns); None when they are not all there (on Kaggle
+    the training cache is usually not attached to the scoring run)."""
     config_file = Path(model_dir) / "config.json"
     settings: Mapping[str, Any] = {}
     if config_file.is_file():
         settings = json.loads(config_file.read_text())
     elif meta is not None:
         settings = meta.get("settings", {})
-    cache_dir = settings.get("cache_dir") or ""
-    return Path(cache_dir) if cache_dir and Path(cache_dir).is_dir() else None
+    try:
+        return resolve_cache_dirs(settings.get("cache_dir") or "")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def prepare_series(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries:
