@@ -55,7 +55,12 @@ from tqdm.std import tqdm
 from kaggle_utils import paths, runtime
 from kaggle_utils.calibration import apply_calibration, read_calibration
 from kaggle_utils.classifier import CNNBiLSTM
-from kaggle_utils.dicom import load_series, series_transfer_syntax, syntax_support
+from kaggle_utils.dicom import (
+    decoder_report,
+    load_series,
+    series_transfer_syntax,
+    syntax_support,
+)
 from kaggle_utils.finetune import (
     PROBABILITY_COLUMNS,
     aggregate_patients,
@@ -630,6 +635,29 @@ def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.Da
              "n_patients": len({t.patient_id for t in members}), "readers": readers}
         )  # fmt: skip
     return pl.DataFrame(rows, schema=PREFLIGHT_SCHEMA)
+
+
+def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
+    """What notebook 04 prints first: the installed decoders and the test set's transfer
+    syntaxes with what reads each, and the warnings (a missing decoder; series no decoder
+    here can read, whose patients will get the prior unless they have another series)."""
+    text, problems = decoder_report()
+    preflight = decoding_preflight(data_root)
+    n_patients = max(int(preflight["n_patients"].sum()), 1)
+    lines = [text, "test series by transfer syntax:"]
+    for row in preflight.to_dicts():
+        lines.append(
+            f"  {row['transfer_syntax']}: {row['n_series']} series of {row['n_patients']} "
+            f"patients, read by {row['readers']}"
+        )
+        if row["readers"] == "NONE":
+            problems.append(
+                f"{row['n_series']} test series ({row['transfer_syntax']}, "
+                f"{100 * row['n_patients'] / n_patients:.1f} % of the patients) cannot be "
+                "decoded here: those patients get the prior unless another series works. "
+                "Fix the install (the bundle's wheels) before the scoring run."
+            )
+    return "\n".join(lines), problems
 
 
 def predict_test_set(

@@ -45,7 +45,65 @@ aggregation: str = ""  # over a patient's series: "mean" or "max"; empty: the mo
 device: str = "auto"  # "auto" (GPU if any), "cpu" or "cuda"
 workers: int = 1  # decoding: 0 in this thread, 1 in a background thread, more in processes
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
+max_prior_share: float = 1.0  # fail (after writing) if more patients got the prior; 1: never
+install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
 smoke: bool = False  # tiny, fast settings for tests
+
+# %% [markdown]
+# ## Set-up
+#
+# Makes `kaggle_utils` importable wherever this runs. On Kaggle: from the attached bundle
+# dataset (`make kaggle-bundle`), with `pip install --no-index` (never the network, so it
+# works in the offline scoring run). On Colab: from a clone of the repository under
+# `/content`, or from `install_from` (a pip spec). Locally: nothing (`make install` did it).
+
+# %%
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def install_kaggle_utils(install_from: str = "") -> str:
+    """Install this project's package where the platform needs it; say what was done."""
+    package, wheel = "kaggle-utils-voco2d", "kaggle_utils_voco2d-*.whl"
+    try:
+        return f"{package} {importlib.metadata.version(package)} is installed"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    root = Path(os.environ.get("KAGGLE_UTILS_FAKE_ROOT") or "/")  # tests fake "/"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # Kaggle first: its image also looks like Colab
+        inputs = root / "kaggle" / "input"
+        layouts = ("*/wheels", "*/*/wheels", "datasets/*/*/wheels", "datasets/*/*/*/wheels")
+        found = {w.parent for layout in layouts for w in inputs.glob(f"{layout}/{wheel}")}
+        folders = [p for p in install_from.split(",") if p] or sorted(map(str, found))
+        if not folders:
+            raise FileNotFoundError(
+                f"no {wheel} under {inputs}: attach the bundle dataset that "
+                "`make kaggle-bundle` writes (README: Kaggle), or pass install_from=<its folder>"
+            )
+        links = [arg for folder in folders for arg in ("--find-links", folder)]
+        subprocess.check_call([*pip, "--no-index", *links, package])
+        how = f"offline from {', '.join(folders)}"
+    elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
+        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        spec = install_from or (str(clones[0].parents[1]) if clones else "")
+        if not spec:
+            raise FileNotFoundError(
+                "clone the repository first (!git clone <its URL> /content/voco2d), "
+                "or pass install_from=<a pip spec of it>"
+            )
+        subprocess.check_call([*pip, spec])
+        how = f"from {spec}"
+    else:
+        return f"{package} is not installed: run `make install` (or pip install -e <checkout>)"
+    importlib.invalidate_caches()
+    return f"{package} {importlib.metadata.version(package)} installed {how}"
+
+
+print(install_kaggle_utils(install_from))
 
 # %%
 import logging
@@ -60,6 +118,7 @@ from kaggle_utils.submission import (
     resolve_output_csv,
     score_against_labels,
     score_table,
+    startup_report,
 )
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -69,6 +128,10 @@ root = paths.resolve_data_root(data_root)
 run_dir = resolve_model_dir(model_dir)
 csv_path = resolve_output_csv(output_csv)
 print(f"test DICOMs: {root / 'test_images'}; models: {run_dir}; submission: {csv_path}")
+decoders, warnings = startup_report(root)
+print(decoders)
+for warning in warnings:  # a broken install shows here, before the long run
+    print(f"\n!!! WARNING: {warning}")
 
 # %% [markdown]
 # ## Predict every test patient and write the submission
@@ -76,7 +139,7 @@ print(f"test DICOMs: {root / 'test_images'}; models: {run_dir}; submission: {csv
 # %%
 result = predict_test_set(
     root, run_dir, csv_path, batch_size=batch_size, tta=tta, aggregation=aggregation or None,
-    device=device, workers=workers, precision=precision,
+    device=device, workers=workers, precision=precision, max_prior_share=max_prior_share,
 )  # fmt: skip
 settings = result.settings
 print(
@@ -84,6 +147,11 @@ print(
     f"{settings['device']} ({settings['precision']}), {settings['aggregation']} over series, "
     f"tta {settings['tta']}; preprocessing: {settings['preprocessing_from']}"
 )
+if result.prior_patients:
+    print(
+        f"\n!!! {len(result.prior_patients)} of {result.submission.height} patients "
+        f"({100 * result.prior_share:.1f} %) got the prior: see the table below"
+    )
 
 # %% [markdown]
 # ## What fell back

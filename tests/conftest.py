@@ -129,6 +129,43 @@ def tiny_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_dataset(root, config)
 
 
+# The tiny notebook 03 run that notebook 04's tests predict with.
+TINY_MODEL_SHAPE = (8, 32, 32)
+TINY_MODEL_SLICES, TINY_MODEL_IMAGE_SIZE = 6, 28  # a sampled slice subset and a real centre crop
+
+
+@pytest.fixture(scope="session")
+def train_cache(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Notebook 01's cache of the tiny training set at TINY_MODEL_SHAPE."""
+    from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+
+    cache = tmp_path_factory.mktemp("sub_cache")
+    preprocess_dataset(
+        list_series(tiny_competition, "train"), cache,
+        PreprocessConfig(shapes=(TINY_MODEL_SHAPE,)), workers=0, progress=False,
+    )  # fmt: skip
+    return cache
+
+
+@pytest.fixture(scope="session")
+def model_dir(
+    tiny_competition: Path, train_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A two-fold, one-epoch notebook 03 run on the tiny dataset."""
+    from kaggle_utils.finetune import FinetuneConfig, run_cross_validation
+
+    output = tmp_path_factory.mktemp("sub_finetune")
+    config = FinetuneConfig(
+        data_root=str(tiny_competition), cache_dir=str(train_cache), output_dir=str(output),
+        shape=list(TINY_MODEL_SHAPE), backbone="test_efficientnet", init="random",
+        hidden_size=8, num_layers=1, n_slices=TINY_MODEL_SLICES,
+        image_size=TINY_MODEL_IMAGE_SIZE, epochs=1, batch_size=2, lr=1e-3, n_folds=2,
+        num_workers=0,
+    )  # fmt: skip
+    run_cross_validation(config, progress=False)
+    return output
+
+
 def run_torchrun_on_cpu(module: str, config_file: Path, nproc: int = 2) -> None:
     """`torchrun --standalone -m <module> --config <config_file>` with `nproc` CPU processes
     (gloo), one thread each; fails the test with torchrun's stderr when it exits non-zero."""

@@ -7,12 +7,10 @@ import ast
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
-
-tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ

@@ -30,7 +30,6 @@ from kaggle_utils.finetune import (
     load_fold_model,
     predict_series,
     read_labels,
-    run_cross_validation,
 )
 from kaggle_utils.finetune_data import AugmentConfig, SeriesDataset, build_transform, series_table
 from kaggle_utils.metric import (
@@ -56,35 +55,10 @@ from kaggle_utils.submission import (
     write_submission,
 )
 
+from conftest import TINY_MODEL_IMAGE_SIZE, TINY_MODEL_SHAPE, TINY_MODEL_SLICES
+
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (8, 32, 32)
-N_SLICES, IMAGE_SIZE = 6, 28  # a sampled slice subset and a real centre crop
-
-
-@pytest.fixture(scope="module")
-def train_cache(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("sub_cache")
-    preprocess_dataset(
-        list_series(tiny_competition, "train"), cache, PreprocessConfig(shapes=(SHAPE,)),
-        workers=0, progress=False,
-    )  # fmt: skip
-    return cache
-
-
-@pytest.fixture(scope="module")
-def model_dir(
-    tiny_competition: Path, train_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A two-fold, one-epoch notebook 03 run on the tiny dataset."""
-    output = tmp_path_factory.mktemp("sub_finetune")
-    config = FinetuneConfig(
-        data_root=str(tiny_competition), cache_dir=str(train_cache), output_dir=str(output),
-        shape=list(SHAPE), backbone="test_efficientnet", init="random", hidden_size=8,
-        num_layers=1, n_slices=N_SLICES, image_size=IMAGE_SIZE, epochs=1, batch_size=2, lr=1e-3,
-        n_folds=2, num_workers=0,
-    )  # fmt: skip
-    run_cross_validation(config, progress=False)
-    return output
+SHAPE, N_SLICES, IMAGE_SIZE = TINY_MODEL_SHAPE, TINY_MODEL_SLICES, TINY_MODEL_IMAGE_SIZE
 
 
 @pytest.fixture(scope="module")
