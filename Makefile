@@ -24,7 +24,8 @@ DEMO_FINETUNE ?= -y "shape: [32, 96, 96]" -p backbone test_efficientnet -p init 
 	-p coarse_dropout_prob 0 -p n_folds 3 -p num_workers 0
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
-.PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo
+.PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo \
+	kaggle-bundle gpu-bundle gpu-check
 
 help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
@@ -32,6 +33,8 @@ help:
 	@echo "make test-fast  the test suite without slow end-to-end runs"
 	@echo "make benchmark  decoding speed; a 2D-VoCo step against a 3D VoCo step (README numbers)"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
+	@echo "make kaggle-bundle  dist/kaggle-bundle/: wheels for Kaggle's offline install + metadata"
+	@echo "make gpu-check  the short CUDA check (on a GPU machine with a gpu-bundle, see README)"
 
 install: $(VENV)/.installed
 
@@ -78,6 +81,25 @@ notebooks: install
 benchmark: install
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/pretrain_cost.py --bare
+
+# The offline install for Kaggle (README: Kaggle). BUNDLE_ARGS e.g. --kaggle-user <you>,
+# --python-version 3.11, --preinstalled none.
+BUNDLE_ARGS ?=
+kaggle-bundle: install
+	$(PY) -m kaggle_utils.bundle --output dist/kaggle-bundle $(BUNDLE_ARGS)
+
+# A bundle for a CUDA machine without network that has Python 3.12, torch, timm, numpy, scipy,
+# pandas, scikit-learn, matplotlib and tqdm: what `make gpu-check` installs there.
+GPU_PREINSTALLED ?= torch,torchvision,timm,numpy,scipy,pandas,scikit-learn,matplotlib,tqdm,pillow,packaging,pyyaml,typing-extensions,filelock,fsspec,jinja2,networkx,sympy,safetensors,huggingface-hub,requests,joblib,threadpoolctl
+gpu-bundle: install
+	$(PY) -m kaggle_utils.bundle --output dist/gpu-bundle --python-version 3.12 \
+		--preinstalled $(GPU_PREINSTALLED) --extras notebooks
+
+# On the GPU machine: install dist/gpu-bundle offline, then notebooks 01-04 on tiny demo data
+# (fp16 and bf16 where the GPU has them, torchrun over NCCL) and the cost benchmark's CUDA
+# path; one JSON report in outputs/gpu-check/report.json.
+gpu-check:
+	python3 benchmarks/gpu_check.py --bundle dist/gpu-bundle --output outputs/gpu-check
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)
