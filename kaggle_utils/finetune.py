@@ -64,7 +64,8 @@ class FinetuneConfig(runtime.JsonConfig):
     """Every choice of a fine-tuning run (notebook 03's parameters)."""
 
     data_root: str = ""  # competition folder with train.csv (labels)
-    cache_dir: str = ""  # notebook 01's cache
+    # notebook 01's cache, or a list of caches (its shards), each possibly a glob pattern
+    cache_dir: str | list[str] = ""
     output_dir: str = "outputs/finetune"
     shape: list[int] = field(default_factory=lambda: [96, 256, 256])  # cached volume shape
     backbone: str = "efficientnetv2_rw_t"
@@ -104,6 +105,9 @@ class FinetuneConfig(runtime.JsonConfig):
     num_workers: int = 2
     seed: int = 0
     resume: bool = True
+    # stop cleanly before an epoch that would end past this many seconds (Kaggle's 12-hour
+    # sessions; the next session resumes); 0 = no limit
+    time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.init not in ("voco", "imagenet", "random"):
@@ -126,7 +130,41 @@ class CVResult:
     oof_series: pl.DataFrame  # fold, patient_id, series_id, 13 probability columns
     oof_patient: pl.DataFrame  # fold, patient_id, 13 probability columns
     holdout_patient: pl.DataFrame | None
-    fold_scores: dict[int, float]  # best validation RSNA score per fold
+    fold_scores: dict[int, float]  # best validation RSNA score per finished fold
+    finished: bool  # False when time_limit_s stopped the run; the OOF tables hold done folds
+    folds_pending: list[int]  # folds still to train (or finish) when it stopped
+
+
+@dataclass
+class SessionClock:
+    """When a session must stop: before an epoch that would end past `time_limit_s` seconds
+    after `started`, an epoch estimated as the mean of those timed so far in this session
+    (the first one always starts unless the time is already up). 0 = no limit."""
+
+    time_limit_s: float
+    started: float
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    def room_for_epoch(self) -> bool:
+        if self.time_limit_s <= 0:
+            return True
+        estimate = float(np.mean(self.epoch_seconds)) if self.epoch_seconds else 0.0
+        return time.monotonic() - self.started + estimate <= self.time_limit_s
+
+
+def stopped_message(result: CVResult) -> str:
+    """What an unfinished run (stopped at time_limit_s) means and how to continue it."""
+    done = ", ".join(str(k) for k in result.fold_scores) or "none"
+    pending = ", ".join(str(k) for k in result.folds_pending)
+    return (
+        f"The run stopped at its time limit (time_limit_s): folds done: {done}; still to train: "
+        f"{pending}. The report, the calibration and the plots need every fold, so they are "
+        f"skipped. To continue, run this notebook again with the same output_dir "
+        f"({result.output_dir}) and resume=True; on Kaggle, where a new session starts with an "
+        "empty /kaggle/working, save this version, attach its output as a dataset and pass "
+        f"resume_from=/kaggle/input/<that dataset>/{result.output_dir.name} (output_dir as "
+        "before): it is copied in and the run resumes."
+    )
 
 
 def launch_torchrun(config: FinetuneConfig, nproc_per_node: int = 0) -> CVResult:
@@ -136,22 +174,39 @@ def launch_torchrun(config: FinetuneConfig, nproc_per_node: int = 0) -> CVResult
 
 
 def read_cv_result(output_dir: Path) -> CVResult:
-    """A finished run's result, from its files."""
+    """A run's result, from its files (finished or stopped at its time limit)."""
     output_dir = Path(output_dir)
-    holdout_file = output_dir / "holdout_patient.parquet"
-    oof_series = pl.read_parquet(output_dir / "oof_series.parquet")
+    config = FinetuneConfig.from_json(output_dir / "config.json")
+    fold_ids = config.folds_to_run or list(range(config.n_folds))
     scores = {}
-    for fold in sorted(oof_series["fold"].unique().to_list()):
-        done = json.loads((output_dir / f"fold{fold}" / "done.json").read_text())
-        scores[int(fold)] = float(done["best_score"])
+    for fold in fold_ids:
+        done_file = output_dir / f"fold{fold}" / "done.json"
+        if done_file.is_file():
+            scores[fold] = float(json.loads(done_file.read_text())["best_score"])
+    pending = [k for k in fold_ids if k not in scores]
+    oof_series = _fold_oof(output_dir, list(scores))
+    holdout_file = output_dir / "holdout_patient.parquet"
     return CVResult(
         output_dir=output_dir,
         folds=pl.read_csv(output_dir / "folds.csv"),
         oof_series=oof_series,
-        oof_patient=pl.read_parquet(output_dir / "oof_patient.parquet"),
-        holdout_patient=pl.read_parquet(holdout_file) if holdout_file.is_file() else None,
+        oof_patient=aggregate_patients(oof_series, config.aggregation, by_fold=True),
+        holdout_patient=(
+            pl.read_parquet(holdout_file) if not pending and holdout_file.is_file() else None
+        ),
         fold_scores=scores,
+        finished=not pending,
+        folds_pending=pending,
     )
+
+
+def _fold_oof(output_dir: Path, fold_ids: Sequence[int]) -> pl.DataFrame:
+    """The best epochs' out-of-fold series predictions of these folds, one table."""
+    frames = [pl.read_parquet(output_dir / f"fold{k}" / "oof_series.parquet") for k in fold_ids]
+    if frames:
+        return pl.concat(frames)
+    schema = {"fold": pl.Int32, "patient_id": pl.Int64, "series_id": pl.Int64}
+    return pl.DataFrame(schema=schema | {c: pl.Float64 for c in PROBABILITY_COLUMNS})
 
 
 def read_labels(data_root: str | Path) -> pl.DataFrame:
@@ -173,7 +228,12 @@ def slice_targets(config: FinetuneConfig) -> tuple[str, ...]:
 
 def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVResult:
     """Train every fold not done yet (resuming an interrupted one), then gather out-of-fold
-    and holdout predictions. Works alone or under torchrun (DDP)."""
+    and holdout predictions. Works alone or under torchrun (DDP).
+
+    With `config.time_limit_s`, stops cleanly between epochs (every rank at the same one),
+    before one that would not end in time; the result then says `finished=False` and the
+    next call resumes from `fold<k>/last.pt`."""
+    clock = SessionClock(config.time_limit_s, time.monotonic())
     distributed = runtime.init_distributed()
     rank = dist.get_rank() if distributed else 0
     output_dir = Path(config.output_dir)
@@ -183,14 +243,14 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     image_labels = None
     if slice_targets(config):
         image_labels = pl.read_csv(Path(config.data_root) / IMAGE_LABELS_FILE)
-    table = series_table(
-        labels, Path(config.cache_dir), config.shape, image_labels=image_labels
-    ).join(folds, on="patient_id")
+    table = series_table(labels, config.cache_dir, config.shape, image_labels=image_labels).join(
+        folds, on="patient_id"
+    )
     if rank == 0:
         config.to_json(output_dir / "config.json")
         # The windows and body crop travel with the model folder (notebook 04 on Kaggle has
         # the models but not the training cache).
-        settings = cache_settings(Path(config.cache_dir))
+        settings = cache_settings(config.cache_dir)
         preprocess = {
             "windows": [list(w) for w in settings.windows],
             "body_crop": settings.body_crop,
@@ -202,25 +262,31 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     for fold in fold_ids:
         train_rows = table.filter((pl.col("fold") != fold) & (pl.col("fold") >= 0))
         valid_rows = table.filter(pl.col("fold") == fold)
-        scores[fold] = train_fold(config, fold, train_rows, valid_rows, labels, progress)
+        score = train_fold(config, fold, train_rows, valid_rows, labels, progress, clock)
+        if score is None:  # the time limit: the folds left wait for the next session
+            break
+        scores[fold] = score
+    pending = [k for k in fold_ids if k not in scores]
     if distributed:
         dist.barrier()
-    oof_series = pl.concat(
-        [pl.read_parquet(output_dir / f"fold{k}" / "oof_series.parquet") for k in fold_ids]
-    )
+    oof_series = _fold_oof(output_dir, list(scores))
     oof_patient = aggregate_patients(oof_series, config.aggregation, by_fold=True)
     holdout = None
     holdout_rows = table.filter(pl.col("fold") == -1)
-    if holdout_rows.height and rank == 0:
+    if not pending and holdout_rows.height and rank == 0:
         holdout = predict_holdout(config, holdout_rows, fold_ids)
         holdout.write_parquet(output_dir / "holdout_patient.parquet")
-    if rank == 0:
+    if not pending and rank == 0:
         oof_series.write_parquet(output_dir / "oof_series.parquet")
         oof_patient.write_parquet(output_dir / "oof_patient.parquet")
+    if pending and rank == 0 and progress:
+        print(f"time limit: stopped with folds {pending} still to train; re-run to resume")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return CVResult(output_dir, folds, oof_series, oof_patient, holdout, scores)
+    return CVResult(
+        output_dir, folds, oof_series, oof_patient, holdout, scores, not pending, pending
+    )
 
 
 def train_fold(
@@ -230,10 +296,12 @@ def train_fold(
     valid_rows: pl.DataFrame,
     labels: pl.DataFrame,
     progress: bool = True,
-) -> float:
+    clock: SessionClock | None = None,
+) -> float | None:
     """Train one fold (or resume it); keep the epoch with the best validation RSNA score.
 
-    Returns that score. A fold with a `done.json` is not trained again.
+    Returns that score, or None when `clock` stopped the session before the fold's last
+    epoch (its `last.pt` is the resume point). A fold with a `done.json` is not trained again.
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -300,6 +368,12 @@ def train_fold(
 
     started = time.monotonic()
     while epoch < config.epochs:
+        stop = clock is not None and not clock.room_for_epoch()
+        if distributed:
+            stop = runtime.agree(stop, device)  # every rank stops before the same epoch
+        if stop:
+            return None
+        epoch_started = time.monotonic()
         model.set_backbone_trainable(epoch >= config.freeze_epochs)
         train_set.set_epoch(epoch)
         sampler.set_position(epoch, 0)
@@ -376,6 +450,8 @@ def train_fold(
             _save_resume(last_file, model, optimizer, scheduler, scaler, epoch, best_score)
         if distributed:
             dist.barrier()
+        if clock is not None:
+            clock.epoch_seconds.append(time.monotonic() - epoch_started)
     if rank == 0:
         runtime.write_text_atomic(
             done_file, json.dumps({"best_score": best_score, "epochs": config.epochs})

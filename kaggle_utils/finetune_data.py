@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from kaggle_utils.classifier import TARGET_CLASSES
 from kaggle_utils.metric import TARGET_GROUPS
-from kaggle_utils.preprocess import cache_path, load_metadata
+from kaggle_utils.preprocess import CacheDirs, cache_path, load_metadata
 
 # Targets with slice-level labels in image_level_labels.csv, by their injury_name there.
 SLICE_TARGETS: dict[str, str] = {"bowel": "Bowel", "extravasation": "Active_Extravasation"}
@@ -32,7 +32,7 @@ def label_columns(target: str) -> list[str]:
 
 def series_table(
     labels: pl.DataFrame,
-    cache_dir: Path,
+    cache_dir: CacheDirs,
     shape: Sequence[int],
     split_meta: pl.DataFrame | None = None,
     image_labels: pl.DataFrame | None = None,
@@ -43,20 +43,24 @@ def series_table(
     With `image_labels` (image_level_labels.csv), also `slices_<target>` for bowel and
     extravasation: 0/1 per cached slice, or null where unknown (an injured patient's series
     without slice annotations). Series whose preprocessing failed are left out (and reported
-    by notebook 01).
+    by notebook 01). `cache_dir` may name several caches (`preprocess.resolve_cache_dirs`):
+    each path points into the cache that holds the series.
     """
-    metadata = load_metadata(Path(cache_dir)).filter(pl.col("status") == "ok")
+    metadata = load_metadata(cache_dir).filter(pl.col("status") == "ok")
     if image_labels is not None:
         metadata = metadata.join(
             cached_slice_labels(metadata, labels, image_labels, shape[0]),
             on="series_id", how="left",
         )  # fmt: skip
-    metadata = metadata.select("patient_id", "series_id", pl.col("^slices_.*$"))
+    metadata = metadata.select("patient_id", "series_id", "cache_dir", pl.col("^slices_.*$"))
     if split_meta is not None:
         metadata = metadata.join(split_meta.select("series_id"), on="series_id", how="semi")
     table = metadata.join(class_indices(labels), on="patient_id", how="inner")
-    paths = [str(cache_path(Path(cache_dir), shape, s)) for s in table["series_id"]]
-    table = table.with_columns(pl.Series("path", paths))
+    paths = [
+        str(cache_path(Path(folder), shape, series_id))
+        for folder, series_id in table.select("cache_dir", "series_id").iter_rows()
+    ]
+    table = table.drop("cache_dir").with_columns(pl.Series("path", paths))
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(

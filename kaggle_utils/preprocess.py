@@ -10,19 +10,29 @@ Cache layout under `cache_dir`:
 
 Every file is written to a temporary name and renamed, so a killed run never leaves a
 half-written file, and a re-run skips the series whose record and volumes are all there.
+
+The full training set's default cache (~35 GB) is more than Kaggle keeps of a notebook's output
+(~20 GB), so a run can take one shard of the series (`shard_tasks`) and check beforehand that
+its output fits (`check_cache_space`); the readers accept several cache folders, or glob
+patterns (`resolve_cache_dirs`), and treat them as one cache.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import glob
 import json
+import math
 import multiprocessing
 import os
+import shutil
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import polars as pl
@@ -41,8 +51,17 @@ PRETRAIN_SHAPE = (32, 192, 192)
 FINETUNE_SHAPE = (96, 256, 256)
 RECORDS_DIR = "records"
 METADATA_FILE = "metadata.parquet"
+KAGGLE_WORKING_LIMIT_BYTES = 20 * 10**9  # what Kaggle keeps of /kaggle/working (SPEC 10)
+NPY_HEADER_BYTES = 128  # np.save's header of a 3-D or 4-D uint8 array (format 1.0)
+RECORD_BYTES = 16 * 1024  # a record (instance numbers of ~2,000 slices) and its metadata row
 
 Shape = tuple[int, int, int]
+# One cache folder, or several (e.g. the shards of notebook 01), each possibly a glob pattern.
+CacheDirs: TypeAlias = str | Path | Sequence[str | Path]
+
+
+class CacheTooLargeError(RuntimeError):
+    """The cache would not fit where it is written; the message says how many shards would."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,134 @@ def list_series(data_root: Path, split: str = "train") -> list[SeriesTask]:
     return [SeriesTask(p, s, path) for (p, s), path in sorted(found.items())]
 
 
+def shard_tasks(tasks: Sequence[SeriesTask], shard_index: int, num_shards: int) -> list[SeriesTask]:
+    """The tasks of shard `shard_index` out of `num_shards`, in their listed order.
+
+    Patients are never split (notebook 03's folds group by patient, and a patient's series
+    should come from one cache), and shards are balanced by series count: patients are dealt
+    the largest first, each to the shard with the fewest series so far (ties: the lower shard,
+    then the lower patient id). The split depends only on the (patient, series) pairs listed,
+    so every session computes the same shards; with patients of one or two series (the
+    competition), no shard holds more than ceil(n / num_shards) + 1 of the n series.
+
+    Raises:
+        ValueError: num_shards < 1, or shard_index outside 0..num_shards - 1.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, not {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"shard_index must be in 0..{num_shards - 1} for num_shards={num_shards}, "
+            f"not {shard_index}"
+        )
+    series_per_patient = Counter(task.patient_id for task in tasks)
+    loads = [0] * num_shards
+    shard_of: dict[int, int] = {}
+    for patient_id, count in sorted(series_per_patient.items(), key=lambda kv: (-kv[1], kv[0])):
+        shard = min(range(num_shards), key=lambda k: (loads[k], k))
+        shard_of[patient_id] = shard
+        loads[shard] += count
+    return [task for task in tasks if shard_of[task.patient_id] == shard_index]
+
+
+def volume_bytes(shape: Sequence[int], channels: int = 1) -> int:
+    """Size of one cached volume file: uint8 (slices, [channels,] H, W) and its .npy header."""
+    return math.prod(int(v) for v in shape) * channels + NPY_HEADER_BYTES
+
+
+def series_cache_bytes(config: PreprocessConfig) -> int:
+    """What caching one series writes: a volume per shape, one channel per window, and its
+    record (montages and the metadata table are small beside that)."""
+    channels = len(config.windows)
+    return sum(volume_bytes(shape, channels) for shape in config.shapes) + RECORD_BYTES
+
+
+def estimate_cache_bytes(n_series: int, config: PreprocessConfig) -> int:
+    """What caching `n_series` series writes (every series has the same fixed shapes)."""
+    return n_series * series_cache_bytes(config)
+
+
+def shards_needed(n_series: int, bytes_per_series: int, budget_bytes: int) -> int:
+    """The fewest shards whose largest one fits in `budget_bytes`. Shards keep patients
+    whole, so the largest may hold one series more than an even split (see `shard_tasks`).
+
+    Raises:
+        ValueError: not even one series fits in the budget.
+    """
+    if n_series * bytes_per_series <= budget_bytes:
+        return 1
+    for num_shards in range(2, n_series + 1):
+        largest = min(n_series, math.ceil(n_series / num_shards) + 1)
+        if largest * bytes_per_series <= budget_bytes:
+            return num_shards
+    raise ValueError(
+        f"not even one series ({_size(bytes_per_series)}) fits in {_size(budget_bytes)}"
+    )
+
+
+def check_cache_space(
+    n_to_write: int,
+    n_in_shard: int,
+    n_listed: int,
+    config: PreprocessConfig,
+    cache_dir: Path,
+    kaggle: bool = False,
+) -> str:
+    """Before hours of decoding: what this run writes beside the free space of `cache_dir` and,
+    on Kaggle, beside the ~20 GB Kaggle keeps of /kaggle/working. Returns that as a line to
+    print.
+
+    n_to_write: series this run still has to cache; n_in_shard: every series of this shard
+    (all of them are in the output at the end); n_listed: every series of the split, before
+    sharding (to say how many shards would fit).
+
+    Raises:
+        CacheTooLargeError: it does not fit; the message says how many shards would.
+    """
+    per_series = series_cache_bytes(config)
+    to_write = n_to_write * per_series
+    free = shutil.disk_usage(cache_dir).free
+    parts = ", ".join(
+        f"{shape_name(s)}: {_size(volume_bytes(s, len(config.windows)))}" for s in config.shapes
+    )
+    line = (
+        f"this run writes about {_size(to_write)}: {n_to_write:,} series to cache x "
+        f"{_size(per_series)} ({parts}, {len(config.windows)} channel(s) of uint8, a record); "
+        f"{_size(free)} free in {cache_dir}"
+    )
+    if to_write > free:
+        num_shards = shards_needed(n_listed, per_series, free)
+        raise CacheTooLargeError(
+            f"{line}: not enough space. Free some, choose another output_dir, or split the "
+            f"series: num_shards={num_shards} makes each shard about "
+            f"{_size(estimate_cache_bytes(math.ceil(n_listed / num_shards), config))}; run "
+            f"shard_index=0..{num_shards - 1} each where it has room (on Kaggle: in its own "
+            "session, each output becoming one dataset)"
+        )
+    if kaggle:
+        in_shard = n_in_shard * per_series
+        line += f"; Kaggle keeps {_size(KAGGLE_WORKING_LIMIT_BYTES)} of /kaggle/working"
+        if in_shard > KAGGLE_WORKING_LIMIT_BYTES:
+            num_shards = shards_needed(n_listed, per_series, KAGGLE_WORKING_LIMIT_BYTES)
+            raise CacheTooLargeError(
+                f"{line}, and this shard's cache is about {_size(in_shard)} ({n_in_shard:,} "
+                f"series): use num_shards={num_shards} (about "
+                f"{_size(estimate_cache_bytes(math.ceil(n_listed / num_shards), config))} each) "
+                f"and run shard_index=0..{num_shards - 1}, one notebook version each; attach "
+                "every output as a dataset and give notebooks 02-04 all of them (a list, or a "
+                "glob such as /kaggle/input/voco2d-cache-*/cache)"
+            )
+    return line
+
+
+def _size(n_bytes: float) -> str:
+    """Decimal units, as disk and Kaggle quotas are given."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{int(n_bytes)} B"
+
+
 def prepare_volumes(
     series: Series, config: PreprocessConfig
 ) -> tuple[dict[Shape, np.ndarray], tuple[int, int, int, int]]:
@@ -204,6 +351,13 @@ def is_cached(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> bo
     )
 
 
+def pending_tasks(
+    tasks: Sequence[SeriesTask], cache_dir: Path, config: PreprocessConfig, overwrite: bool = False
+) -> list[SeriesTask]:
+    """The tasks a run still has to do: all with `overwrite`, else those not cached yet."""
+    return [t for t in tasks if overwrite or not is_cached(t, cache_dir, config)]
+
+
 def preprocess_dataset(
     tasks: Sequence[SeriesTask],
     cache_dir: Path,
@@ -221,7 +375,7 @@ def preprocess_dataset(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)
-    todo = [t for t in tasks if overwrite or not is_cached(t, cache_dir, config)]
+    todo = pending_tasks(tasks, cache_dir, config, overwrite)
     bar = tqdm(total=len(todo), desc="series", unit="series", disable=not progress)
     if workers <= 0:
         for task in todo:
@@ -244,11 +398,71 @@ def write_metadata(cache_dir: Path) -> pl.DataFrame:
     return table
 
 
-def load_metadata(cache_dir: Path) -> pl.DataFrame:
-    path = Path(cache_dir) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run notebook 01 (preprocessing) first")
-    return pl.read_parquet(path)
+def resolve_cache_dirs(cache_dirs: CacheDirs) -> list[Path]:
+    """One cache folder or several, each possibly a glob pattern (the shards of notebook 01
+    attached on Kaggle: `/kaggle/input/voco2d-cache-*/cache`), as existing folders: in the
+    order given, a pattern's matches sorted, each folder once.
+
+    Raises:
+        ValueError: nothing given (an empty string or list).
+        FileNotFoundError: a folder does not exist, or a pattern matches no folder.
+    """
+    values = [cache_dirs] if isinstance(cache_dirs, str | Path) else list(cache_dirs)
+    if not values or any(not str(v) for v in values):
+        raise ValueError(
+            f"cache_dir {cache_dirs!r} is empty: give notebook 01's cache folder, a list of "
+            "them, or a glob pattern such as /kaggle/input/voco2d-cache-*/cache"
+        )
+    folders: list[Path] = []
+    for value in values:
+        pattern = str(Path(value).expanduser())
+        if any(char in pattern for char in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
+            if not matches:
+                raise FileNotFoundError(f"cache_dir pattern {pattern} matches no folder")
+        elif Path(pattern).is_dir():
+            matches = [Path(pattern)]
+        else:
+            raise FileNotFoundError(
+                f"cache folder {pattern} does not exist: run notebook 01 (on Kaggle, attach its "
+                "output as a dataset)"
+            )
+        known = {f.resolve() for f in folders}
+        folders += [m for m in matches if m.resolve() not in known]
+    return folders
+
+
+def load_metadata(cache_dir: CacheDirs) -> pl.DataFrame:
+    """The metadata table of one cache or several (`resolve_cache_dirs`), concatenated, with
+    `cache_dir`: the folder that holds each series' volumes.
+
+    A series in more than one cache (shards made with different num_shards, or a full cache
+    beside a shard) is kept once, from the first cache where it is "ok", with a warning.
+
+    Raises:
+        FileNotFoundError: a folder has no metadata table (not a notebook 01 cache).
+    """
+    frames = []
+    for folder in resolve_cache_dirs(cache_dir):
+        path = folder / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run notebook 01 (preprocessing) first")
+        frames.append(pl.read_parquet(path).with_columns(pl.lit(str(folder)).alias("cache_dir")))
+    table = pl.concat(frames, how="diagonal_relaxed").with_row_index("order")
+    table = table.sort(pl.col("status") != "ok", "order")  # ok first, then in folder order
+    copies = (
+        table.group_by("series_id", maintain_order=True)
+        .agg("cache_dir")
+        .filter(pl.col("cache_dir").list.len() > 1)
+    )
+    if copies.height:
+        series_id, folders = copies.row(0)
+        warnings.warn(
+            f"{copies.height} series are in more than one cache (e.g. series {series_id} in "
+            f"{', '.join(folders)}): each is used once, from the first cache where it is ok",
+            stacklevel=2,
+        )
+    return table.unique("series_id", keep="first").drop("order").sort("patient_id", "series_id")
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -417,13 +631,34 @@ def coronal_aspect(record: dict[str, Any], shape: Sequence[int]) -> float:
     return (depth_mm / shape[0]) / (side_mm / shape[2])
 
 
-def cache_settings(cache_dir: Path) -> PreprocessConfig:
+def cache_settings(cache_dir: CacheDirs) -> PreprocessConfig:
     """The windows and body crop a cache was made with (from its records), so that volumes
-    added later (extra pretraining data, test series) are preprocessed the same way.
+    added later (extra pretraining data, test series) are preprocessed the same way. Several
+    caches (`resolve_cache_dirs`) must agree; their shapes are those every one of them holds.
 
     Raises:
-        FileNotFoundError: the cache holds no successful record yet.
+        FileNotFoundError: a cache holds no successful record yet.
+        ValueError: the caches were made with different windows or body crop, or share no shape.
     """
+    settings = {folder: _folder_settings(folder) for folder in resolve_cache_dirs(cache_dir)}
+    (first_dir, first), *others = settings.items()
+    for folder, config in others:
+        if (config.windows, config.body_crop) != (first.windows, first.body_crop):
+            raise ValueError(
+                f"the caches were made differently: {first_dir} with windows "
+                f"{[list(w) for w in first.windows]} and body_crop={first.body_crop}, {folder} "
+                f"with {[list(w) for w in config.windows]} and body_crop={config.body_crop}; "
+                "re-run notebook 01 for one of them with the other's windows and body_crop"
+            )
+    shapes = tuple(s for s in first.shapes if all(s in c.shapes for c in settings.values()))
+    if not shapes:
+        held = "; ".join(f"{f}: {[shape_name(s) for s in c.shapes]}" for f, c in settings.items())
+        raise ValueError(f"no volume shape is in every cache ({held}): use caches of one shape")
+    return PreprocessConfig(shapes, first.windows, first.body_crop)
+
+
+def _folder_settings(cache_dir: Path) -> PreprocessConfig:
+    """The settings of one cache's first successful record."""
     for record_file in sorted((Path(cache_dir) / RECORDS_DIR).glob("*.json")):
         record = json.loads(record_file.read_text())
         if record.get("status") == "ok":

@@ -43,7 +43,13 @@ from kaggle_utils.models import (
     input_normalisation,
     warmup_cosine,
 )
-from kaggle_utils.preprocess import PreprocessConfig, cache_settings, shape_name
+from kaggle_utils.preprocess import (
+    CacheDirs,
+    PreprocessConfig,
+    cache_settings,
+    resolve_cache_dirs,
+    shape_name,
+)
 from kaggle_utils.pretrain_data import (
     AugmentConfig,
     ResumableSampler,
@@ -519,32 +525,37 @@ def _describe(parts: LossParts) -> str:
 
 
 def pretraining_volume_dirs(
-    cache_dir: Path,
+    cache_dir: CacheDirs,
     volume_shape: tuple[int, int, int],
     extra_dirs: list[str] | None = None,
     extra_cache_dir: Path | None = None,
     progress: bool = True,
 ) -> tuple[list[str], list[ExtraVolume]]:
-    """The folders of cached volumes to pretrain on: notebook 01's cache at `volume_shape`,
-    plus extra unlabeled CT (NIfTI files, DICOM series folders) cached with the same windows
-    and body crop into `extra_cache_dir`. Returns the folders and one entry per extra source
-    (failed ones say why).
+    """The folders of cached volumes to pretrain on: notebook 01's cache (or several, e.g. its
+    shards: `preprocess.resolve_cache_dirs`) at `volume_shape`, plus extra unlabeled CT (NIfTI
+    files, DICOM series folders) cached with the same windows and body crop into
+    `extra_cache_dir` (default: `extra/` in the first cache). Returns the folders and one entry
+    per extra source (failed ones say why).
 
     Raises:
-        FileNotFoundError: notebook 01's cache has no volumes of that shape.
+        FileNotFoundError: a cache has no volumes of that shape.
+        ValueError: the caches were made with different windows or body crop.
     """
-    main_dir = Path(cache_dir) / shape_name(volume_shape)
-    if not any(main_dir.glob("*.npy")):
-        raise FileNotFoundError(
-            f"{main_dir} holds no volumes: run notebook 01 with shapes including "
-            f"{list(volume_shape)}"
-        )
-    folders = [str(main_dir)]
+    caches = resolve_cache_dirs(cache_dir)
+    folders = []
+    for cache in caches:
+        shape_dir = cache / shape_name(volume_shape)
+        if not any(shape_dir.glob("*.npy")):
+            raise FileNotFoundError(
+                f"{shape_dir} holds no volumes: run notebook 01 with shapes including "
+                f"{list(volume_shape)}"
+            )
+        folders.append(str(shape_dir))
+    settings = cache_settings(caches)  # several caches must have been made alike
     extras: list[ExtraVolume] = []
     if extra_dirs:
-        settings = cache_settings(Path(cache_dir))
         config = PreprocessConfig((volume_shape,), settings.windows, settings.body_crop)
-        target = Path(extra_cache_dir or Path(cache_dir) / "extra")
+        target = Path(extra_cache_dir or caches[0] / "extra")
         extras = cache_extra_sources(find_volume_sources(extra_dirs), target, config, progress)
         if any(e.status == "ok" for e in extras):
             folders.append(str(target / shape_name(volume_shape)))

@@ -9,6 +9,7 @@ checkpoint left off.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,24 @@ class AugmentConfig:
 
 
 def volume_files(folders: Sequence[Path]) -> list[Path]:
-    """Every `.npy` volume in the given cache folders, sorted (stable across runs)."""
-    files: list[Path] = []
+    """Every `.npy` volume in the given cache folders, sorted (stable across runs). A name is
+    a series (or extra source), so one found in two folders (overlapping caches) is the same
+    volume cached twice: it is used once, from the first folder, with a warning."""
+    files: dict[str, Path] = {}
+    repeated: list[str] = []
     for folder in folders:
-        files.extend(sorted(Path(folder).glob("*.npy")))
-    return files
+        for path in sorted(Path(folder).glob("*.npy")):
+            if path.name in files:
+                repeated.append(path.name)
+            else:
+                files[path.name] = path
+    if repeated:
+        warnings.warn(
+            f"{len(repeated)} volumes are in more than one folder (e.g. {repeated[0]}): each "
+            "is used once, from the first folder",
+            stacklevel=2,
+        )
+    return list(files.values())
 
 
 def split_probe_volumes(

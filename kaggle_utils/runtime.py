@@ -124,6 +124,55 @@ def save_torch_atomic(payload: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def copy_previous_run(
+    source: str | Path,
+    output_dir: Path,
+    resume_points: Sequence[str] = ("checkpoint.pt", "fold*/last.pt", "fold*/done.json"),
+) -> bool:
+    """Copy an earlier run folder into `output_dir` unless that already holds a resume point
+    (`resume_points`: notebook 02's checkpoint, notebook 03's per-fold files), so that the
+    usual resume takes over. On Kaggle a new session starts with an empty /kaggle/working and
+    the previous session's output is read-only under /kaggle/input. Every file goes to a
+    temporary name and is renamed, the resume points last, so a copy cut short is redone by
+    the next call. Prints what it copied; returns whether it copied anything.
+
+    Raises:
+        FileNotFoundError: `source` is not a folder, or holds no resume point.
+    """
+    import shutil  # only this function copies files
+
+    source, output_dir = Path(source).expanduser(), Path(output_dir)
+
+    def resume_files(folder: Path) -> set[Path]:
+        return {path for pattern in resume_points for path in folder.glob(pattern)}
+
+    if not source.is_dir():
+        raise FileNotFoundError(f"resume_from {source} is not a folder: give the earlier run's")
+    points = resume_files(source)
+    if not points:
+        raise FileNotFoundError(
+            f"resume_from {source} holds no resume point ({', '.join(resume_points)}): give "
+            "the earlier run's folder itself (on Kaggle /kaggle/input/<dataset>/<run folder>)"
+        )
+    if resume_files(output_dir):
+        print(f"{output_dir} already holds a resume point: resume_from {source} not copied")
+        return False
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    for path in [p for p in files if p not in points] + [p for p in files if p in points]:
+        target = output_dir / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+    size = sum(p.stat().st_size for p in files)
+    entries = sorted({p.relative_to(source).parts[0] for p in files})
+    print(
+        f"copied {len(files)} files ({size / 1e6:.1f} MB) from {source} to {output_dir}: "
+        f"{', '.join(entries)}"
+    )
+    return True
+
+
 def run_torchrun(
     module: str, config: JsonConfig, output_dir: Path, nproc_per_node: int = 0
 ) -> None:

@@ -25,11 +25,20 @@
 #
 # The run is resumable: series already cached with the same settings are skipped, files are
 # written atomically, and a broken file or series is reported, never fatal.
+#
+# The full training set's default cache is about 35 GB, more than Kaggle keeps of a notebook's
+# output (about 20 GB). `num_shards` splits the series by patient into balanced shards, and
+# `shard_index` picks the one this run caches: on Kaggle, run `num_shards=2` twice
+# (`shard_index` 0 and 1), each output becoming one dataset, and give notebooks 02-04 all of
+# them (`cache_dir` takes a list or a glob pattern). Before decoding, the run prints what it
+# will write and stops if that does not fit, saying how many shards would.
 
 # %% tags=["parameters"]
 data_root: str = ""  # competition folder; empty: Kaggle input, else inputs/rsna-2023-...
 split: str = "train"  # "train" or "test": which <split>_images/ folder to decode
 output_dir: str = ""  # cache folder; empty: outputs/cache (/kaggle/working/cache on Kaggle)
+shard_index: int = 0  # the shard this run caches, 0..num_shards-1 (on Kaggle: one dataset each)
+num_shards: int = 1  # split the series by patient into this many shards (Kaggle keeps ~20 GB)
 shapes: list = [[32, 192, 192], [96, 256, 256]]  # (slices, H, W) per cache: pretrain, finetune
 windows: list = [[50, 400]]  # [level, width] in HU, one per channel; or "liver", "bone", "wide"
 body_crop: bool = True  # crop each series in-plane to the body before resampling
@@ -55,11 +64,19 @@ if smoke:
 root = paths.resolve_data_root(data_root)
 cache_dir = paths.resolve_output_dir(output_dir, default_name="cache")
 config = preprocess.PreprocessConfig.from_params(shapes, parse_windows(windows), body_crop)
-tasks = preprocess.list_series(root, split)
+listed = preprocess.list_series(root, split)
+tasks = preprocess.shard_tasks(listed, shard_index, num_shards)
 if limit:
     tasks = tasks[:limit]
-print(f"{len(tasks)} series from {root / f'{split}_images'} -> {cache_dir}")
+todo = preprocess.pending_tasks(tasks, cache_dir, config, overwrite)
+shard = f"shard {shard_index} of 0..{num_shards - 1}: " if num_shards > 1 else ""
+print(f"{shard}{len(tasks)} of {len(listed)} series from {root / f'{split}_images'} -> {cache_dir}")
 print(f"shapes {[preprocess.shape_name(s) for s in config.shapes]}, windows {config.windows}")
+print(
+    preprocess.check_cache_space(
+        len(todo), len(tasks), len(listed), config, cache_dir, kaggle=paths.on_kaggle()
+    )
+)
 
 # %% [markdown]
 # ## Decode, crop, resample, window, cache

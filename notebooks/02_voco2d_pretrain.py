@@ -27,9 +27,11 @@
 # (notebook 03).
 #
 # Runs resume exactly from `output_dir/checkpoint.pt`; `launch="torchrun"` uses every GPU.
+# `time_limit_s` ends a session cleanly; on Kaggle the next session starts with an empty
+# `/kaggle/working`, so attach the stopped run's output and pass it as `resume_from`.
 
 # %% tags=["parameters"]
-cache_dir: str = ""  # notebook 01's cache; empty: outputs/cache (/kaggle/working/cache)
+cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs; "": outputs/cache
 volume_shape: list = [32, 192, 192]  # cached (slices, H, W) to pretrain on
 extra_dirs: list = []  # folders of extra unlabeled CT (NIfTI files, DICOM series), e.g. FLARE23
 output_dir: str = ""  # run folder; empty: outputs/pretrain (/kaggle/working/pretrain)
@@ -66,6 +68,7 @@ probe_every: int = 200  # steps between position probes
 n_probe_volumes: int = 8  # volumes held out for the probe
 seed: int = 0
 resume: bool = True  # continue from output_dir/checkpoint.pt when it exists
+resume_from: str = ""  # an earlier run folder (Kaggle: /kaggle/input/...), copied in to resume
 time_limit_s: float = 0.0  # stop cleanly after this long (Kaggle sessions); 0 for no limit
 launch: str = "inprocess"  # "inprocess" or "torchrun" (one process per GPU)
 nproc_per_node: int = 0  # torchrun processes; 0 for one per GPU
@@ -78,7 +81,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kaggle_utils import paths
+from kaggle_utils import paths, preprocess, runtime
 from kaggle_utils.crops import sample_voco_crops
 from kaggle_utils.plots import crop_layout, pretraining_curves
 from kaggle_utils.pretrain import (
@@ -93,10 +96,14 @@ if smoke:
     backbone, hidden_dim, out_dim, steps, batch_size = "test_efficientnet", 64, 64, 3, 2
     probe_every, checkpoint_every, warmup_steps, num_workers, n_probe_volumes = 3, 3, 1, 0, 2
     crop_size = min(volume_shape[1:]) // grid
-cache = paths.resolve_output_dir(cache_dir, default_name="cache")
+caches = preprocess.resolve_cache_dirs(
+    cache_dir or paths.resolve_output_dir("", default_name="cache")
+)
 run_dir = paths.resolve_output_dir(output_dir, default_name="pretrain")
+if resume_from:
+    runtime.copy_previous_run(resume_from, run_dir)
 shape = tuple(int(v) for v in volume_shape)
-volume_dirs, extras = pretraining_volume_dirs(cache, shape, extra_dirs, run_dir / "extra_cache")
+volume_dirs, extras = pretraining_volume_dirs(caches, shape, extra_dirs, run_dir / "extra_cache")
 for extra in extras:
     if extra.status != "ok":
         print(f"extra source skipped: {extra.source}: {extra.error}")

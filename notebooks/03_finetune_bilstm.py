@@ -31,10 +31,14 @@
 # Finally a calibration (blend of each target with the prior, then per-column scaling) is fitted
 # on the out-of-fold predictions and saved for notebook 04; its honest CV score calibrates each
 # fold with the other folds only.
+#
+# `time_limit_s` ends a session cleanly between epochs (Kaggle's 12 hours); running the notebook
+# again with the same `output_dir` resumes where it stopped. On Kaggle a new session starts with
+# an empty `/kaggle/working`: attach the stopped run's output and pass it as `resume_from`.
 
 # %% tags=["parameters"]
 data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
-cache_dir: str = ""  # notebook 01's cache; empty: outputs/cache (/kaggle/working/cache)
+cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs; "": outputs/cache
 output_dir: str = ""  # run folder; empty: outputs/finetune (/kaggle/working/finetune)
 shape: list = [96, 256, 256]  # cached (slices, H, W) volumes to train on
 backbone: str = "efficientnetv2_rw_t"  # timm name; must match notebook 02's for init "voco"
@@ -70,6 +74,8 @@ precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P10
 num_workers: int = 2  # data loader processes
 seed: int = 0
 resume: bool = True  # skip finished folds, resume an interrupted one
+resume_from: str = ""  # an earlier run folder (Kaggle: /kaggle/input/...), copied in to resume
+time_limit_s: float = 0.0  # stop cleanly between epochs after about this long; 0 for no limit
 launch: str = "inprocess"  # "inprocess" or "torchrun" (one process per GPU)
 nproc_per_node: int = 0  # torchrun processes; 0 for one per GPU
 smoke: bool = False  # tiny, fast settings for tests
@@ -81,22 +87,33 @@ import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import Markdown, display
 
-from kaggle_utils import paths
+from kaggle_utils import paths, preprocess, runtime
 from kaggle_utils.calibration import CALIBRATION_FILE, calibrate_cross_validation
-from kaggle_utils.finetune import FinetuneConfig, launch_torchrun, read_labels, run_cross_validation
+from kaggle_utils.finetune import (
+    FinetuneConfig,
+    launch_torchrun,
+    read_labels,
+    run_cross_validation,
+    stopped_message,
+)
 from kaggle_utils.plots import confusion_matrices, precision_recall_curves
 from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
 
 if smoke:
     epochs, batch_size, n_folds, num_workers, hidden_size, num_layers = 1, 2, 2, 0, 16, 1
 root = paths.resolve_data_root(data_root)
-cache = paths.resolve_output_dir(cache_dir, default_name="cache")
+caches = preprocess.resolve_cache_dirs(
+    cache_dir or paths.resolve_output_dir("", default_name="cache")
+)
 run_dir = paths.resolve_output_dir(output_dir, default_name="finetune")
+if resume_from:
+    runtime.copy_previous_run(resume_from, run_dir)
 if init == "voco" and not encoder_file:
     encoder_file = str(paths.resolve_output_dir("", default_name="pretrain") / "encoder.pt")
 config = FinetuneConfig(
-    data_root=str(root), cache_dir=str(cache), output_dir=str(run_dir), shape=list(shape),
-    backbone=backbone, init=init, encoder_file=encoder_file, weights_file=weights_file,
+    data_root=str(root), cache_dir=[str(c) for c in caches], output_dir=str(run_dir),
+    shape=list(shape), backbone=backbone, init=init, encoder_file=encoder_file,
+    weights_file=weights_file,
     targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
     pooling=pooling, global_pool=global_pool, n_slices=n_slices, image_size=image_size,
     epochs=epochs, slice_loss_weight=slice_loss_weight,
@@ -106,9 +123,9 @@ config = FinetuneConfig(
     brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
     n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, aggregation=aggregation,
     precision=precision,
-    num_workers=num_workers, seed=seed, resume=resume,
+    num_workers=num_workers, seed=seed, resume=resume, time_limit_s=time_limit_s,
 )  # fmt: skip
-print(f"labels: {root / 'train.csv'}; volumes: {cache}; run folder: {run_dir}")
+print(f"labels: {root / 'train.csv'}; volumes: {config.cache_dir}; run folder: {run_dir}")
 
 # %% [markdown]
 # ## Train every fold (finished folds are skipped, an interrupted one resumes)
@@ -121,6 +138,9 @@ else:
 print(
     "best validation RSNA score per fold:", {k: round(v, 4) for k, v in result.fold_scores.items()}
 )
+if not result.finished:
+    print(stopped_message(result))
+SKIPPED = "Skipped: the run stopped at its time limit; re-run to finish it (see above)."
 
 # %% [markdown]
 # ## Report: the model against the best-constant prior on the same folds
@@ -130,9 +150,14 @@ print(
 
 # %%
 labels = read_labels(root)
-report = cross_validation_report(labels, result.oof_patient, result.folds, result.holdout_patient)
-display(Markdown(markdown_table(report, HEADLINE)))
-display(Markdown(markdown_table(report)))
+if result.finished:
+    report = cross_validation_report(
+        labels, result.oof_patient, result.folds, result.holdout_patient
+    )
+    display(Markdown(markdown_table(report, HEADLINE)))
+    display(Markdown(markdown_table(report)))
+else:
+    print(SKIPPED)
 
 # %% [markdown]
 # ## Calibration fitted on the out-of-fold predictions
@@ -143,27 +168,33 @@ display(Markdown(markdown_table(report)))
 # applies the one fitted on all folds (`calibration.json`).
 
 # %%
-calibration, calibrated = calibrate_cross_validation(
-    labels, result.oof_patient, result.folds, result.holdout_patient
-)
-calibration.to_json(run_dir / CALIBRATION_FILE)
-report["calibrated"] = calibrated
-(run_dir / "report.json").write_text(json.dumps(report, indent=1))
-print("blend weight of the model per target:", calibration.model_weight)
-display(Markdown(markdown_table(calibrated, HEADLINE)))
+if result.finished:
+    calibration, calibrated = calibrate_cross_validation(
+        labels, result.oof_patient, result.folds, result.holdout_patient
+    )
+    calibration.to_json(run_dir / CALIBRATION_FILE)
+    report["calibrated"] = calibrated
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print("blend weight of the model per target:", calibration.model_weight)
+    display(Markdown(markdown_table(calibrated, HEADLINE)))
+else:
+    print(SKIPPED)
 
 # %%
-oof = result.oof_patient.drop("fold")
-fig = confusion_matrices(labels, oof)
-fig.savefig(run_dir / "confusion_matrices.png", dpi=80, bbox_inches="tight")
-plt.show()
-fig = precision_recall_curves(labels, oof)
-fig.savefig(run_dir / "precision_recall.png", dpi=80, bbox_inches="tight")
-plt.show()
-curves = pl.concat(
-    [
-        pl.read_csv(run_dir / f"fold{k}" / "log.csv").with_columns(pl.lit(k).alias("fold"))
-        for k in result.fold_scores
-    ]
-)
-display(curves)
+if result.finished:
+    oof = result.oof_patient.drop("fold")
+    fig = confusion_matrices(labels, oof)
+    fig.savefig(run_dir / "confusion_matrices.png", dpi=80, bbox_inches="tight")
+    plt.show()
+    fig = precision_recall_curves(labels, oof)
+    fig.savefig(run_dir / "precision_recall.png", dpi=80, bbox_inches="tight")
+    plt.show()
+    curves = pl.concat(
+        [
+            pl.read_csv(run_dir / f"fold{k}" / "log.csv").with_columns(pl.lit(k).alias("fold"))
+            for k in result.fold_scores
+        ]
+    )
+    display(curves)
+else:
+    print(SKIPPED)

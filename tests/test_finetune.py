@@ -3,11 +3,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from polars.testing import assert_frame_equal
 
 from kaggle_utils import finetune as finetune_module
 from kaggle_utils.classifier import ALL_TARGETS, TARGET_CLASSES, CNNBiLSTM, build_classifier
@@ -15,9 +17,11 @@ from kaggle_utils.finetune import (
     FinetuneConfig,
     aggregate_patients,
     load_fold_model,
+    read_cv_result,
     read_labels,
     run_cross_validation,
     slice_loss,
+    stopped_message,
     weighted_loss,
 )
 from kaggle_utils.finetune_data import (
@@ -31,8 +35,9 @@ from kaggle_utils.finetune_data import (
 )
 from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS
 from kaggle_utils.models import build_backbone
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset, shard_tasks
 from kaggle_utils.report import cross_validation_report, markdown_table, training_prior
+from kaggle_utils.runtime import copy_previous_run
 from kaggle_utils.volume import resample_volume
 
 from conftest import run_torchrun_on_cpu
@@ -311,6 +316,18 @@ def test_torchrun_two_cpu_processes_with_gloo(
     assert meta["targets"] == list(ALL_TARGETS) and not model.training
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_at_the_time_limit(
+    tiny_competition: Path, cached: Path, tmp_path: Path
+) -> None:
+    config = smoke_config(tiny_competition, cached, tmp_path, time_limit_s=1e-9)
+    config.to_json(tmp_path / "config.json")
+    run_torchrun_on_cpu("kaggle_utils.finetune", tmp_path / "config.json")  # no rank hangs
+    result = read_cv_result(tmp_path)
+    assert not result.finished and result.folds_pending == [0, 1]
+    assert not (tmp_path / "fold0" / "last.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Slice-level supervision (image_level_labels.csv)
 
@@ -428,3 +445,103 @@ def test_dataset_slice_labels_follow_the_sampled_slices(
     np.testing.assert_array_equal(item["slice_labels"][:, 1].numpy(), expected)
     with pytest.raises(ValueError, match="image_labels"):
         SeriesDataset(series_table(labels, cached, SHAPE), ALL_TARGETS, slice_targets=("bowel",))
+
+
+# --------------------------------------------------------------------------------------------
+# Kaggle's limits: several cache folders, and a time limit per session
+
+
+@pytest.fixture(scope="module")
+def shard_caches(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny training set cached in two shards, `shard-0/` and `shard-1/`, as notebook 01
+    writes them with num_shards=2."""
+    root = tmp_path_factory.mktemp("ft_shards")
+    tasks = list_series(tiny_competition, "train")
+    for index in range(2):
+        preprocess_dataset(
+            shard_tasks(tasks, index, 2), root / f"shard-{index}",
+            PreprocessConfig(shapes=(SHAPE,)), workers=0, progress=False,
+        )  # fmt: skip
+    return root
+
+
+def test_series_table_reads_several_caches(
+    tiny_competition: Path, cached: Path, shard_caches: Path, tmp_path: Path
+) -> None:
+    labels = read_labels(tiny_competition)
+    whole = series_table(labels, cached, SHAPE)
+    sharded = series_table(labels, str(shard_caches / "shard-*"), SHAPE)
+    assert sharded.drop("path").equals(whole.drop("path"))
+    for path, series_id in sharded.select("path", "series_id").iter_rows():
+        shard = Path(path).parents[1]
+        assert shard.parent == shard_caches
+        own = pl.read_parquet(shard / "metadata.parquet")["series_id"].to_list()
+        assert series_id in own  # the path points into the cache that holds the series
+    config = smoke_config(
+        tiny_competition, cached, tmp_path, epochs=1, folds_to_run=[0],
+        cache_dir=[str(shard_caches / "shard-0"), str(shard_caches / "shard-1")],
+    )  # fmt: skip
+    config.to_json(tmp_path / "config.json")
+    assert FinetuneConfig.from_json(tmp_path / "config.json") == config  # still plain JSON
+    result = run_cross_validation(config, progress=False)
+    assert result.finished and set(result.oof_patient["patient_id"]) == set(
+        result.folds.filter(pl.col("fold") == 0)["patient_id"]
+    )
+    assert json.loads((tmp_path / "preprocess.json").read_text())["windows"] == [[50.0, 400.0]]
+
+
+def test_time_limit_stops_between_epochs_and_the_next_sessions_finish_the_same_run(
+    tiny_competition: Path, cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = run_cross_validation(smoke_config(tiny_competition, cached, tmp_path / "whole"), False)
+    assert whole.finished and whole.folds_pending == []
+
+    # Every epoch takes 100 s on a fake clock; 150 s leave room for one epoch per session.
+    now = [0.0]
+    monkeypatch.setattr(finetune_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    real_save = finetune_module._save_resume
+
+    def save_after_100_s(*args: object) -> None:
+        now[0] += 100.0
+        real_save(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finetune_module, "_save_resume", save_after_100_s)
+    output = tmp_path / "sessions"
+    config = smoke_config(tiny_competition, cached, output, time_limit_s=150.0)
+    sessions = []
+    for _ in range(6):
+        result = run_cross_validation(config, progress=False)
+        logs = [pl.read_csv(output / f"fold{k}" / "log.csv")["epoch"].to_list()
+                if (output / f"fold{k}" / "log.csv").is_file() else [] for k in (0, 1)]  # fmt: skip
+        sessions.append((result.finished, sorted(result.fold_scores), result.folds_pending, logs))
+        if result.finished:
+            break
+        assert not (output / "oof_patient.parquet").exists()  # only a finished run writes it
+        assert "time limit" in stopped_message(result) and "resume_from" in stopped_message(result)
+    assert sessions == [
+        (False, [], [0, 1], [[1], []]),  # stopped after fold 0's first epoch
+        (False, [0], [1], [[1, 2], []]),  # fold 0 finished; no room for fold 1's first epoch
+        (False, [0], [1], [[1, 2], [1]]),
+        (True, [0, 1], [], [[1, 2], [1, 2]]),
+    ]
+    assert result.fold_scores == pytest.approx(whole.fold_scores, abs=1e-9)
+    assert_frame_equal(result.oof_patient, whole.oof_patient, abs_tol=1e-7)
+    for k in (0, 1):
+        resumed = pl.read_csv(output / f"fold{k}" / "log.csv")
+        straight = pl.read_csv(tmp_path / "whole" / f"fold{k}" / "log.csv")
+        assert_frame_equal(resumed.drop("seconds"), straight.drop("seconds"), abs_tol=1e-7)
+    assert read_cv_result(output).finished
+
+
+def test_an_unfinished_run_reads_back_as_unfinished(
+    tiny_competition: Path, cached: Path, tmp_path: Path
+) -> None:
+    config = smoke_config(tiny_competition, cached, tmp_path / "run", epochs=1)
+    run_cross_validation(config, progress=False)
+    (tmp_path / "run" / "fold1" / "done.json").unlink()  # as if fold 1 were still training
+    # on Kaggle the next session copies it from /kaggle/input (notebook 03's resume_from)
+    assert copy_previous_run(tmp_path / "run", tmp_path / "next")
+    result = read_cv_result(tmp_path / "next")
+    assert not result.finished and result.folds_pending == [1]
+    assert set(result.fold_scores) == {0} and set(result.oof_series["fold"]) == {0}
+    assert result.holdout_patient is None

@@ -13,7 +13,9 @@ import polars as pl
 import pytest
 
 from kaggle_utils.demo import demo_summary, markdown
+from kaggle_utils.finetune import FinetuneConfig, run_cross_validation
 from kaggle_utils.metric import validate_submission
+from kaggle_utils.preprocess import list_series, load_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
@@ -114,3 +116,42 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert summary["test"]["n_patients"] == 3 and summary["test"]["model"] > 0
     assert "calibrated on the other folds" in markdown(summary)
     assert summary["cv"]["calibrated"]["mean"] > 0
+
+
+@pytest.mark.slow
+def test_notebooks_01_and_03_within_kaggles_disk_and_time_limits(
+    tiny_competition: Path, tmp_path: Path
+) -> None:
+    # Notebook 01 in two shards (two Kaggle datasets), read back as one cache by a pattern.
+    for index in range(2):
+        run_notebook(
+            "01_dicom_preprocess", tmp_path, data_root=str(tiny_competition),
+            output_dir=str(tmp_path / f"voco2d-cache-{index}"), shard_index=index, num_shards=2,
+            workers=0, smoke=True, limit=20,
+        )  # fmt: skip
+    caches = str(tmp_path / "voco2d-cache-*")
+    assert load_metadata(caches).height == len(list_series(tiny_competition, "train"))
+    # The previous session finished fold 0; this one copies it in, then runs out of time.
+    previous = tmp_path / "input" / "finetune"
+    run_cross_validation(
+        FinetuneConfig(
+            data_root=str(tiny_competition), cache_dir=caches, output_dir=str(previous),
+            shape=[8, 32, 32], backbone="test_efficientnet", init="random", hidden_size=16,
+            num_layers=1, image_size=32, epochs=1, n_folds=2, folds_to_run=[0], num_workers=0,
+        ),
+        progress=False,
+    )  # fmt: skip
+    working = tmp_path / "working" / "finetune"
+    executed = run_notebook(
+        "03_finetune_bilstm", tmp_path, data_root=str(tiny_competition), cache_dir=[caches],
+        output_dir=str(working), resume_from=str(previous), time_limit_s=1e-9,
+        shape=[8, 32, 32], backbone="test_efficientnet", init="random", image_size=32,
+        smoke=True,
+    )  # fmt: skip
+    assert (working / "fold0" / "done.json").is_file()  # copied from the previous session
+    assert not (working / "fold1" / "last.pt").exists()  # stopped before fold 1's first epoch
+    assert not (working / "report.json").exists() and not (working / "calibration.json").exists()
+    text = executed.read_text()
+    assert "copied" in text and "stopped at its time limit" in text and "Skipped" in text
+    config = json.loads((working / "config.json").read_text())
+    assert config["cache_dir"] == [str(tmp_path / f"voco2d-cache-{i}") for i in range(2)]

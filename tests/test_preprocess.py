@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -153,3 +156,181 @@ def test_a_dying_worker_costs_only_its_series(
     assert set(status.values()) == {"ok"} and len(status) == 3
     record = json.loads((tmp_path / "records" / "13.json").read_text())
     assert "worker process died" in record["error"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shards and cache size (Kaggle keeps ~20 GB of a notebook's output)
+
+
+def competition_like_tasks(n_patients: int, seed: int) -> list[SeriesTask]:
+    """Patients with one or two series (as in the competition), listed in sorted order."""
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for patient_id in range(1000, 1000 + n_patients):
+        for k in range(int(rng.integers(1, 3))):
+            tasks.append(SeriesTask(patient_id, patient_id * 10 + k, Path(f"{patient_id}/{k}")))
+    return tasks
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 7])
+def test_shards_are_disjoint_complete_balanced_and_keep_patients_together(
+    num_shards: int,
+) -> None:
+    tasks = competition_like_tasks(301, seed=num_shards)
+    shards = [preprocess.shard_tasks(tasks, k, num_shards) for k in range(num_shards)]
+    ids = [[t.series_id for t in shard] for shard in shards]
+    assert sorted(i for shard in ids for i in shard) == sorted(t.series_id for t in tasks)
+    patients = [{t.patient_id for t in shard} for shard in shards]
+    assert sum(len(p) for p in patients) == len({t.patient_id for t in tasks})  # never split
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) <= math.ceil(len(tasks) / num_shards) + 1  # what shards_needed assumes
+    assert max(sizes) - min(sizes) <= 2
+    assert all(shard == sorted(shard, key=tasks.index) for shard in shards)  # listed order kept
+    shuffled = [tasks[i] for i in np.random.default_rng(0).permutation(len(tasks))]
+    again = [{t.series_id for t in preprocess.shard_tasks(shuffled, k, num_shards)}
+             for k in range(num_shards)]  # fmt: skip
+    assert again == [set(shard) for shard in ids]  # the listing order does not matter
+
+
+def test_shard_arguments_are_checked() -> None:
+    tasks = competition_like_tasks(5, seed=0)
+    with pytest.raises(ValueError, match="num_shards must be at least 1"):
+        preprocess.shard_tasks(tasks, 0, 0)
+    for index in (-1, 2):
+        with pytest.raises(ValueError, match=r"shard_index must be in 0\.\.1"):
+            preprocess.shard_tasks(tasks, index, 2)
+
+
+def test_size_estimate_is_the_hand_arithmetic_and_the_files_written(
+    cached: tuple[Path, pl.DataFrame],
+) -> None:
+    defaults = PreprocessConfig()  # notebook 01's: 32x192x192 and 96x256x256, one window
+    per_series = (32 * 192 * 192 + 128) + (96 * 256 * 256 + 128) + 16 * 1024
+    assert preprocess.series_cache_bytes(defaults) == per_series == 7_487_744
+    total = preprocess.estimate_cache_bytes(4711, defaults)  # the full training set
+    assert total == 4711 * 7_487_744 == 35_274_761_984  # SPEC: "~35 GB"
+    three = PreprocessConfig(windows=((50, 400), (40, 1000), (400, 1800)))
+    assert (
+        preprocess.series_cache_bytes(three)
+        == 3 * (32 * 192 * 192 + 96 * 256 * 256) + 2 * 128 + 16384
+    )
+    cache_dir, metadata = cached  # one window, or two for the series a test re-cached
+    for series_id in metadata["series_id"]:
+        for shape in CONFIG.shapes:
+            path = cache_path(cache_dir, shape, series_id)
+            volume = np.load(path, mmap_mode="r")
+            channels = 1 if volume.ndim == 3 else volume.shape[1]
+            assert path.stat().st_size == preprocess.volume_bytes(shape, channels)  # + header
+        record = cache_dir / preprocess.RECORDS_DIR / f"{series_id}.json"
+        assert record.stat().st_size < preprocess.RECORD_BYTES
+
+
+def test_shards_needed() -> None:
+    assert preprocess.shards_needed(10, 100, 1000) == 1
+    assert preprocess.shards_needed(10, 100, 999) == 2  # 5 + 1 series of 100 bytes fit
+    assert preprocess.shards_needed(10, 100, 599) == 3  # 6 do not; ceil(10 / 3) + 1 = 5 do
+    assert preprocess.shards_needed(4711, 7_487_744, preprocess.KAGGLE_WORKING_LIMIT_BYTES) == 2
+    with pytest.raises(ValueError, match="not even one series"):
+        preprocess.shards_needed(10, 100, 150)
+
+
+def test_cache_space_is_checked_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defaults = PreprocessConfig()
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(
+        preprocess.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"])
+    )
+    line = preprocess.check_cache_space(4711, 4711, 4711, defaults, tmp_path)
+    assert "35.27 GB" in line and "4,711 series" in line and "1000.00 GB free" in line
+    with pytest.raises(
+        preprocess.CacheTooLargeError, match=r"Kaggle keeps 20\.00 GB.*num_shards=2"
+    ):
+        preprocess.check_cache_space(4711, 4711, 4711, defaults, tmp_path, kaggle=True)
+    shard = math.ceil(4711 / 2) + 1
+    line = preprocess.check_cache_space(shard, shard, 4711, defaults, tmp_path, kaggle=True)
+    assert "Kaggle keeps 20.00 GB" in line
+    free["bytes"] = 12 * 10**9  # a small disk: three shards of ~11.8 GB would fit
+    with pytest.raises(preprocess.CacheTooLargeError, match=r"not enough space.*num_shards=3"):
+        preprocess.check_cache_space(4711, 4711, 4711, defaults, tmp_path)
+    # what is already cached takes no new space
+    preprocess.check_cache_space(1000, 4711, 4711, defaults, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Several caches (notebook 01's shards) read as one
+
+
+@pytest.fixture(scope="module")
+def shard_caches(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny training set cached in two shards, `voco2d-cache-0/` and `voco2d-cache-1/`."""
+    root = tmp_path_factory.mktemp("shards")
+    tasks = list_series(tiny_competition, "train")
+    for index in range(2):
+        shard = preprocess.shard_tasks(tasks, index, 2)
+        config = PreprocessConfig(shapes=((8, 32, 32),))
+        preprocess_dataset(shard, root / f"voco2d-cache-{index}", config, workers=0, progress=False)
+    return root
+
+
+def test_several_caches_give_one_metadata_table_pointing_at_each_volume(
+    tiny_competition: Path, shard_caches: Path
+) -> None:
+    folders = [shard_caches / "voco2d-cache-0", shard_caches / "voco2d-cache-1"]
+    assert preprocess.resolve_cache_dirs(str(shard_caches / "voco2d-cache-*")) == folders
+    metadata = preprocess.load_metadata([str(f) for f in folders])
+    tasks = list_series(tiny_competition, "train")
+    assert metadata["series_id"].to_list() == [t.series_id for t in tasks]  # sorted, each once
+    for row in metadata.iter_rows(named=True):
+        own = pl.read_parquet(Path(row["cache_dir"]) / preprocess.METADATA_FILE)
+        assert row["series_id"] in own["series_id"].to_list()  # the folder that holds it
+        assert cache_path(Path(row["cache_dir"]), (8, 32, 32), row["series_id"]).is_file()
+    assert preprocess.load_metadata(str(shard_caches / "voco2d-cache-*")).equals(metadata)
+    single = preprocess.load_metadata(folders[0])  # one folder, as before
+    assert set(single["cache_dir"]) == {str(folders[0])}
+    assert preprocess.cache_settings(folders) == PreprocessConfig(shapes=((8, 32, 32),))
+
+
+def test_a_series_in_two_caches_is_kept_once_with_a_warning(
+    shard_caches: Path, tmp_path: Path
+) -> None:
+    first = shard_caches / "voco2d-cache-0"
+    copy = Path(shutil.copytree(first, tmp_path / "copy"))
+    table = pl.read_parquet(first / preprocess.METADATA_FILE)
+    broken_id = table["series_id"][0]
+    # the first cache has that series as failed: the copy's good one is used
+    table.with_columns(
+        pl.when(pl.col("series_id") == broken_id).then(pl.lit("failed")).otherwise("status")
+        .alias("status")
+    ).write_parquet(tmp_path / "broken.parquet")  # fmt: skip
+    broken = Path(shutil.copytree(first, tmp_path / "broken"))
+    shutil.move(tmp_path / "broken.parquet", broken / preprocess.METADATA_FILE)
+    with pytest.warns(UserWarning, match=f"{table.height} series are in more than one cache"):
+        metadata = preprocess.load_metadata([broken, copy])
+    assert metadata.height == table.height
+    assert metadata.filter(pl.col("series_id") == broken_id)["cache_dir"].to_list() == [str(copy)]
+    assert set(metadata.filter(pl.col("series_id") != broken_id)["cache_dir"]) == {str(broken)}
+
+
+def test_caches_made_differently_are_refused(shard_caches: Path, tmp_path: Path) -> None:
+    other = Path(shutil.copytree(shard_caches / "voco2d-cache-1", tmp_path / "other"))
+    for record_file in (other / preprocess.RECORDS_DIR).glob("*.json"):
+        record = json.loads(record_file.read_text())
+        record["settings"]["windows"] = [[40.0, 1000.0]]
+        record_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"made differently.*\[\[40\.0, 1000\.0\]\]"):
+        preprocess.cache_settings([shard_caches / "voco2d-cache-0", other])
+
+
+def test_cache_folders_that_do_not_exist_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="matches no folder"):
+        preprocess.resolve_cache_dirs(str(tmp_path / "voco2d-cache-*"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        preprocess.resolve_cache_dirs([tmp_path, tmp_path / "missing"])
+    for empty in ("", [], [""]):
+        with pytest.raises(ValueError, match="is empty"):
+            preprocess.resolve_cache_dirs(empty)
+    assert preprocess.resolve_cache_dirs([tmp_path, str(tmp_path)]) == [tmp_path]  # once each
+    with pytest.raises(FileNotFoundError, match="run notebook 01"):
+        preprocess.load_metadata(tmp_path)

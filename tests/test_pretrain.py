@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,13 @@ import torch
 
 from kaggle_utils import pretrain as pretrain_module
 from kaggle_utils.models import build_backbone, load_state_dict_file
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
-from kaggle_utils.pretrain import NonFiniteLossError, PretrainConfig, pretrain
+from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset, shard_tasks
+from kaggle_utils.pretrain import (
+    NonFiniteLossError,
+    PretrainConfig,
+    pretrain,
+    pretraining_volume_dirs,
+)
 from kaggle_utils.pretrain_data import (
     AugmentConfig,
     ResumableSampler,
@@ -20,6 +26,7 @@ from kaggle_utils.pretrain_data import (
     split_probe_volumes,
     volume_files,
 )
+from kaggle_utils.runtime import copy_previous_run
 
 from conftest import run_torchrun_on_cpu
 
@@ -198,3 +205,68 @@ def test_torchrun_two_cpu_processes_with_gloo(volume_dir: Path, tmp_path: Path) 
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [0, 1, 2]  # rank 0 logs once
     assert (tmp_path / "encoder.pt").is_file()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
+
+
+def test_a_stopped_run_resumes_in_a_fresh_folder_from_a_copy(
+    volume_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kaggle: the next session's output_dir is empty and the stopped run is read-only input.
+    straight = tmp_path / "straight"
+    pretrain(tiny_config(volume_dir, straight, steps=5, probe_every=0), progress=False)
+    previous = tmp_path / "input" / "pretrain"
+    pretrain(tiny_config(volume_dir, previous, steps=5, probe_every=0, stop_after=3), False)
+    (previous / ".checkpoint.pt.99.tmp").write_bytes(b"half a file of a killed write")
+    working = tmp_path / "working" / "pretrain"
+    working.mkdir(parents=True)
+
+    real_copy = shutil.copyfile
+
+    def killed_at_the_checkpoint(source: Path, target: Path) -> None:
+        if Path(source).name == "checkpoint.pt":
+            raise KeyboardInterrupt("session ended")
+        real_copy(source, target)
+
+    monkeypatch.setattr(shutil, "copyfile", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        copy_previous_run(previous, working)
+    assert (working / "log.csv").is_file() and not (working / "checkpoint.pt").exists()
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+
+    assert copy_previous_run(previous, working)  # no resume point yet: copied again
+    assert not list(working.glob("*.tmp"))
+    assert not copy_previous_run(previous, working)  # now it has one: left alone
+    resumed = pretrain(tiny_config(volume_dir, working, steps=5, probe_every=0), progress=False)
+    assert resumed.finished and resumed.steps_done == 5
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(working / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(value, b["student"][key]) for key, value in a["student"].items())
+    with pytest.raises(FileNotFoundError, match="holds no resume point"):
+        copy_previous_run(tmp_path / "input", tmp_path / "elsewhere")  # the dataset, not the run
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        copy_previous_run(tmp_path / "missing", tmp_path / "elsewhere")
+
+
+def test_pretraining_reads_several_caches(tiny_competition: Path, tmp_path: Path) -> None:
+    tasks = list_series(tiny_competition, "train")
+    config = PreprocessConfig(shapes=((8, 32, 32),))
+    for index in range(2):
+        shard = shard_tasks(tasks, index, 2)
+        preprocess_dataset(shard, tmp_path / f"cache-{index}", config, workers=0, progress=False)
+    folders, extras = pretraining_volume_dirs(str(tmp_path / "cache-*"), (8, 32, 32))
+    assert folders == [str(tmp_path / f"cache-{i}" / "8x32x32") for i in range(2)] and not extras
+    files = volume_files([Path(f) for f in folders])
+    assert sorted(int(f.stem) for f in files) == sorted(t.series_id for t in tasks)
+    shutil.copytree(tmp_path / "cache-0", tmp_path / "cache-2")  # the same series twice
+    with pytest.warns(UserWarning, match="more than one folder"):
+        files = volume_files([Path(f) for f in pretraining_volume_dirs(
+            [tmp_path / "cache-0", tmp_path / "cache-1", tmp_path / "cache-2"], (8, 32, 32)
+        )[0]])  # fmt: skip
+    assert sorted(int(f.stem) for f in files) == sorted(t.series_id for t in tasks)
+    with pytest.raises(FileNotFoundError, match="holds no volumes"):
+        pretraining_volume_dirs(tmp_path / "cache-0", (16, 32, 32))
+    for record_file in (tmp_path / "cache-2" / "records").glob("*.json"):
+        record = json.loads(record_file.read_text())
+        record["settings"]["body_crop"] = False
+        record_file.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="made differently"):
+        pretraining_volume_dirs([tmp_path / "cache-1", tmp_path / "cache-2"], (8, 32, 32))

@@ -548,6 +548,31 @@ def test_preprocessing_settings_come_from_the_model_folder_or_the_cache(
         save_preprocess_settings(moved)
 
 
+def test_preprocessing_settings_come_from_several_training_caches(
+    model_dir: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    # notebook 03 trained on notebook 01's shards: config.json names a list (or a pattern)
+    meta = json.loads((model_dir / "fold0" / "model.json").read_text())
+    moved = copy_model_dir(model_dir, tmp_path)
+    (moved / "preprocess.json").unlink()
+    shard = Path(shutil.copytree(train_cache, tmp_path / "shard-1"))
+    shutil.copytree(train_cache, tmp_path / "shard-0")
+    settings = json.loads((moved / "config.json").read_text())
+    for cache_dir, named in [
+        ([str(train_cache), str(shard)], f"{train_cache}, {shard}"),
+        (str(tmp_path / "shard-*"), f"{tmp_path / 'shard-0'}, {shard}"),
+    ]:
+        (moved / "config.json").write_text(json.dumps(settings | {"cache_dir": cache_dir}))
+        config, source = preprocess_settings(moved, meta)
+        assert source == f"training cache {named}" and config.windows == ((50.0, 400.0),)
+    assert save_preprocess_settings(moved).is_file()
+    (moved / "config.json").write_text(
+        json.dumps(settings | {"cache_dir": [str(train_cache), str(tmp_path / "gone")]})
+    )
+    (moved / "preprocess.json").unlink()
+    assert preprocess_settings(moved, meta)[1].startswith("default")  # not all attached
+
+
 def test_model_dir_must_hold_fold_models(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no fold<k>/best\.pt"):
         resolve_model_dir(tmp_path)
