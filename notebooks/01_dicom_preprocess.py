@@ -46,16 +46,73 @@ workers: int = 2  # decoding processes; 0 runs in this process (easier to debug)
 limit: int = 0  # decode only the first N series; 0 for all
 overwrite: bool = False  # re-decode series that are already cached
 n_montage: int = 4  # how many volumes to show in the montage
+install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
 smoke: bool = False  # tiny, fast settings for tests
 
+# %% [markdown]
+# ## Set-up
+#
+# Makes `kaggle_utils` importable wherever this runs. On Kaggle: from the attached bundle
+# dataset (`make kaggle-bundle`), with `pip install --no-index` (never the network, so it
+# works in the offline scoring run). On Colab: from a clone of the repository under
+# `/content`, or from `install_from` (a pip spec). Locally: nothing (`make install` did it).
+
 # %%
+import importlib.metadata
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+
+def install_kaggle_utils(install_from: str = "") -> str:
+    """Install this project's package where the platform needs it; say what was done."""
+    package, wheel = "kaggle-utils-voco2d", "kaggle_utils_voco2d-*.whl"
+    try:
+        return f"{package} {importlib.metadata.version(package)} is installed"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    root = Path(os.environ.get("KAGGLE_UTILS_FAKE_ROOT") or "/")  # tests fake "/"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # Kaggle first: its image also looks like Colab
+        inputs = root / "kaggle" / "input"
+        layouts = ("*/wheels", "*/*/wheels", "datasets/*/*/wheels", "datasets/*/*/*/wheels")
+        found = {w.parent for layout in layouts for w in inputs.glob(f"{layout}/{wheel}")}
+        folders = [p for p in install_from.split(",") if p] or sorted(map(str, found))
+        if not folders:
+            raise FileNotFoundError(
+                f"no {wheel} under {inputs}: attach the bundle dataset that "
+                "`make kaggle-bundle` writes (README: Kaggle), or pass install_from=<its folder>"
+            )
+        links = [arg for folder in folders for arg in ("--find-links", folder)]
+        subprocess.check_call([*pip, "--no-index", *links, package])
+        how = f"offline from {', '.join(folders)}"
+    elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
+        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        spec = install_from or (str(clones[0].parents[1]) if clones else "")
+        if not spec:
+            raise FileNotFoundError(
+                "clone the repository first (!git clone <its URL> /content/voco2d), "
+                "or pass install_from=<a pip spec of it>"
+            )
+        subprocess.check_call([*pip, spec])
+        how = f"from {spec}"
+    else:
+        return f"{package} is not installed: run `make install` (or pip install -e <checkout>)"
+    importlib.invalidate_caches()
+    return f"{package} {importlib.metadata.version(package)} installed {how}"
+
+
+print(install_kaggle_utils(install_from))
+
+# %%
 
 import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
 from kaggle_utils import paths, preprocess
+from kaggle_utils.dicom import decoder_report
 from kaggle_utils.plots import volume_montage
 from kaggle_utils.volume import parse_windows
 
@@ -72,6 +129,10 @@ todo = preprocess.pending_tasks(tasks, cache_dir, config, overwrite)
 shard = f"shard {shard_index} of 0..{num_shards - 1}: " if num_shards > 1 else ""
 print(f"{shard}{len(tasks)} of {len(listed)} series from {root / f'{split}_images'} -> {cache_dir}")
 print(f"shapes {[preprocess.shape_name(s) for s in config.shapes]}, windows {config.windows}")
+decoders, decoder_warnings = decoder_report()
+print(decoders)
+for warning in decoder_warnings:  # slower decoding, or series that will fail
+    print(f"!!! WARNING: {warning}")
 print(
     preprocess.check_cache_space(
         len(todo), len(tasks), len(listed), config, cache_dir, kaggle=paths.on_kaggle()
