@@ -197,7 +197,7 @@ def resolve_model_dir(model_dir: str | Path = "") -> Path:
     """The fine-tuning run folder: `model_dir` if given, else outputs/finetune (or
     /kaggle/working/finetune), else on Kaggle the first attached input (dataset, notebook
     output or model, in either mount layout, a few folders deep) that holds
-    `fold<k>/model.json` with `fold<k>/best.pt`.
+    finished folds (`fold_dirs`).
 
     Raises:
         FileNotFoundError: the folder has no fold model, or none was found (says where it looked).
@@ -206,8 +206,9 @@ def resolve_model_dir(model_dir: str | Path = "") -> Path:
         path = Path(model_dir).expanduser()
         if not fold_dirs(path):
             raise FileNotFoundError(
-                f"{path}: no fold<k>/best.pt with its model.json; give the folder notebook 03 "
-                "wrote (its output_dir), or the Kaggle dataset that holds a copy of it"
+                f"{path}: no finished fold (fold<k>/ with best.pt, model.json and done.json); "
+                "give the folder notebook 03 wrote (its output_dir), or the Kaggle dataset "
+                "that holds a copy of it"
             )
         return path
     candidates = [
@@ -272,15 +273,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def fold_dirs(model_dir: Path) -> list[Path]:
-    """`fold<k>/` folders with both `best.pt` and `model.json`, in fold order."""
+def fold_dirs(model_dir: Path, finished_only: bool = True) -> list[Path]:
+    """`fold<k>/` folders with `best.pt` and `model.json`, in fold order; by default only
+    those whose training finished (`done.json`): a fold that notebook 03 stopped at its time
+    limit has the best epoch of a run cut short, not a model to submit."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
     found = [
         d
         for d in model_dir.glob("fold*")
-        if d.name[4:].isdigit() and (d / "best.pt").is_file() and (d / "model.json").is_file()
+        if d.name[4:].isdigit()
+        and (d / "best.pt").is_file()
+        and (d / "model.json").is_file()
+        and (not finished_only or (d / "done.json").is_file())
     ]
     return sorted(found, key=lambda d: int(d.name[4:]))
 
@@ -301,7 +307,16 @@ def load_fold_models(model_dir: Path, device: torch.device) -> list[FoldModel]:
         mean, std = input_normalisation(model.backbone, device)
         folds.append(FoldModel(int(fold_dir.name[4:]), model, meta, mean, std))
     if not folds:
-        raise FileNotFoundError(f"{model_dir}: no fold<k>/best.pt with its model.json")
+        raise FileNotFoundError(
+            f"{model_dir}: no finished fold (fold<k>/ with best.pt, model.json and done.json)"
+        )
+    unfinished = [d.name for d in fold_dirs(model_dir, finished_only=False)]
+    unfinished = [name for name in unfinished if name not in {f"fold{f.fold}" for f in folds}]
+    if unfinished:
+        logger.warning(
+            "%s: %s not finished (no done.json: notebook 03 stopped early?), left out",
+            model_dir, ", ".join(unfinished),
+        )  # fmt: skip
     first = folds[0].meta
     for fold in folds[1:]:
         for key in ("shape", "in_chans"):

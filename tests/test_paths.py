@@ -80,6 +80,7 @@ def fake_model_folder(folder: Path, n_folds: int = 2) -> Path:
         (folder / f"fold{fold}").mkdir(parents=True)
         (folder / f"fold{fold}" / "best.pt").write_bytes(b"")
         (folder / f"fold{fold}" / "model.json").write_text("{}")
+        (folder / f"fold{fold}" / "done.json").write_text("{}")
     return folder
 
 

@@ -574,8 +574,23 @@ def test_preprocessing_settings_come_from_several_training_caches(
 
 
 def test_model_dir_must_hold_fold_models(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"no fold<k>/best\.pt"):
+    with pytest.raises(FileNotFoundError, match="no finished fold"):
         resolve_model_dir(tmp_path)
+
+
+def test_a_fold_stopped_before_it_finished_is_left_out(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Notebook 03 stopped at its time limit: fold1 has a best.pt but no done.json."""
+    models = copy_model_dir(model_dir, tmp_path)
+    (models / "fold1" / "done.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+        folds = load_fold_models(models, torch.device("cpu"))
+    assert [f.fold for f in folds] == [0]
+    assert any("fold1 not finished" in m for m in caplog.messages)
+    (models / "fold0" / "done.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no finished fold"):
+        resolve_model_dir(models)
 
 
 @pytest.mark.slow
