@@ -247,28 +247,30 @@ def check_cache_space(
         f"{_size(free)} free in {cache_dir}"
     )
     if to_write > free:
-        num_shards = shards_needed(n_listed, per_series, free)
         raise CacheTooLargeError(
             f"{line}: not enough space. Free some, choose another output_dir, or split the "
-            f"series: num_shards={num_shards} makes each shard about "
-            f"{_size(estimate_cache_bytes(math.ceil(n_listed / num_shards), config))}; run "
-            f"shard_index=0..{num_shards - 1} each where it has room (on Kaggle: in its own "
-            "session, each output becoming one dataset)"
+            f"series: {_shard_advice(n_listed, per_series, free, config)}, each run where it "
+            "has room (on Kaggle: in its own session, each output becoming one dataset)"
         )
     if kaggle:
         in_shard = n_in_shard * per_series
         line += f"; Kaggle keeps {_size(KAGGLE_WORKING_LIMIT_BYTES)} of /kaggle/working"
         if in_shard > KAGGLE_WORKING_LIMIT_BYTES:
-            num_shards = shards_needed(n_listed, per_series, KAGGLE_WORKING_LIMIT_BYTES)
+            advice = _shard_advice(n_listed, per_series, KAGGLE_WORKING_LIMIT_BYTES, config)
             raise CacheTooLargeError(
                 f"{line}, and this shard's cache is about {_size(in_shard)} ({n_in_shard:,} "
-                f"series): use num_shards={num_shards} (about "
-                f"{_size(estimate_cache_bytes(math.ceil(n_listed / num_shards), config))} each) "
-                f"and run shard_index=0..{num_shards - 1}, one notebook version each; attach "
-                "every output as a dataset and give notebooks 02-04 all of them (a list, or a "
-                "glob such as /kaggle/input/voco2d-cache-*/cache)"
+                f"series): use {advice}, one notebook version each; attach every output as a "
+                "dataset and give notebooks 02-04 all of them (a list, or a glob such as "
+                "/kaggle/input/voco2d-cache-*/cache)"
             )
     return line
+
+
+def _shard_advice(n_listed: int, per_series: int, budget: int, config: PreprocessConfig) -> str:
+    """ "num_shards=N (about X each) and shard_index=0..N-1" for a byte budget per shard."""
+    num_shards = shards_needed(n_listed, per_series, budget)
+    each = _size(estimate_cache_bytes(math.ceil(n_listed / num_shards), config))
+    return f"num_shards={num_shards} (about {each} each) and shard_index=0..{num_shards - 1}"
 
 
 def _size(n_bytes: float) -> str:
