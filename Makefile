@@ -93,12 +93,14 @@ kaggle-bundle: install
 GPU_PREINSTALLED ?= torch,torchvision,timm,numpy,scipy,pandas,scikit-learn,matplotlib,tqdm,pillow,packaging,pyyaml,typing-extensions,filelock,fsspec,jinja2,networkx,sympy,safetensors,huggingface-hub,requests,joblib,threadpoolctl
 gpu-bundle: install
 	$(PY) -m kaggle_utils.bundle --output dist/gpu-bundle --python-version 3.12 \
-		--preinstalled $(GPU_PREINSTALLED) --extras notebooks
+		--preinstalled $(GPU_PREINSTALLED) --extras notebooks --split-mb 56
 
 # On the GPU machine: install dist/gpu-bundle offline, then notebooks 01-04 on tiny demo data
 # (fp16 and bf16 where the GPU has them, torchrun over NCCL) and the cost benchmark's CUDA
 # path; one JSON report in outputs/gpu-check/report.json.
 gpu-check:
+	for part in dist/gpu-bundle/wheels/part-*; do \
+		python3 benchmarks/gpu_check.py --install-part $$part || exit 1; done
 	python3 benchmarks/gpu_check.py --bundle dist/gpu-bundle --output outputs/gpu-check
 
 clean-demo:

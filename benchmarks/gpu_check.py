@@ -11,6 +11,11 @@ step, so a run cut short still leaves what it measured.
 
 `--cpu` runs the same on a machine without a GPU (fp32, torchrun over gloo): a rehearsal of
 the script itself, not a measurement.
+
+A bundle split into `wheels/part-<k>/` (`make gpu-bundle`: the machine this project borrows
+is sent at most 64 MiB per call) is installed one part per call with `--install-part
+<folder>` (`pip install --no-deps --target .gpu-site`, a folder git ignores, so it stays on
+the machine between calls), then the check runs with `.gpu-site` on the path.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ PACKAGE = "kaggle-utils-voco2d"
 TINY = ["--train-patients", "12", "--test-patients", "4", "--image-size", "96",
         "--min-slices", "16", "--max-slices", "20"]  # fmt: skip
 SHAPE = [12, 96, 96]
+SITE = ROOT / ".gpu-site"  # wheels installed part by part (--install-part)
 
 
 class Check:
@@ -90,13 +96,31 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "gpu-check")
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--cpu", action="store_true", help="rehearse without a GPU (fp32)")
+    parser.add_argument(
+        "--install-part", type=Path, help="only install this folder of wheels into .gpu-site"
+    )
     args = parser.parse_args()
+    if args.install_part:
+        wheels = sorted(str(p) for p in args.install_part.glob("*.whl"))
+        if not wheels:
+            sys.exit(f"{args.install_part}: no wheels")
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+        subprocess.run([*pip, "--target", str(SITE), "--upgrade", *wheels], check=True)
+        print(f"installed {len(wheels)} wheels from {args.install_part} into {SITE}")
+        return
+    if SITE.is_dir():  # parts installed by earlier calls: for this process and its children
+        sys.path.insert(0, str(SITE))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p
+        )
     out = args.output.resolve()
     check = Check(out, args.budget_s)
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
 
     if importlib.util.find_spec("kaggle_utils") is None:
         wheels = args.bundle / "wheels"
+        if any(wheels.glob("part-*")):
+            sys.exit(f"{wheels} is split in parts: install each with --install-part first")
         check.run("install", [sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
                               "--find-links", str(wheels), f"{PACKAGE}[notebooks]"])  # fmt: skip
     import torch

@@ -91,6 +91,7 @@ def build_bundle(
     dataset_slug: str = "voco2d-bundle",
     models_slug: str = "voco2d-models",
     find_links: Sequence[str] = (),
+    split_mb: float = 0.0,
 ) -> dict:
     """Write the bundle folder (see the module docstring); returns its manifest.
 
@@ -98,6 +99,10 @@ def build_bundle(
     defaults target Kaggle's image. `preinstalled` names the packages the target has: their
     wheels are left out. `extras` adds optional dependency groups (e.g. "notebooks" for a
     machine without papermill). `find_links` are extra local wheel folders pip may use.
+    `split_mb` > 0 spreads the wheels over `wheels/part-<k>/` folders of at most that size
+    each (a wheel larger than that gets a folder of its own), for a machine that can only be
+    sent so much at a time; they are installed one part at a time with `--no-deps`
+    (`benchmarks/gpu_check.py --install-part`).
 
     Raises:
         subprocess.CalledProcessError: pip could not build or download a wheel (its output
@@ -130,12 +135,14 @@ def build_bundle(
         if wheel_name(path) in skip:
             dropped.append(path.name)
             path.unlink()
+    parts = _split_into_parts(staging / "wheels", split_mb) if split_mb > 0 else {}
     manifest = {
         "project": PROJECT_NAME,
         "python_version": python_version or f"{sys.version_info.major}.{sys.version_info.minor}",
         "platforms": list(platforms) if python_version else ["this machine"],
         "preinstalled_left_out": sorted(skip),
-        "wheels": {p.name: p.stat().st_size for p in sorted((staging / "wheels").glob("*.whl"))},
+        "wheels": {p.name: p.stat().st_size for p in sorted((staging / "wheels").rglob("*.whl"))},
+        "parts": parts,
         "dropped_as_preinstalled": dropped,
     }
     manifest["total_mb"] = round(sum(manifest["wheels"].values()) / 2**20, 1)
@@ -154,6 +161,29 @@ def build_bundle(
     output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, output)
     return manifest
+
+
+def _split_into_parts(wheels: Path, part_mb: float) -> dict[str, list[str]]:
+    """Move the wheels into part-1/, part-2/, ... of at most `part_mb` MB each, largest wheel
+    first into the first part with room (first-fit decreasing)."""
+    budget = part_mb * 2**20
+    parts: list[tuple[float, list[Path]]] = []
+    for path in sorted(wheels.glob("*.whl"), key=lambda p: -p.stat().st_size):
+        size = path.stat().st_size
+        for index, (used, members) in enumerate(parts):
+            if used + size <= budget:
+                parts[index] = (used + size, [*members, path])
+                break
+        else:
+            parts.append((size, [path]))
+    layout: dict[str, list[str]] = {}
+    for index, (_, members) in enumerate(parts, start=1):
+        folder = wheels / f"part-{index}"
+        folder.mkdir()
+        for path in members:
+            path.rename(folder / path.name)
+        layout[folder.name] = sorted(p.name for p in members)
+    return layout
 
 
 def kernel_metadata(user: str, dataset_slug: str, models_slug: str) -> dict:
@@ -204,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kaggle-user", default="", help="default: $KAGGLE_USERNAME")
     parser.add_argument("--dataset-slug", default="voco2d-bundle")
     parser.add_argument("--models-slug", default="voco2d-models", help="notebook 03's output")
+    parser.add_argument(
+        "--split-mb", type=float, default=0.0,
+        help="spread the wheels over wheels/part-<k>/ of at most this many MB (0: one folder)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     presets = {"kaggle": set(KAGGLE_PREINSTALLED), "none": set()}
     preinstalled = presets.get(args.preinstalled) or _names(args.preinstalled)
@@ -218,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         kaggle_user=args.kaggle_user,
         dataset_slug=args.dataset_slug,
         models_slug=args.models_slug,
+        split_mb=args.split_mb,
     )
     for name, size in manifest["wheels"].items():
         print(f"{size / 2**20:8.1f} MB  {name}")
@@ -226,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{manifest['python_version']}; left out as preinstalled: "
         f"{', '.join(manifest['dropped_as_preinstalled']) or 'nothing'}"
     )
+    for part, names in manifest["parts"].items():
+        size = sum(manifest["wheels"][n] for n in names) / 2**20
+        print(f"{part}: {len(names)} wheels, {size:.1f} MB")
     print(
         "upload: kaggle datasets create -p "
         f"{args.output} -r zip   (then: kaggle kernels push -p {args.output / 'kernel'})"
