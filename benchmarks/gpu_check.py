@@ -47,7 +47,9 @@ class Check:
         self.report: dict[str, Any] = {"steps": {}, "budget_s": budget_s}
         output.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, command: list[str], env: dict[str, str] | None = None) -> bool:
+    def run(self, name: str, command: list[str]) -> bool:
+        """Run one step within what is left of the budget; a step whose stdout ends in a JSON
+        line (the cost benchmark) has that line recorded as its result."""
         remaining = self.deadline - time.monotonic()
         if remaining < 5:
             self.report["steps"][name] = {"status": "skipped: out of time"}
@@ -57,18 +59,18 @@ class Check:
         started = time.monotonic()
         try:
             done = subprocess.run(
-                command, capture_output=True, text=True, timeout=remaining, cwd=ROOT,
-                env={**os.environ, **(env or {})},
-            )  # fmt: skip
+                command, capture_output=True, text=True, timeout=remaining, cwd=ROOT
+            )
             status = "ok" if done.returncode == 0 else f"failed ({done.returncode})"
-            tail = (done.stdout + done.stderr)[-3000:]
+            stdout, tail = done.stdout, (done.stdout + done.stderr)[-3000:]
         except subprocess.TimeoutExpired as expired:
-            status, tail = "timed out", str(expired.stdout or "")[-3000:]
+            status, stdout, tail = "timed out", "", str(expired.stdout or "")[-3000:]
         entry: dict[str, Any] = {"status": status, "seconds": round(time.monotonic() - started, 1)}
+        last_line = (stdout.strip().splitlines() or [""])[-1]
         if status != "ok":
             entry["tail"] = tail
-        elif tail.strip().splitlines()[-1:] and tail.strip().splitlines()[-1].startswith("{"):
-            entry["result"] = json.loads(tail.strip().splitlines()[-1])
+        elif last_line.startswith("{"):
+            entry["result"] = json.loads(last_line)
         self.report["steps"][name] = entry
         print(f"    {status} in {entry['seconds']} s", flush=True)
         self.save()

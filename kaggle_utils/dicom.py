@@ -276,6 +276,7 @@ DECODER_PACKAGES: dict[str, str] = {
     "python-gdcm": "another pydicom backend (optional)",
 }
 OPTIONAL_DECODERS = frozenset({"python-gdcm"})
+NO_DECODER = "NO DECODER"  # what `SyntaxSupport.readers` says when nothing here reads it
 # Transfer syntaxes reported at the start of notebooks 01 and 04: the competition's (RLE
 # Lossless), uncompressed, and the compressed ones of other exports and extra data.
 REPORTED_SYNTAXES: dict[str, str] = {
@@ -327,6 +328,15 @@ class SyntaxSupport:
     def decodable(self) -> bool:
         return self.dicomsdl or self.pydicom
 
+    @property
+    def readers(self) -> str:
+        """What reads it, in the order tried: "dicomsdl then pydicom (pylibjpeg)", or
+        "NO DECODER"."""
+        names = (["dicomsdl"] if self.dicomsdl else []) + (
+            [f"pydicom ({', '.join(self.pydicom_plugins) or 'its own'})"] if self.pydicom else []
+        )
+        return " then ".join(names) or NO_DECODER
+
 
 def syntax_support(uid: str, name: str = "") -> SyntaxSupport:
     """What can decode files of transfer syntax `uid` on this machine, right now."""
@@ -355,12 +365,7 @@ def decoder_report(syntaxes: dict[str, str] | None = None) -> tuple[str, list[st
             warnings_.append(f"{package} is not installed: {DECODER_PACKAGES[package]}")
     for uid, name in (syntaxes or REPORTED_SYNTAXES).items():
         support = syntax_support(uid, name)
-        readers = (["dicomsdl"] if support.dicomsdl else []) + (
-            [f"pydicom ({', '.join(support.pydicom_plugins) or 'its own'})"]
-            if support.pydicom
-            else []
-        )
-        lines.append(f"  {name}: {' then '.join(readers) or 'NO DECODER'}")
+        lines.append(f"  {name}: {support.readers}")
         if not support.decodable:
             warnings_.append(f"no installed decoder reads {name} ({uid}): such series fail")
     return "\n".join(lines), warnings_

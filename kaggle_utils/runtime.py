@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -139,8 +140,6 @@ def copy_previous_run(
     Raises:
         FileNotFoundError: `source` is not a folder, or holds no resume point.
     """
-    import shutil  # only this function copies files
-
     source, output_dir = Path(source).expanduser(), Path(output_dir)
 
     def resume_files(folder: Path) -> set[Path]:
@@ -245,7 +244,7 @@ class Precision:
 
     @property
     def uses_grad_scaler(self) -> bool:
-        return self.name == "fp16" and self.device_type == "cuda"
+        return self.name == "fp16"  # resolve_precision allows fp16 on CUDA only
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A scaler that is a no-op unless fp16 on CUDA needs it (so loops call it always)."""

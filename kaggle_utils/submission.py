@@ -56,6 +56,7 @@ from kaggle_utils import paths, runtime
 from kaggle_utils.calibration import apply_calibration, read_calibration
 from kaggle_utils.classifier import CNNBiLSTM
 from kaggle_utils.dicom import (
+    NO_DECODER,
     decoder_report,
     load_series,
     series_transfer_syntax,
@@ -615,13 +616,13 @@ PREFLIGHT_SCHEMA = {
     "transfer_syntax": pl.String,
     "n_series": pl.Int64,
     "n_patients": pl.Int64,
-    "readers": pl.String,  # e.g. "dicomsdl, pydicom (pylibjpeg)", or "NONE"
+    "readers": pl.String,  # SyntaxSupport.readers: "dicomsdl then pydicom (...)", "NO DECODER"
 }
 
 
 def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.DataFrame:
     """Before a long run: the transfer syntax of every series (one header read each) and
-    what will decode it here. A syntax with reader "NONE" means those series will fail and
+    what will decode it here. A syntax with reader "NO DECODER" means those series fail and
     their patients get the prior, unless the patient has another series: fix the install
     (the bundle's wheels) before the scoring run. Series with no readable first file count
     under "unreadable"."""
@@ -636,15 +637,7 @@ def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.Da
         by_syntax.setdefault(syntax, []).append(task)
     rows = []
     for syntax, members in sorted(by_syntax.items(), key=lambda kv: -len(kv[1])):
-        readers = "NONE"
-        if syntax != "unreadable":
-            support = syntax_support(syntax)
-            names = (["dicomsdl"] if support.dicomsdl else []) + (
-                [f"pydicom ({', '.join(support.pydicom_plugins) or 'its own'})"]
-                if support.pydicom
-                else []
-            )
-            readers = ", ".join(names) or "NONE"
+        readers = NO_DECODER if syntax == "unreadable" else syntax_support(syntax).readers
         rows.append(
             {"transfer_syntax": syntax, "n_series": len(members),
              "n_patients": len({t.patient_id for t in members}), "readers": readers}
@@ -658,18 +651,17 @@ def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
     here can read, whose patients will get the prior unless they have another series)."""
     text, problems = decoder_report()
     preflight = decoding_preflight(data_root)
-    n_patients = max(int(preflight["n_patients"].sum()), 1)
     lines = [text, "test series by transfer syntax:"]
     for row in preflight.to_dicts():
         lines.append(
             f"  {row['transfer_syntax']}: {row['n_series']} series of {row['n_patients']} "
             f"patients, read by {row['readers']}"
         )
-        if row["readers"] == "NONE":
+        if row["readers"] == NO_DECODER:
             problems.append(
-                f"{row['n_series']} test series ({row['transfer_syntax']}, "
-                f"{100 * row['n_patients'] / n_patients:.1f} % of the patients) cannot be "
-                "decoded here: those patients get the prior unless another series works. "
+                f"{row['n_series']} test series of {row['n_patients']} patients "
+                f"({row['transfer_syntax']}) cannot be decoded here: those patients get the "
+                "prior unless another of their series works. "
                 "Fix the install (the bundle's wheels) before the scoring run."
             )
     return "\n".join(lines), problems

@@ -143,9 +143,8 @@ print(
 # ## Decode, crop, resample, window, cache
 
 # %%
-metadata = preprocess.preprocess_dataset(
-    tasks, cache_dir, config, workers=workers, overwrite=overwrite
-)
+# `todo` (above) is already what is left to do: overwrite=True skips checking the cache again
+metadata = preprocess.preprocess_dataset(todo, cache_dir, config, workers=workers, overwrite=True)
 this_run = metadata.filter(pl.col("series_id").is_in([t.series_id for t in tasks]))
 n_ok = this_run.filter(pl.col("status") == "ok").height
 print(f"{n_ok}/{this_run.height} series cached; table: {cache_dir / preprocess.METADATA_FILE}")

@@ -303,7 +303,7 @@ def test_preflight_names_each_syntax_and_what_reads_it(
     n_series = len(list_series(tiny_competition, "test"))
     assert table["n_series"].sum() == n_series
     assert "1.2.840.10008.1.2.5" in table["transfer_syntax"].to_list()  # RLE, as the competition
-    assert "NONE" not in table["readers"].to_list()
+    assert "NO DECODER" not in table["readers"].to_list()
     assert all(r.startswith("dicomsdl") for r in table["readers"].to_list())
 
     # an install without any decoder for RLE Lossless: the preflight says so
@@ -316,7 +316,7 @@ def test_preflight_names_each_syntax_and_what_reads_it(
     monkeypatch.setattr(submission_module, "syntax_support", nothing_reads_rle)
     broken = submission_module.decoding_preflight(tiny_competition)
     rle = broken.filter(pl.col("transfer_syntax") == "1.2.840.10008.1.2.5")
-    assert rle["readers"].to_list() == ["NONE"]
+    assert rle["readers"].to_list() == ["NO DECODER"]
 
 
 def test_a_series_the_model_fails_on_costs_only_itself(
