@@ -20,6 +20,7 @@ pydicom, which raises a Python error that becomes a skipped slice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -93,9 +94,52 @@ class SkippedFile:
         return f"{self.name}: {self.reason}"
 
 
+# Geometry limits of `load_series` (see its docstring).
+MAX_TILT_DEGREES = 30.0  # slice plane against the axial plane, or stack against the normal
+DUPLICATE_TOLERANCE_MM = 0.01  # slices closer than this along the normal share a position
+NONUNIFORM_TOLERANCE = 0.1  # a gap this share longer or shorter than the median one
+PLANES = ("sagittal", "coronal", "axial")  # by the patient axis (x, y, z) the normal runs along
+
+
+class UnsupportedGeometryError(SeriesReadError):
+    """A series that is not axial, or tilted beyond `MAX_TILT_DEGREES`; the message says which."""
+
+
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """How a series' stored pixel grid was brought to the patient-based layout of `Series.hu`,
+    and what is unusual about it (notebook 01's records keep all of it)."""
+
+    orientation: tuple[float, ...] | None = None  # ImageOrientationPatient as stored
+    transposed: bool = False  # stored rows ran along the patient's x: rows and columns swapped
+    flipped_rows: bool = False  # stored rows ran from posterior to anterior
+    flipped_columns: bool = False  # stored columns ran from the patient's left to right
+    normal_to_feet: bool = False  # the stored slice normal (row x column cosines) pointed down
+    tilt_degrees: float = 0.0  # the slice plane against the axial plane (a tilted gantry)
+    shear_degrees: float = 0.0  # the direction the slices stack in against their normal
+    n_duplicates: int = 0  # slices dropped for sharing a position with another one
+    z_resampled: bool = False  # non-uniform gaps: resampled by position onto a uniform grid
+    z_gap_ratio: float = 1.0  # largest gap between slices over the median gap (before that)
+
+    @property
+    def flips(self) -> str:
+        """What was done to the stored pixels: e.g. "flipped_rows+flipped_columns", or "none"."""
+        done = [
+            name
+            for name, applied in (
+                ("transposed", self.transposed),
+                ("flipped_rows", self.flipped_rows),
+                ("flipped_columns", self.flipped_columns),
+            )
+            if applied
+        ]
+        return "+".join(done) or "none"
+
+
 @dataclass
 class Series:
-    """A decoded series, slices ordered by position along the scan axis (ascending z)."""
+    """A decoded series in the patient-based layout (see `load_series`): axis 0 ascending patient
+    z (feet to head), rows anterior to posterior, columns from the patient's right to left."""
 
     hu: np.ndarray  # (slices, H, W) float32 Hounsfield units
     instance_numbers: np.ndarray  # (slices,) int64 InstanceNumber of each slice, -1 if missing
@@ -105,6 +149,8 @@ class Series:
     z_positions: np.ndarray | None = None  # (slices,) mm along the slice normal, None if unknown
     ordered_by: str = "position"  # "position", or "instance_number" when positions are missing
     decoder_counts: dict[str, int] = field(default_factory=dict)
+    geometry: SeriesGeometry = field(default_factory=SeriesGeometry)
+    n_decoded: int | None = None  # slices decoded into the volume (None: hu.shape[0])
 
     @property
     def decoder(self) -> str:
@@ -113,7 +159,8 @@ class Series:
 
     @property
     def n_files(self) -> int:
-        return int(self.hu.shape[0]) + len(self.skipped)
+        decoded = int(self.hu.shape[0]) if self.n_decoded is None else self.n_decoded
+        return decoded + len(self.skipped)
 
     def z_index_of_instance(self, instance_number: int) -> int:
         """Index along the ordered z axis of the slice with this InstanceNumber (file name)."""
@@ -133,11 +180,15 @@ def read_hu(path: str | Path, decoder: Decoder = "auto") -> np.ndarray:
     return read_slice(path, decoder).hu
 
 
-def read_slice(path: str | Path, decoder: Decoder = "auto") -> DicomSlice:
+def read_slice(
+    path: str | Path, decoder: Decoder = "auto", out: np.ndarray | None = None
+) -> DicomSlice:
     """Decode one DICOM file to HU plus the header fields that place it in its series.
 
-    `decoder="auto"` uses dicomsdl where it is known to be right (`DICOMSDL_SYNTAXES`, complete
-    pixel data) and pydicom otherwise or when dicomsdl fails.
+    `decoder="auto"` uses dicomsdl where it is known to be right (`_dicomsdl_can_decode`: a
+    verified transfer syntax and pixel format, complete pixel data) and pydicom otherwise or
+    when dicomsdl fails. `out`, a float32 (H, W) array, receives the HU when the slice has
+    that size (`load_series` decodes straight into its volume); otherwise a new array does.
     """
     path = Path(path)
     try:
@@ -152,13 +203,13 @@ def read_slice(path: str | Path, decoder: Decoder = "auto") -> DicomSlice:
         usable, why_not = _dicomsdl_can_decode(data)
         if usable:
             try:
-                return _read_with_dicomsdl(data)
+                return _read_with_dicomsdl(data, out)
             except Exception as error:
                 if decoder == "dicomsdl":
                     raise DicomReadError(f"{path}: dicomsdl failed ({error})") from error
         elif decoder == "dicomsdl":
             raise DicomReadError(f"{path}: not decoded with dicomsdl: {why_not}")
-    return _read_with_pydicom(data, path)
+    return _read_with_pydicom(data, path, out)
 
 
 def stored_to_hu(
@@ -169,12 +220,14 @@ def stored_to_hu(
     intercept: float = 0.0,
     monochrome1: bool = False,
     in_place: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Stored pixel values to float32 HU, whatever the decoder did with the unused high bits.
 
     Keeps the low `bits_stored` bits, sign-extends them when `signed` (PixelRepresentation 1),
     inverts them within their range for MONOCHROME1, then applies the rescale. `in_place`
-    lets it overwrite `stored` (a scratch buffer) instead of copying it.
+    lets it overwrite `stored` (a scratch buffer) instead of copying it; `out` (float32, the
+    shape of `stored`) receives the HU instead of a new array (a slot of the series volume).
     """
     if not stored.dtype.isnative:  # big endian files, via pydicom
         stored = stored.astype(stored.dtype.newbyteorder("="))
@@ -195,7 +248,13 @@ def stored_to_hu(
         values >>= shift
     if monochrome1:
         values = ~values if signed else ((1 << bits_stored) - 1) - values
-    hu = values.astype(np.float32)
+    if out is None:
+        hu = values.astype(np.float32)
+    else:
+        if out.shape != values.shape or out.dtype != np.float32:
+            raise ValueError(f"out is {out.dtype} {out.shape}, expected float32 {values.shape}")
+        hu = out
+        np.copyto(hu, values, casting="unsafe")
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
@@ -203,17 +262,30 @@ def stored_to_hu(
     return hu
 
 
-def load_series(series_dir: str | Path, decoder: Decoder = "auto") -> Series:
-    """Decode every slice of a series folder into one volume ordered by ascending z.
+def load_series(
+    series_dir: str | Path, decoder: Decoder = "auto", max_tilt_degrees: float = MAX_TILT_DEGREES
+) -> Series:
+    """Decode every slice of a series folder into one volume in the patient-based layout.
 
-    Slices are ordered by ImagePositionPatient projected on the slice normal (never by file
-    name or InstanceNumber). Unreadable or truncated files, and slices whose size or
-    orientation differs from the majority of the series, are skipped and listed in
-    `Series.skipped`.
+    Whatever ImageOrientationPatient the files carry, the volume comes out as an axial stack in
+    ascending patient z (feet to head), rows from anterior to posterior and columns from the
+    patient's right to left: what [1,0,0,0,1,0] stores, and what `sources.load_nifti_series`
+    gives for NIfTI. Slices are ordered by ImagePositionPatient projected on the slice normal
+    (never by file name or InstanceNumber; by InstanceNumber only when positions are missing),
+    transposed and flipped in plane as the orientation requires (`Series.geometry` records
+    it). Two slices at one position keep the first (by InstanceNumber); the other is skipped as
+    a duplicate. Non-uniform gaps (a missing slice) are resampled by position onto a uniform grid
+    at the median gap, each resampled slice keeping the InstanceNumber of its nearest source.
+
+    Unreadable or truncated files, and slices whose size or orientation differs from the
+    majority of the series, are skipped and listed in `Series.skipped`.
 
     Raises:
         FileNotFoundError: the folder does not exist.
         SeriesReadError: the folder holds no readable slice.
+        UnsupportedGeometryError: a sagittal or coronal series, or a slice plane or stack
+            tilted more than `max_tilt_degrees` from axial (smaller tilts are kept as they are,
+            on the nearest axial grid, and recorded).
     """
     series_dir = Path(series_dir)
     if not series_dir.is_dir():
@@ -225,42 +297,94 @@ def load_series(series_dir: str | Path, decoder: Decoder = "auto") -> Series:
     if not files:
         raise SeriesReadError(f"{series_dir}: no files in the series folder")
 
-    slices: list[tuple[str, DicomSlice]] = []
+    # Decode straight into one (files, H, W) volume (H, W of the first slice), then reorder it
+    # in place: a list of slices stacked at the end would hold every slice twice.
+    volume: np.ndarray | None = None
+    slices: list[tuple[str, DicomSlice, int | None]] = []  # name, slice, index in `volume`
     skipped: list[SkippedFile] = []
     for file in files:
+        slot = None if volume is None else volume[len(slices)]
         try:
-            dicom_slice = read_slice(file, decoder)
+            dicom_slice = read_slice(file, decoder, out=slot)
         except DicomReadError as error:
             reason = str(error).removeprefix(f"{file}: ")
             skipped.append(SkippedFile(file.name, reason))
             continue
-        slices.append((file.name, dicom_slice))
+        if volume is None:
+            volume = np.empty((len(files), *dicom_slice.hu.shape), dtype=np.float32)
+            volume[0] = dicom_slice.hu
+            dicom_slice = dataclasses.replace(dicom_slice, hu=volume[0])
+            slot = volume[0]
+        slices.append((file.name, dicom_slice, len(slices) if dicom_slice.hu is slot else None))
     if not slices:
         reasons = Counter(s.reason.split(" (")[0] for s in skipped)
         summary = ", ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
         raise SeriesReadError(
             f"{series_dir}: no readable DICOM slices ({len(files)} files: {summary})"
         )
+    assert volume is not None
 
     slices, off_geometry = _keep_majority_geometry(slices)
     skipped.extend(off_geometry)
-    order, z_positions, ordered_by = _slice_order([s for _, s in slices])
-    ordered = [slices[i][1] for i in order]
+    orientation = slices[0][1].orientation
+    layout = _axial_layout(orientation, max_tilt_degrees, series_dir)
+    order, z_positions, ordered_by = _slice_order([s for _, s, _ in slices], layout.normal)
+    order, duplicates = _drop_duplicates(order, z_positions, [name for name, _, _ in slices])
+    skipped.extend(duplicates)
+    if z_positions is not None:
+        z_positions = z_positions[order]
+    ordered = [slices[i] for i in order]
 
-    hu = np.stack([s.hu for s in ordered])
+    if all(index is not None for _, _, index in ordered):
+        hu = _gather_in_place(volume, [index for _, _, index in ordered])  # type: ignore[misc]
+    else:  # the majority's size is not the first slice's: the slower, simpler way
+        hu = np.stack([s.hu for _, s, _ in ordered])
+    del volume
+    hu = _to_patient_layout(hu, layout)
     instance_numbers = np.array(
-        [s.instance_number if s.instance_number is not None else -1 for s in ordered],
+        [s.instance_number if s.instance_number is not None else -1 for _, s, _ in ordered],
         dtype=np.int64,
     )
+    pixel_spacing = ordered[0][1].pixel_spacing or (1.0, 1.0)
+    if layout.transposed:
+        pixel_spacing = pixel_spacing[::-1]
+    z_spacing, gap_ratio = _z_spacing(z_positions, ordered[0][1].slice_thickness)
+    n_decoded = int(hu.shape[0])
+    resampled = z_positions is not None and _non_uniform(z_positions, z_spacing)
+    if resampled:
+        assert z_positions is not None
+        hu, instance_numbers, z_positions = _resample_by_position(
+            hu, instance_numbers, z_positions, z_spacing
+        )
+    positions = [s.position for _, s, _ in ordered if s.position is not None]
+    geometry = SeriesGeometry(
+        orientation=orientation,
+        transposed=layout.transposed,
+        flipped_rows=layout.flipped_rows,
+        flipped_columns=layout.flipped_columns,
+        normal_to_feet=layout.normal_to_feet,
+        tilt_degrees=layout.tilt_degrees,
+        shear_degrees=_shear_degrees(positions, layout.normal),
+        n_duplicates=len(duplicates),
+        z_resampled=resampled,
+        z_gap_ratio=gap_ratio,
+    )
+    if geometry.shear_degrees > max_tilt_degrees:
+        raise UnsupportedGeometryError(
+            f"{series_dir}: the slices stack {geometry.shear_degrees:.1f} degrees off their "
+            f"normal (more than max_tilt_degrees={max_tilt_degrees:g})"
+        )
     return Series(
         hu=hu,
         instance_numbers=instance_numbers,
-        spacing=_spacing(ordered, z_positions),
+        spacing=(float(z_spacing), float(pixel_spacing[0]), float(pixel_spacing[1])),
         path=series_dir,
         skipped=skipped,
         z_positions=z_positions,
         ordered_by=ordered_by,
-        decoder_counts=dict(Counter(s.decoder for s in ordered)),
+        decoder_counts=dict(Counter(s.decoder for _, s, _ in ordered)),
+        geometry=geometry,
+        n_decoded=n_decoded,
     )
 
 
@@ -467,7 +591,7 @@ def _dicomsdl() -> ModuleType:
     return dicomsdl
 
 
-def _read_with_dicomsdl(data: bytes) -> DicomSlice:
+def _read_with_dicomsdl(data: bytes, out: np.ndarray | None = None) -> DicomSlice:
     # copy_data=False: `data` outlives `dataset` here, and copying 0.5 MB per slice is slow.
     dataset = _dicomsdl().open_memory(data, copy_data=False)
     info = dataset.getPixelDataInfo()
@@ -484,6 +608,7 @@ def _read_with_dicomsdl(data: bytes) -> DicomSlice:
         intercept=_float_or(info["RescaleIntercept"], 0.0),
         monochrome1=str(info["PhotometricInterpretation"]).strip() == "MONOCHROME1",
         in_place=True,
+        out=_fitting(out, stored.shape),
     )
     return DicomSlice(
         hu=hu,
@@ -496,7 +621,7 @@ def _read_with_dicomsdl(data: bytes) -> DicomSlice:
     )
 
 
-def _read_with_pydicom(data: bytes, path: Path) -> DicomSlice:
+def _read_with_pydicom(data: bytes, path: Path, out: np.ndarray | None = None) -> DicomSlice:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -524,6 +649,7 @@ def _read_with_pydicom(data: bytes, path: Path) -> DicomSlice:
         slope=_float_or(dataset.get("RescaleSlope"), 1.0),
         intercept=_float_or(dataset.get("RescaleIntercept"), 0.0),
         monochrome1=str(dataset.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
+        out=_fitting(out, stored.shape),
     )
     return DicomSlice(
         hu=hu,
@@ -534,6 +660,11 @@ def _read_with_pydicom(data: bytes, path: Path) -> DicomSlice:
         slice_thickness=_float_or(dataset.get("SliceThickness"), None),
         decoder="pydicom",
     )
+
+
+def _fitting(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`out` when a decoded frame of `shape` fits it, else None (decode into a new array)."""
+    return out if out is not None and out.shape == shape else None
 
 
 def _check_single_grayscale_frame(samples_per_pixel: int, frames: int) -> None:
@@ -549,19 +680,19 @@ def _looks_truncated(error: Exception) -> bool:
 
 
 def _keep_majority_geometry(
-    slices: list[tuple[str, DicomSlice]],
-) -> tuple[list[tuple[str, DicomSlice]], list[SkippedFile]]:
+    slices: list[tuple[str, DicomSlice, int | None]],
+) -> tuple[list[tuple[str, DicomSlice, int | None]], list[SkippedFile]]:
     """Keep the slices sharing the most common (size, orientation); report the others."""
 
     def geometry(s: DicomSlice) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
         orientation = None if s.orientation is None else tuple(np.round(s.orientation, 3))
         return s.hu.shape, orientation
 
-    counts = Counter(geometry(s) for _, s in slices)
+    counts = Counter(geometry(s) for _, s, _ in slices)
     (major_shape, major_orientation), _ = counts.most_common(1)[0]
-    kept: list[tuple[str, DicomSlice]] = []
+    kept: list[tuple[str, DicomSlice, int | None]] = []
     skipped: list[SkippedFile] = []
-    for name, s in slices:
+    for name, s, index in slices:
         shape, orientation = geometry(s)
         if shape != major_shape:
             reason = (
@@ -573,42 +704,193 @@ def _keep_majority_geometry(
             reason = f"orientation {orientation} differs from the series' {major_orientation}"
             skipped.append(SkippedFile(name, reason))
         else:
-            kept.append((name, s))
+            kept.append((name, s, index))
     return kept, skipped
 
 
-def _slice_order(slices: list[DicomSlice]) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Indices that sort the slices by ascending position along the slice normal.
+@dataclass(frozen=True)
+class _AxialLayout:
+    """What brings stored pixels to the patient-based layout (see `_axial_layout`)."""
 
-    Falls back to InstanceNumber when any slice lacks ImagePositionPatient or
-    ImageOrientationPatient; ties are broken by InstanceNumber.
+    transposed: bool = False
+    flipped_rows: bool = False
+    flipped_columns: bool = False
+    normal_to_feet: bool = False
+    tilt_degrees: float = 0.0
+    normal: np.ndarray | None = None  # unit slice normal pointing to the head (+z)
+
+
+def _axial_layout(
+    orientation: tuple[float, ...] | None, max_tilt_degrees: float, series_dir: Path
+) -> _AxialLayout:
+    """From ImageOrientationPatient (row cosine: where the column index grows; column cosine:
+    where the row index grows; patient axes LPS: +x left, +y posterior, +z head), the
+    transposition and flips that make columns grow along +x and rows along +y.
+
+    Raises:
+        UnsupportedGeometryError: a degenerate orientation, a sagittal or coronal plane, or an
+            axial one tilted more than `max_tilt_degrees`.
+    """
+    if orientation is None:
+        return _AxialLayout()
+    row, column = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row, column)
+    norms = [float(np.linalg.norm(v)) for v in (row, column, normal)]
+    if min(norms) < 0.5:
+        raise UnsupportedGeometryError(
+            f"{series_dir}: ImageOrientationPatient {list(orientation)} is degenerate"
+        )
+    row, column, normal = row / norms[0], column / norms[1], normal / norms[2]
+    plane = PLANES[int(np.argmax(np.abs(normal)))]
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(normal[2]))))))
+    if plane != "axial":
+        raise UnsupportedGeometryError(
+            f"{series_dir}: a {plane} series (ImageOrientationPatient {list(orientation)}); "
+            "only axial series are supported"
+        )
+    if tilt > max_tilt_degrees:
+        raise UnsupportedGeometryError(
+            f"{series_dir}: the slice plane is tilted {tilt:.1f} degrees from axial (more than "
+            f"max_tilt_degrees={max_tilt_degrees:g})"
+        )
+    transposed = abs(float(row[1])) > abs(float(row[0]))
+    along_columns, along_rows = (column, row) if transposed else (row, column)
+    normal_to_feet = bool(normal[2] < 0)
+    return _AxialLayout(
+        transposed=transposed,
+        flipped_rows=bool(along_rows[1] < 0),
+        flipped_columns=bool(along_columns[0] < 0),
+        normal_to_feet=normal_to_feet,
+        tilt_degrees=round(tilt, 3),
+        normal=-normal if normal_to_feet else normal,
+    )
+
+
+def _slice_order(
+    slices: list[DicomSlice], normal: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Indices that sort the slices by ascending position along `normal` (pointing to the head),
+    and the sorted positions.
+
+    Falls back to InstanceNumber when any slice lacks ImagePositionPatient or the orientation
+    is unknown; ties are broken by InstanceNumber.
     """
     instance = np.array(
         [s.instance_number if s.instance_number is not None else 0 for s in slices], dtype=float
     )
-    orientation = slices[0].orientation
-    if orientation is None or any(s.position is None for s in slices):
+    if normal is None or any(s.position is None for s in slices):
         return np.lexsort((np.arange(len(slices)), instance)), None, "instance_number"
-    normal = np.cross(np.array(orientation[:3]), np.array(orientation[3:]))
-    z = np.array([np.dot(s.position, normal) for s in slices])
-    order = np.lexsort((instance, z))
-    return order, z[order], "position"
+    z = np.array([np.dot(s.position, normal) for s in slices])  # type: ignore[arg-type]
+    return np.lexsort((instance, z)), z, "position"
 
 
-def _spacing(
-    slices: list[DicomSlice], z_positions: np.ndarray | None
-) -> tuple[float, float, float]:
-    """(z, y, x) spacing in mm: median gap between slice positions, else SliceThickness."""
-    z_spacing = None
+def _drop_duplicates(
+    order: np.ndarray, z: np.ndarray | None, names: list[str]
+) -> tuple[np.ndarray, list[SkippedFile]]:
+    """`order` without the slices at the position of the one before them, and those as skipped."""
+    if z is None or len(order) < 2:
+        return order, []
+    sorted_z = z[order]
+    duplicate = np.concatenate([[False], np.diff(sorted_z) < DUPLICATE_TOLERANCE_MM])
+    skipped = []
+    kept_index = order[0]
+    for index, is_duplicate in zip(order, duplicate, strict=True):
+        if is_duplicate:
+            reason = f"duplicate position z={z[index]:.3f} mm, the same as {names[kept_index]}"
+            skipped.append(SkippedFile(names[index], reason))
+        else:
+            kept_index = index
+    return order[~duplicate], skipped
+
+
+def _gather_in_place(volume: np.ndarray, order: list[int]) -> np.ndarray:
+    """`volume[order]` without a second volume in memory: the slices are moved along the cycles
+    of the permutation through one spare slice; returns the first len(order) slices."""
+    n = len(volume)
+    rest = sorted(set(range(n)) - set(order))
+    permutation = list(order) + rest  # new[k] = old[permutation[k]]
+    done = [False] * n
+    spare = np.empty_like(volume[0])
+    for start in range(n):
+        if done[start]:
+            continue
+        done[start] = True
+        if permutation[start] == start:
+            continue
+        spare[...] = volume[start]
+        k = start
+        while permutation[k] != start:
+            volume[k] = volume[permutation[k]]
+            k = permutation[k]
+            done[k] = True
+        volume[k] = spare
+    return volume[: len(order)]
+
+
+def _to_patient_layout(hu: np.ndarray, layout: _AxialLayout) -> np.ndarray:
+    """Transpose and flip every slice as `layout` says, in place where the shape allows."""
+    if not (layout.transposed or layout.flipped_rows or layout.flipped_columns):
+        return hu
+    if layout.transposed and hu.shape[1] != hu.shape[2]:
+        hu = np.ascontiguousarray(hu.transpose(0, 2, 1))
+        transpose = False
+    else:
+        transpose = layout.transposed
+    rows = slice(None, None, -1) if layout.flipped_rows else slice(None)
+    columns = slice(None, None, -1) if layout.flipped_columns else slice(None)
+    for k in range(len(hu)):  # one slice at a time: numpy buffers the overlap of each
+        image = hu[k].T if transpose else hu[k]
+        hu[k] = image[rows, columns]
+    return hu
+
+
+def _z_spacing(
+    z_positions: np.ndarray | None, slice_thickness: float | None
+) -> tuple[float, float]:
+    """The slice spacing (mm: the median gap between positions, else SliceThickness, else 1)
+    and the largest gap over it."""
     if z_positions is not None and len(z_positions) > 1:
         gaps = np.diff(z_positions)
-        gaps = gaps[gaps > 1e-3]
-        if gaps.size:
-            z_spacing = float(np.median(gaps))
-    if z_spacing is None:
-        z_spacing = slices[0].slice_thickness or 1.0
-    y_spacing, x_spacing = slices[0].pixel_spacing or (1.0, 1.0)
-    return float(z_spacing), float(y_spacing), float(x_spacing)
+        median = float(np.median(gaps))
+        if median > 0:
+            return median, round(float(gaps.max()) / median, 4)
+    return float(slice_thickness or 1.0), 1.0
+
+
+def _non_uniform(z_positions: np.ndarray, spacing: float) -> bool:
+    gaps = np.diff(z_positions)
+    return bool(gaps.size and np.abs(gaps - spacing).max() > NONUNIFORM_TOLERANCE * spacing)
+
+
+def _resample_by_position(
+    hu: np.ndarray, instance_numbers: np.ndarray, z: np.ndarray, spacing: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation along z from slices at positions `z` (ascending) onto a uniform
+    grid of `spacing` from z[0]; each new slice takes the InstanceNumber of its nearest source."""
+    n = int(np.floor((z[-1] - z[0]) / spacing + 0.5)) + 1
+    grid = np.minimum(z[0] + spacing * np.arange(n), z[-1])
+    upper = np.clip(np.searchsorted(z, grid, side="right"), 1, len(z) - 1)
+    lower = upper - 1
+    weight = ((grid - z[lower]) / (z[upper] - z[lower])).astype(np.float32)
+    out = np.empty((n, *hu.shape[1:]), dtype=np.float32)
+    for k in range(n):
+        np.multiply(hu[lower[k]], 1 - weight[k], out=out[k])
+        out[k] += weight[k] * hu[upper[k]]
+    nearest = np.where(weight < 0.5, lower, upper)
+    return out, instance_numbers[nearest], grid
+
+
+def _shear_degrees(positions: list[tuple[float, ...]], normal: np.ndarray | None) -> float:
+    """The angle between the line through the first and last slice positions and the normal
+    (a gantry tilt stored with an axial orientation shows here)."""
+    if normal is None or len(positions) < 2:
+        return 0.0
+    step = np.array(positions[-1]) - np.array(positions[0])
+    length = float(np.linalg.norm(step))
+    if length == 0.0:
+        return 0.0
+    cosine = min(1.0, abs(float(np.dot(step, normal))) / length)
+    return round(float(np.degrees(np.arccos(cosine))), 3)
 
 
 def _natural_key(path: Path) -> list[int | str]:

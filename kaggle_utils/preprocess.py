@@ -324,6 +324,8 @@ def process_series(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) 
             z_first=None if series.z_positions is None else float(series.z_positions[0]),
             z_last=None if series.z_positions is None else float(series.z_positions[-1]),
             ordered_by=series.ordered_by,
+            n_decoded=series.n_files - len(series.skipped),
+            **geometry_record(series),
             instance_numbers=[int(v) for v in series.instance_numbers],
             skipped_files=[str(s) for s in series.skipped],
             n_skipped=len(series.skipped),
@@ -335,6 +337,36 @@ def process_series(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) 
     record["seconds"] = round(time.perf_counter() - start, 4)
     write_json_atomic(Path(cache_dir) / RECORDS_DIR / f"{task.series_id}.json", record)
     return record
+
+
+# How each series was brought to the patient-based layout (`dicom.SeriesGeometry`), as
+# metadata columns: a series stored in an unusual orientation, tilted, with duplicates or gaps
+# can be found (and looked at) after the run.
+GEOMETRY_FIELDS: dict[str, Any] = {
+    "orientation": pl.List(pl.Float64),  # ImageOrientationPatient as stored
+    "flips": pl.String,  # "none", or e.g. "flipped_rows+flipped_columns", "transposed"
+    "normal_to_feet": pl.Boolean,
+    "tilt_degrees": pl.Float64,
+    "shear_degrees": pl.Float64,
+    "n_duplicates": pl.Int64,
+    "z_resampled": pl.Boolean,  # non-uniform gaps: resampled by position
+    "z_gap_ratio": pl.Float64,  # largest gap over the median gap
+}
+
+
+def geometry_record(series: Series) -> dict[str, Any]:
+    """The `GEOMETRY_FIELDS` of a decoded series."""
+    geometry = series.geometry
+    return {
+        "orientation": None if geometry.orientation is None else list(geometry.orientation),
+        "flips": geometry.flips,
+        "normal_to_feet": geometry.normal_to_feet,
+        "tilt_degrees": geometry.tilt_degrees,
+        "shear_degrees": geometry.shear_degrees,
+        "n_duplicates": geometry.n_duplicates,
+        "z_resampled": geometry.z_resampled,
+        "z_gap_ratio": geometry.z_gap_ratio,
+    }
 
 
 def is_cached(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> bool:
@@ -507,6 +539,8 @@ def _empty_record(task: SeriesTask, config: PreprocessConfig) -> dict[str, Any]:
         "z_first": None,
         "z_last": None,
         "ordered_by": None,
+        "n_decoded": 0,
+        **dict.fromkeys(GEOMETRY_FIELDS),
         "instance_numbers": [],
         "skipped_files": [],
         "n_skipped": 0,
@@ -533,6 +567,8 @@ _SCHEMA = {
     "z_first": pl.Float64,
     "z_last": pl.Float64,
     "ordered_by": pl.String,
+    "n_decoded": pl.Int64,
+    **GEOMETRY_FIELDS,
     "instance_numbers": pl.List(pl.Int64),
     "skipped_files": pl.List(pl.String),
     "n_skipped": pl.Int64,

@@ -278,10 +278,12 @@ def test_load_series_orders_by_position_not_name_or_instance(tmp_path: Path) -> 
 
 def test_load_series_projects_position_on_the_slice_normal(tmp_path: Path) -> None:
     flipped = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # normal points to -z in patient space
-    write_series(tmp_path, [2.0, 0.0, 4.0], [1, 2, 3], orientation=flipped)
+    write_series(tmp_path, [2.0, 0.0, 4.0], [1, 2, 3], orientation=flipped)  # z = -2, 0, -4
     series = load_series(tmp_path)
-    np.testing.assert_array_equal(series.instance_numbers, [2, 1, 3])
+    np.testing.assert_array_equal(series.instance_numbers, [3, 1, 2])  # ascending patient z
+    np.testing.assert_allclose(series.z_positions, [-4.0, -2.0, 0.0])
     assert series.spacing[0] == pytest.approx(2.0)
+    assert series.geometry.normal_to_feet and series.geometry.flipped_rows
 
 
 def test_load_series_skips_and_reports_bad_files(tmp_path: Path) -> None:
