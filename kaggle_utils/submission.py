@@ -495,17 +495,19 @@ def prepare_series(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries
 
 
 def prefetched_series(
-    tasks: Sequence[SeriesTask], config: PreprocessConfig, workers: int = 1
+    tasks: Sequence[SeriesTask], config: PreprocessConfig, workers: int = -1
 ) -> Iterator[PreparedSeries]:
     """`prepare_series` of every task, in order, the next ones prepared while the caller works
-    on the current one: in this thread (`workers` 0, for debugging), in one background thread
-    (1: decoding releases the GIL for most of its work), or in `workers` processes.
+    on the current one: in `workers` child processes (-1: one per CPU core), or in this thread
+    (`workers` 0, for debugging: a crash in native code then takes the caller down with it).
 
     At most `workers + 1` series are in flight, so memory stays bounded. A worker process that
-    dies (a crash in native code) costs only its series: that one is retried alone, recorded
-    as failed if it kills its process again, and the others go on in a fresh pool.
+    dies (a crash in native code, out of memory) costs only its series: that one is retried
+    alone, recorded as failed if it kills its process again, and the others go on in a fresh
+    pool.
     """
-    if workers <= 0:
+    workers = resolve_workers(workers)
+    if workers == 0:
         for task in tasks:
             yield prepare_series(task, config)
         return
@@ -532,12 +534,29 @@ def prefetched_series(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+def resolve_workers(workers: int) -> int:
+    """Decoding processes for `workers`: -1 is one per CPU core this process may use.
+
+    Raises:
+        ValueError: below -1.
+    """
+    if workers < -1:
+        raise ValueError(
+            f"workers must be -1 (one per core), 0 (this thread) or more, not {workers}"
+        )
+    if workers == -1:
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+    return workers
+
+
 def _executor(workers: int) -> Executor:
-    """One background thread, or a process pool checked to start and to import this module:
-    "spawn" workers cannot start from a script without an `if __name__ == "__main__":` guard
-    and would fail every series; such a caller gets the thread instead."""
-    if workers == 1:
-        return ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    """A process pool checked to start and to import this module: "spawn" workers cannot start
+    from a script without an `if __name__ == "__main__":` guard and would fail every series;
+    such a caller gets one background thread instead (no crash isolation, said loudly)."""
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         pool.submit(_worker_ready).result()
@@ -545,7 +564,8 @@ def _executor(workers: int) -> Executor:
         pool.shutdown(wait=False, cancel_futures=True)
         logger.warning(
             "worker processes cannot start (a script without an `if __name__ == "
-            '"__main__":` guard?): decoding in one background thread instead'
+            '"__main__":` guard?): decoding in one background thread instead, where a '
+            "crash in a decoder would end the run"
         )
         return ThreadPoolExecutor(1, thread_name_prefix="prefetch")
     return pool
@@ -676,7 +696,7 @@ def predict_test_set(
     tta: bool = False,
     aggregation: str | None = None,
     device: str | torch.device = "auto",
-    workers: int = 1,
+    workers: int = -1,
     precision: str = "auto",
     max_prior_share: float = 1.0,
     progress: bool = True,
@@ -694,7 +714,8 @@ def predict_test_set(
             trained with flips: notebook 03's `hflip_prob`, off by default).
         aggregation: "mean" or "max" over a patient's series; None: the models' setting.
         device: "auto", "cpu", "cuda", "cuda:1", ...
-        workers: 0 decodes in this thread, 1 in a background thread, more in processes.
+        workers: decoding processes (-1: one per CPU core), so that a decoder crash costs one
+            series, never the run; 0 decodes in this thread (debugging only).
         precision: "auto" (bf16 on GPUs with native bf16, fp16 on older ones, fp32 on the
             CPU), or "bf16", "fp16", "fp32" (`runtime.resolve_precision`).
         max_prior_share: fail (after writing the file) when more than this share of the
@@ -731,7 +752,7 @@ def predict_test_set(
     settings = {
         "data_root": str(root), "model_dir": str(run_dir), "folds": [f.fold for f in folds],
         "device": str(torch_device), "precision": predictor.precision, "tta": tta,
-        "aggregation": how, "batch_size": batch_size, "workers": workers,
+        "aggregation": how, "batch_size": batch_size, "workers": resolve_workers(workers),
         "shape": list(config.shapes[0]), "windows": [list(w) for w in config.windows],
         "body_crop": config.body_crop, "preprocessing_from": source,
         "calibration": dataclasses.asdict(calibration) if calibration else None,

@@ -43,7 +43,7 @@ batch_size: int = 1  # series per forward pass
 tta: bool = False  # also predict the left-right flip; only for models trained with flips
 aggregation: str = ""  # over a patient's series: "mean" or "max"; empty: the models' setting
 device: str = "auto"  # "auto" (GPU if any), "cpu" or "cuda"
-workers: int = 1  # decoding: 0 in this thread, 1 in a background thread, more in processes
+workers: int = -1  # decoding processes (-1: one per core; a crash costs one series); 0: inline
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 max_prior_share: float = 1.0  # fail (after writing) if more patients got the prior; 1: never
 install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
@@ -122,8 +122,8 @@ from kaggle_utils.submission import (
 )
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-if smoke:
-    workers = min(workers, 1)  # no worker processes to start
+if smoke and workers != 0:
+    workers = 1  # one decoding process, started once
 root = paths.resolve_data_root(data_root)
 run_dir = resolve_model_dir(model_dir)
 csv_path = resolve_output_csv(output_csv)

@@ -630,3 +630,48 @@ def test_notebook_04_writes_a_valid_submission(
     validate_submission(pl.read_csv(output_csv), sample)
     executed = (tmp_path / "executed_04_submission.ipynb").read_text()
     assert "rsna_score" in executed and "per_study_s" in executed
+
+
+CRASH_HOOK = Path(__file__).resolve().parent / "crash_hook"
+
+
+def with_crashing_series(tiny_competition: Path, tmp_path: Path) -> Path:
+    """A copy whose series 13084/23900 holds a file that kills the process decoding it
+    (tests/crash_hook: SIGSEGV, as a native decoder crash)."""
+    data = corrupt_copy(tiny_competition, tmp_path)
+    series_dir = data / "test_images" / "13084" / "23900"
+    shutil.copy(next(series_dir.iterdir()), series_dir / "segfault.dcm")
+    return data
+
+
+def test_a_series_that_kills_its_decoding_process_costs_only_that_series(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = with_crashing_series(tiny_competition, tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(CRASH_HOOK))  # read by the spawned workers
+    result = predict_test_set(data, model_dir, tmp_path / "sub.csv", workers=2, progress=False)
+    validate_submission(pl.read_csv(result.csv_path), pl.read_csv(data / "sample_submission.csv"))
+    problems = result.problems.to_dicts()
+    assert [(p["patient_id"], p["series_id"]) for p in problems] == [(13084, 23900)]
+    assert "worker process died" in problems[0]["reason"]
+    assert problems[0]["fallback"] == "other series"
+    assert result.series.height == len(list_series(data, "test")) - 1
+
+
+@pytest.mark.slow
+def test_notebook_04_survives_a_decoder_crash_by_default(
+    tiny_competition: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Notebook 04 with its default `workers` (no smoke: smoke also keeps them): the kernel
+    survives the series that kills its decoding process and writes a valid file."""
+    data = with_crashing_series(tiny_competition, tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(CRASH_HOOK))  # the kernel and the workers
+    csv = tmp_path / "submission.csv"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "04_submission.ipynb"),
+        str(tmp_path / "executed.ipynb"),
+        parameters={"data_root": str(data), "model_dir": str(model_dir), "output_csv": str(csv)},
+        kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+    )  # fmt: skip
+    validate_submission(pl.read_csv(csv), pl.read_csv(data / "sample_submission.csv"))
+    assert "worker process died" in (tmp_path / "executed.ipynb").read_text()
