@@ -26,32 +26,42 @@ import importlib.metadata
 import importlib.util
 import io
 import re
+import struct
 import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 Decoder = Literal["auto", "dicomsdl", "pydicom"]
 
-# Transfer syntaxes on which dicomsdl's stored values were checked against pydicom's
-# (tests/test_dicom.py). Anything else goes to pydicom.
+# What dicomsdl may decode: the transfer syntaxes and pixel formats on which its stored values
+# were checked equal to pydicom's, on every file pydicom-data ships and on the CT files of
+# tests/test_dicom.py (tests/test_dicom_robustness.py). Outside them it can read past the pixel
+# data or overrun the heap (1-bit SEG, 32-bit RTDOSE RLE, multi-frame RLE, RGB), so anything
+# else goes to pydicom.
 DICOMSDL_SYNTAXES: frozenset[str] = frozenset(
     {
         "1.2.840.10008.1.2",  # Implicit VR Little Endian
         "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
         "1.2.840.10008.1.2.5",  # RLE Lossless
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
         "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
         "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
         "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
         "1.2.840.10008.1.2.4.91",  # JPEG 2000
     }
 )
+DICOMSDL_BITS_ALLOCATED = 16
+DICOMSDL_BITS_STORED = range(8, 17)  # and HighBit = BitsStored - 1
+DICOMSDL_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_RLE = "1.2.840.10008.1.2.5"
+_JPEG_2000 = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+# Start-of-frame markers of lossless JPEG (SOF3) and JPEG-LS (SOF55).
+_JPEG_SOF = {"1.2.840.10008.1.2.4.70": b"\xff\xc3", "1.2.840.10008.1.2.4.80": b"\xff\xf7"}
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 _ENCAPSULATED_SYNTAXES = DICOMSDL_SYNTAXES - {_IMPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.1"}
 
@@ -204,10 +214,12 @@ def read_slice(
         if usable:
             try:
                 return _read_with_dicomsdl(data, out)
+            except _NotVerifiedForDicomsdl as error:
+                why_not = str(error)
             except Exception as error:
                 if decoder == "dicomsdl":
                     raise DicomReadError(f"{path}: dicomsdl failed ({error})") from error
-        elif decoder == "dicomsdl":
+        if decoder == "dicomsdl" and why_not:
             raise DicomReadError(f"{path}: not decoded with dicomsdl: {why_not}")
     return _read_with_pydicom(data, path, out)
 
@@ -539,24 +551,34 @@ def _transfer_syntax(data: bytes) -> str | None:
     return data[pos + 8 : pos + 8 + length].rstrip(b"\x00 ").decode("ascii", errors="replace")
 
 
+def _pixel_element(data: bytes, syntax: str) -> tuple[int, int] | None:
+    """(declared length, offset of the value) of the (7FE0,0010) element, or None.
+
+    The first hit of the tag bytes is almost always the element (it ends the header); hits
+    inside other values whose VR bytes do not fit are skipped. A false match only sends the
+    file to pydicom.
+    """
+    explicit_vr = syntax != _IMPLICIT_VR_LITTLE_ENDIAN
+    pos = data.find(_PIXEL_DATA_TAG, 132)
+    while explicit_vr and pos >= 0 and data[pos + 4 : pos + 6] not in (b"OB", b"OW"):
+        pos = data.find(_PIXEL_DATA_TAG, pos + 1)
+    if pos < 0:
+        return None
+    if explicit_vr:
+        return int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
+    return int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
+
+
 def _pixel_data_complete(data: bytes, syntax: str) -> bool:
     """Whether the (7FE0,0010) element lies entirely inside the file.
 
     Native data: its declared length fits. Encapsulated data: every item fits and the sequence
-    delimiter is there. A false match of the tag bytes only sends the file to pydicom.
+    delimiter is there.
     """
-    explicit_vr = syntax != _IMPLICIT_VR_LITTLE_ENDIAN
-    pos = data.find(_PIXEL_DATA_TAG, 132)
-    # The first hit is almost always the element (it ends the header); skip hits inside other
-    # values whose VR bytes do not fit.
-    while explicit_vr and pos >= 0 and data[pos + 4 : pos + 6] not in (b"OB", b"OW"):
-        pos = data.find(_PIXEL_DATA_TAG, pos + 1)
-    if pos < 0:
+    element = _pixel_element(data, syntax)
+    if element is None:
         return False
-    if explicit_vr:
-        length, start = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
-    else:
-        length, start = int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
+    length, start = element
     if length != _UNDEFINED_LENGTH:
         return syntax not in _ENCAPSULATED_SYNTAXES and 0 < length and start + length <= len(data)
     offset = start
@@ -569,6 +591,94 @@ def _pixel_data_complete(data: bytes, syntax: str) -> bool:
             return False
         offset += 8 + item_length
     return False
+
+
+class _NotVerifiedForDicomsdl(Exception):
+    """The file's pixel format is outside what dicomsdl was verified on (goes to pydicom)."""
+
+
+def _check_dicomsdl_verified(info: dict[str, Any], high_bit: object, data: bytes) -> None:
+    """Raise `_NotVerifiedForDicomsdl` unless the header is a verified pixel format and the
+    pixel data agrees with it (dicomsdl trusts the header: with more rows than the data holds,
+    or 8 bits declared for 16-bit data, it reads past the buffer or overruns the heap).
+
+    Checked before any pixel is decoded; dicomsdl has only parsed the header by then.
+    """
+    rows, columns = int(info["Rows"]), int(info["Cols"])
+    bits_stored = int(info["BitsStored"])
+    checks = (
+        (int(info["SamplesPerPixel"]) == 1, f"{info['SamplesPerPixel']} samples per pixel"),
+        (int(info["NumberOfFrames"]) == 1, f"{info['NumberOfFrames']} frames"),
+        (
+            int(info["BitsAllocated"]) == DICOMSDL_BITS_ALLOCATED,
+            f"BitsAllocated {info['BitsAllocated']}",
+        ),
+        (bits_stored in DICOMSDL_BITS_STORED, f"BitsStored {bits_stored}"),
+        (
+            _int_or_none(high_bit) == bits_stored - 1,
+            f"HighBit {high_bit} with BitsStored {bits_stored}",
+        ),
+        (
+            str(info["PhotometricInterpretation"]).strip() in DICOMSDL_PHOTOMETRIC,
+            f"PhotometricInterpretation {info['PhotometricInterpretation']}",
+        ),
+        (rows > 0 and columns > 0, f"{rows}x{columns} pixels"),
+    )
+    for ok, what in checks:
+        if not ok:
+            raise _NotVerifiedForDicomsdl(f"{what} not verified for dicomsdl")
+    mismatch = _codestream_mismatch(data, _transfer_syntax(data) or "", rows, columns)
+    if mismatch:
+        raise _NotVerifiedForDicomsdl(f"pixel data disagrees with the header ({mismatch})")
+
+
+def _codestream_mismatch(data: bytes, syntax: str, rows: int, columns: int) -> str:
+    """Why the pixel data cannot be a 16-bit rows x columns single-sample frame, or "".
+
+    Native: at least rows x columns x 2 bytes. RLE: two segments (the two bytes of 16-bit
+    samples). JPEG 2000: the SIZ marker's size and one component of at most 16 bits. Lossless
+    JPEG and JPEG-LS: the start-of-frame's size, one component, 9 to 16 bits.
+    """
+    element = _pixel_element(data, syntax)
+    if element is None:
+        return "no pixel data element"
+    length, start = element
+    if syntax not in _ENCAPSULATED_SYNTAXES:
+        expected = rows * columns * 2
+        return "" if length >= expected else f"{length} bytes for {expected}"
+    fragment = _first_fragment(data, start)
+    if syntax == _RLE:
+        segments = int.from_bytes(fragment[:4], "little") if len(fragment) >= 64 else -1
+        return "" if segments == 2 else f"RLE with {segments} segments"
+    if syntax in _JPEG_2000:
+        at = fragment.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+        siz = fragment[at + 4 : at + 43] if at >= 0 else b""
+        if len(siz) < 39:
+            return "no JPEG 2000 SIZ marker"
+        width, height, x_offset, y_offset = struct.unpack(">IIII", siz[4:20])
+        components, precision = struct.unpack(">H", siz[36:38])[0], (siz[38] & 0x7F) + 1
+        size = (height - y_offset, width - x_offset)
+        if size != (rows, columns) or components != 1 or precision > 16:
+            return f"JPEG 2000 of {size[0]}x{size[1]}, {components} components, {precision} bits"
+        return ""
+    marker = _JPEG_SOF.get(syntax)
+    at = fragment.find(marker) if marker else -1
+    if at < 0 or len(fragment) < at + 10:
+        return "no JPEG start-of-frame marker"
+    precision, height, width, components = struct.unpack(">BHHB", fragment[at + 4 : at + 10])
+    if (height, width) != (rows, columns) or components != 1 or not 8 < precision <= 16:
+        return f"JPEG of {height}x{width}, {components} components, {precision} bits"
+    return ""
+
+
+def _first_fragment(data: bytes, start: int) -> bytes:
+    """The first fragment of encapsulated pixel data (the item after the offset table)."""
+    offset, items = start, []
+    while len(items) < 2 and data[offset : offset + 4] == _ITEM_TAG:
+        length = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        items.append(data[offset + 8 : offset + 8 + length])
+        offset += 8 + length
+    return items[1] if len(items) == 2 else b""
 
 
 _thread_local = threading.local()
@@ -595,7 +705,7 @@ def _read_with_dicomsdl(data: bytes, out: np.ndarray | None = None) -> DicomSlic
     # copy_data=False: `data` outlives `dataset` here, and copying 0.5 MB per slice is slow.
     dataset = _dicomsdl().open_memory(data, copy_data=False)
     info = dataset.getPixelDataInfo()
-    _check_single_grayscale_frame(info["SamplesPerPixel"], info["NumberOfFrames"])
+    _check_dicomsdl_verified(info, dataset.HighBit, data)
     # Decode into a reused buffer and convert it in place: fresh 0.5 MB arrays per slice
     # cost more in page faults than the decode itself.
     stored = _frame_buffer((info["Rows"], info["Cols"]), np.dtype(info["dtype"]))
@@ -635,6 +745,8 @@ def _read_with_pydicom(data: bytes, path: Path, out: np.ndarray | None = None) -
                 int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("NumberOfFrames", 1) or 1)
             )
             stored = dataset.pixel_array
+            if stored.ndim != 2:  # pixel data longer than one frame: pydicom infers several
+                raise DicomReadError(f"{path}: pixels of shape {stored.shape}, not one 2-D frame")
     except DicomReadError:
         raise
     except InvalidDicomError as error:
