@@ -80,6 +80,7 @@ notebooks: install
 
 benchmark: install
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/preprocess.py --long 1727
 	$(PY) benchmarks/pretrain_cost.py --bare
 
 # The offline install for Kaggle (README: Kaggle). BUNDLE_ARGS e.g. --kaggle-user <you>,

@@ -4,7 +4,8 @@
 
 Builds, in a temporary folder, 512x512 CT series in two transfer syntaxes (uncompressed
 explicit VR little endian and RLE Lossless, the syntax of the visible test files) from real
-anatomy (`../shared/data/real-ct`, or a synthetic phantom where that is absent). Then:
+anatomy (`../shared/data/real-ct`, or a synthetic phantom where that is absent; `ct_series.py`).
+Then:
 
 1. per slice: the baseline `pydicom.dcmread` + `pixel_array` + rescale (with the pylibjpeg
    plugins of requirements.txt installed, as users run it) against `read_hu`; for reference
@@ -28,59 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from ct_series import SYNTAXES, source_slices, write_series
 
-from kaggle_utils.dicom import load_series, read_hu
+from kaggle_utils.dicom import read_hu
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
-
-REAL_SERIES = Path(__file__).resolve().parents[2] / "shared/data/real-ct/dicom-series-20-j2k"
-SYNTAXES = {"uncompressed": ExplicitVRLittleEndian, "rle": RLELossless}
-
-
-def source_slices() -> tuple[np.ndarray, str]:
-    """(n, 512, 512) HU of real anatomy, or a synthetic phantom where the real data is absent."""
-    if REAL_SERIES.is_dir():
-        return load_series(REAL_SERIES).hu, f"real CT ({REAL_SERIES.name})"
-    from kaggle_utils.synthetic import PatientLabels, make_phantom
-
-    phantom = make_phantom(np.random.default_rng(0), PatientLabels(), 20, 512)
-    return phantom.hu, "synthetic phantom"
-
-
-def write_series(folder: Path, hu: np.ndarray, n_slices: int, syntax: str) -> list[Path]:
-    """RSNA-like slices: unsigned 12-bit stored values, intercept -1024."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for index in range(n_slices):
-        stored = np.clip(np.rint(hu[index % len(hu)]) + 1024, 0, 4095).astype(np.uint16)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.Modality = "CT"
-        ds.InstanceNumber = n_slices - index
-        ds.ImagePositionPatient = [-250.0, -250.0, 2.0 * index]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.8, 0.8]
-        ds.SliceThickness = 2.0
-        ds.Rows, ds.Columns = stored.shape
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = stored.tobytes()
-        if syntax != ExplicitVRLittleEndian:
-            ds.compress(syntax, stored)
-        path = folder / f"{ds.InstanceNumber}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def pydicom_baseline(path: Path) -> np.ndarray:

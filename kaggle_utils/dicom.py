@@ -324,9 +324,9 @@ def load_series(
             continue
         if volume is None:
             volume = np.empty((len(files), *dicom_slice.hu.shape), dtype=np.float32)
-            volume[0] = dicom_slice.hu
-            dicom_slice = dataclasses.replace(dicom_slice, hu=volume[0])
             slot = volume[0]
+            slot[...] = dicom_slice.hu
+            dicom_slice = dataclasses.replace(dicom_slice, hu=slot)
         slices.append((file.name, dicom_slice, len(slices) if dicom_slice.hu is slot else None))
     if not slices:
         reasons = Counter(s.reason.split(" (")[0] for s in skipped)

@@ -270,3 +270,19 @@ def test_geometry_flips_name_what_was_done() -> None:
     assert SeriesGeometry(transposed=True, flipped_columns=True).flips == (
         "transposed+flipped_columns"
     )
+
+
+def test_slices_are_decoded_into_one_volume_never_stacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory contract: a series is held once (np.stack would hold it twice)."""
+    import kaggle_utils.dicom as dicom
+
+    expected = ramp(5)
+    write_oriented_series(tmp_path, expected, (False, True, True))
+
+    def no_stack(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_series stacked the slices")
+
+    monkeypatch.setattr(dicom.np, "stack", no_stack)
+    np.testing.assert_array_equal(load_series(tmp_path).hu, expected)
