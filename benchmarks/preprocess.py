@@ -13,23 +13,26 @@ RLE series of N slices (1,727 is about the longest of the competition) for the m
 
 Each series is then processed by `kaggle_utils.preprocess.process_series` (decode, HU, body
 crop, resample to every shape of the default `PreprocessConfig`, i.e. 32x192x192 and
-96x256x256, window, atomic `.npy` writes and the record), in a fresh interpreter per series,
-one after the other, with one torch thread, as one worker of notebook 01's pool runs it. So:
+96x256x256, window, atomic `.npy` writes and the record), one after the other in one fresh
+interpreter per syntax, smallest first, with one torch thread, as one worker of notebook 01's
+pool runs them (after one short warm-up series: a worker's first-call costs are paid once in
+hundreds of series; its reusable volume buffer still grows with each larger series here,
+which is the pool's worst case). The long series runs in a fresh interpreter of its own. So:
 
 - slices per second per core: slices / wall seconds of `process_series`, summed over the
   `--slices` series of a syntax (the interpreter's start-up and imports are not counted; the
   files are in the page cache, so disk reads are not either);
-- peak RSS per worker: the child's `ru_maxrss` after the series (imports included; the RSS
+- peak RSS per worker: the child's `ru_maxrss` after each series (imports included; the RSS
   after the imports, `baseline_rss_mb`, is reported beside it). The headline figure is the
   long series' when `--long` is given, else the largest series'.
 
 Finally a per-stage breakdown of one RLE series (`--stage-slices`, by default the largest of
 `--slices`), in a fresh interpreter too: the public functions called in the order
-`process_series` calls them (`load_series`, `body_bbox`, `crop_to_box`, then per shape
-`resample_volume` and `window_volume`, then `save_npy_atomic` per shape), with wall time, share
+`process_series` calls them (`load_series`, `body_bbox`, `crop_and_resample` for every shape,
+`window_volume` per shape, then `save_npy_atomic` per shape), with wall time, share
 of the total and minor page faults of each; then, for scale, `load_series`'s work in pieces:
-`read_slice` of every file into a list, `np.stack` of their HU (the list-then-stack way, which
-holds the volume twice), and dicomsdl's bare decode into one reused buffer (the floor).
+`read_slice` of every file into one reused slice (decode and HU without the volume), which
+and dicomsdl's bare decode into one reused buffer (the floor).
 
 Run to run, whole-series times vary by about +-30 % on the 2-core machine (most of the time
 goes to first touches of freshly allocated memory, whose cost depends on what ran before);
@@ -92,50 +95,63 @@ def cpu_seconds() -> float:
 
 
 def worker_setup() -> None:
-    """What notebook 01's pool initializer does (one torch thread), plus one tiny call of each
-    resampling path so that torch's one-off set-up is not charged to the first series."""
+    """What notebook 01's pool initializer does (one torch thread), then the whole pipeline
+    once on a short 512x512 RLE series: a pool worker processes hundreds of series, so the one-off costs
+    of a fresh interpreter (the decoders' and scipy's first calls, torch's set-up) are not
+    charged to the series measured."""
     import torch
+    from ct_series import SYNTAXES, write_series
 
-    from kaggle_utils.volume import resample_volume
+    from kaggle_utils.preprocess import PreprocessConfig, SeriesTask, process_series
 
     torch.set_num_threads(1)
-    resample_volume(np.zeros((8, 32, 32), np.float32), (4, 16, 16))
-    resample_volume(np.zeros((4, 16, 16), np.float32), (8, 32, 32))
+    yy, xx = np.mgrid[:512, :512]  # the real size: some first-call costs grow with it
+    body = np.where((yy - 256) ** 2 + (xx - 256) ** 2 < 200**2, 40.0, -1000.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        series_dir = Path(tmp) / "1" / "2"
+        write_series(series_dir, np.stack([body] * 4), 8, SYNTAXES["rle"])
+        process_series(SeriesTask(1, 2, series_dir), Path(tmp) / "cache", PreprocessConfig())
 
 
-def child_process(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """One series through `process_series`, timed, with this process' peak memory."""
+def child_process(series_dirs: list[Path], cache_dir: Path) -> list[dict[str, Any]]:
+    """Series through `process_series` one after another, as one pool worker does them, each
+    timed, with this process' peak memory so far."""
     from kaggle_utils.preprocess import PreprocessConfig, SeriesTask, process_series
 
     worker_setup()
     baseline_rss, baseline_peak = current_rss_mb(), peak_rss_mb()
-    faults, cpu = minor_faults(), cpu_seconds()
-    start = time.perf_counter()
-    record = process_series(
-        SeriesTask(1, int(series_dir.name), series_dir), cache_dir, PreprocessConfig()
-    )
-    seconds = time.perf_counter() - start
-    return {
-        "status": record["status"],
-        "error": record["error"],
-        "slices": record["n_slices"],
-        "decoder": record["decoder"],
-        "seconds": round(seconds, 3),
-        "cpu_seconds": round(cpu_seconds() - cpu, 3),
-        "slices_per_s": round(record["n_slices"] / seconds, 1) if seconds > 0 else None,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "baseline_rss_mb": None if baseline_rss is None else round(baseline_rss, 1),
-        "baseline_peak_rss_mb": round(baseline_peak, 1),
-        "minor_faults": minor_faults() - faults,
-    }
+    results = []
+    for series_dir in series_dirs:
+        faults, cpu = minor_faults(), cpu_seconds()
+        start = time.perf_counter()
+        record = process_series(
+            SeriesTask(1, int(series_dir.name), series_dir), cache_dir, PreprocessConfig()
+        )
+        seconds = time.perf_counter() - start
+        results.append(
+            {
+                "status": record["status"],
+                "error": record["error"],
+                "slices": record["n_slices"],
+                "decoder": record["decoder"],
+                "seconds": round(seconds, 3),
+                "cpu_seconds": round(cpu_seconds() - cpu, 3),
+                "slices_per_s": round(record["n_slices"] / seconds, 1) if seconds > 0 else None,
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "baseline_rss_mb": None if baseline_rss is None else round(baseline_rss, 1),
+                "baseline_peak_rss_mb": round(baseline_peak, 1),
+                "minor_faults": minor_faults() - faults,
+            }
+        )
+    return results
 
 
 def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """The stages of `process_series`, one public function at a time, then `load_series`'s
-    parts (each file's `read_slice`, `np.stack`, dicomsdl's bare decode)."""
+    parts (each file's `read_slice`, dicomsdl's bare decode)."""
     from kaggle_utils.dicom import load_series, read_slice
     from kaggle_utils.preprocess import PreprocessConfig, cache_path, save_npy_atomic, shape_name
-    from kaggle_utils.volume import body_bbox, crop_to_box, resample_volume, window_volume
+    from kaggle_utils.volume import body_bbox, crop_and_resample, window_volume
 
     worker_setup()
     config = PreprocessConfig()
@@ -158,14 +174,15 @@ def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
     box = (0, height, 0, width)
     if config.body_crop:
         box = stage("body_bbox", body_bbox, series.hu)
-    cropped = stage("crop_to_box", crop_to_box, series.hu, box, True)
+    resampled = stage(
+        "crop_and_resample (all shapes)", crop_and_resample, series.hu, box, config.shapes
+    )
     volumes = {}
     for shape in config.shapes:
-        resampled = stage(f"resample {shape_name(shape)}", resample_volume, cropped, shape)
         volumes[shape] = stage(
-            f"window {shape_name(shape)}", window_volume, resampled, config.windows
+            f"window {shape_name(shape)}", window_volume, resampled[shape], config.windows
         )
-        del resampled
+    del resampled
     for shape, volume in volumes.items():
         path = cache_path(cache_dir, shape, int(series_dir.name))
         stage(f"np.save {shape_name(shape)}", save_npy_atomic, path, volume)
@@ -173,13 +190,13 @@ def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
     for row in rows:
         row["percent"] = round(100 * row["ms"] / pipeline_ms, 1)
     peak_pipeline = peak_rss_mb()
-    del series, cropped, volumes
+    del series, volumes
 
-    def read_all(files: list[Path]) -> list[Any]:
-        return [read_slice(file) for file in files]
-
-    def stack(slices: list[Any]) -> np.ndarray:
-        return np.stack([s.hu for s in slices])
+    def read_all(files: list[Path]) -> None:
+        """Decode and HU of every file into one reused slice (load_series without its volume)."""
+        out = np.empty((height, width), np.float32)
+        for file in files:
+            read_slice(file, out=out)
 
     def bare_decode(files: list[Path]) -> None:
         """File read + dicomsdl's decode of the stored values into one reused buffer."""
@@ -195,9 +212,7 @@ def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
             dataset.copyFrameData(0, buffer)
 
     files = sorted(p for p in series_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    slices = stage("read_slice x n", read_all, files, part_of="load_series")
-    stage("np.stack", stack, slices, part_of="load_series")
-    del slices
+    stage("read_slice x n", read_all, files, part_of="load_series")
     if importlib.util.find_spec("dicomsdl") is not None:
         stage("dicomsdl decode only", bare_decode, files, part_of="load_series")
     return {
@@ -214,10 +229,11 @@ def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parent
 
 
-def run_child(mode: str, series_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """A child interpreter for one series; its last stdout line is its JSON result."""
+def run_child(mode: str, series: str | Path, cache_dir: Path) -> Any:
+    """A child interpreter for one series, or several joined by os.pathsep ("process"); its
+    last stdout line is its JSON result (a list of them for "process")."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", mode]
-    command += [str(series_dir), str(cache_dir)]
+    command += [str(series), str(cache_dir)]
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     lines = completed.stdout.strip().splitlines()
     if completed.returncode != 0 or not lines:
@@ -261,9 +277,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.child:
-        mode, series_dir, cache_dir = args.child
-        child = child_process if mode == "process" else child_stages
-        print(json.dumps(child(Path(series_dir), Path(cache_dir))))
+        mode, series_dirs, cache_dir = args.child
+        if mode == "process":
+            dirs = [Path(d) for d in series_dirs.split(os.pathsep)]
+            print(json.dumps(child_process(dirs, Path(cache_dir))))
+        else:
+            print(json.dumps(child_stages(Path(series_dirs), Path(cache_dir))))
         return
     if args.quick:
         args.slices, args.size, args.long = [40], 256, 0
@@ -315,14 +334,25 @@ def main() -> None:
             write_series(stage_dir, hu, stage_slices, SYNTAXES["rle"])
         results["write_seconds"] = round(time.perf_counter() - start, 1)
 
+        # One worker per syntax takes its series one after another, as notebook 01's pool
+        # does (a worker's first series pays for its fresh memory, later ones reuse it); the
+        # long series gets a fresh worker of its own, so its peak is its own.
         per_series: list[tuple[tuple[str, int, bool, str], dict[str, Any]]] = []
-        for item, folder in zip(plan, dirs, strict=True):
-            syntax, n, signed, role = item
-            log(f"processing {syntax} {n} slices in a fresh worker ...")
-            result = run_child("process", folder, root / "cache")
-            result.update(syntax=syntax, signed=signed)
-            per_series.append((item, result))
-            log(f"  {json.dumps(result)}")
+        groups = [[k for k, item in enumerate(plan) if item[0] == s and item[3] == "throughput"]
+                  for s in syntaxes]  # fmt: skip
+        groups += [[k] for k, item in enumerate(plan) if item[3] == "long"]
+        for group in groups:
+            names = ", ".join(f"{plan[k][0]} {plan[k][1]}" for k in group)
+            log(f"processing {names} slices in a fresh worker ...")
+            joined = os.pathsep.join(str(dirs[k]) for k in group)
+            results_of = run_child("process", joined, root / "cache")
+            if isinstance(results_of, dict):  # the child failed: its error for each series
+                results_of = [results_of] * len(group)
+            for k, result in zip(group, results_of, strict=True):
+                result = dict(result, syntax=plan[k][0], signed=plan[k][2])
+                per_series.append((plan[k], result))
+                log(f"  {json.dumps(result)}")
+        per_series.sort(key=lambda entry: plan.index(entry[0]))
         log(f"stage breakdown of an rle series of {stage_slices} slices ...")
         stages = run_child("stages", stage_dir, root / "cache")
 

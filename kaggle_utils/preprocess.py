@@ -42,8 +42,8 @@ from kaggle_utils.dicom import Series, load_series
 from kaggle_utils.volume import (
     DEFAULT_WINDOWS,
     body_bbox,
-    crop_to_box,
-    resample_volume,
+    check_resample_device,
+    crop_and_resample,
     window_volume,
 )
 
@@ -80,6 +80,9 @@ class PreprocessConfig:
     shapes: tuple[Shape, ...] = (PRETRAIN_SHAPE, FINETUNE_SHAPE)
     windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     body_crop: bool = True
+    # Where the crop is resampled: "cpu" (the reference) or a GPU ("cuda"). Not a setting of
+    # the cache: both give the same volumes up to float rounding (tests/test_volume.py).
+    resample_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -96,12 +99,14 @@ class PreprocessConfig:
         shapes: Sequence[Sequence[int]],
         windows: Sequence[Sequence[float]],
         body_crop: bool = True,
+        resample_device: str = "cpu",
     ) -> PreprocessConfig:
         """From notebook parameters (lists, as papermill passes them)."""
         return cls(
             shapes=tuple(tuple(int(v) for v in shape) for shape in shapes),  # type: ignore[misc]
             windows=tuple((float(level), float(width)) for level, width in windows),
             body_crop=body_crop,
+            resample_device=resample_device,
         )
 
 
@@ -286,16 +291,15 @@ def prepare_volumes(
 ) -> tuple[dict[Shape, np.ndarray], tuple[int, int, int, int]]:
     """A decoded series to the windowed uint8 volumes of every configured shape.
 
-    Returns the volumes by shape and the in-plane body box used (y0, y1, x0, x1).
+    The body box, squared, is cut from every slice and resampled to each shape
+    (`volume.crop_and_resample`: z first, without copying the series), then windowed. Returns
+    the volumes by shape and the in-plane body box used (y0, y1, x0, x1).
     """
     hu = series.hu
     height, width = hu.shape[1:]
     box = body_bbox(hu) if config.body_crop else (0, height, 0, width)
-    cropped = crop_to_box(hu, box, square=True)
-    volumes = {
-        shape: window_volume(resample_volume(cropped, shape), config.windows)
-        for shape in config.shapes
-    }
+    resampled = crop_and_resample(hu, box, config.shapes, device=config.resample_device)
+    volumes = {shape: window_volume(resampled[shape], config.windows) for shape in config.shapes}
     return volumes, box
 
 
@@ -308,7 +312,7 @@ def process_series(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) 
     start = time.perf_counter()
     record: dict[str, Any] = _empty_record(task, config)
     try:
-        series = load_series(task.series_dir)
+        series = load_series(task.series_dir, reuse_memory=True)  # only the record outlives it
         volumes, box = prepare_volumes(series, config)
         for shape, volume in volumes.items():
             save_npy_atomic(cache_path(cache_dir, shape, task.series_id), volume)
@@ -406,6 +410,7 @@ def preprocess_dataset(
     A worker that dies (e.g. a decoder crash in native code) costs only the series it was
     working on: the others are retried in a fresh pool, the culprit is recorded as failed.
     """
+    check_resample_device(config.resample_device)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)

@@ -477,7 +477,7 @@ def prepare_series(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries
     prepared = PreparedSeries(task.patient_id, task.series_id, None)
     start = time.perf_counter()
     try:
-        series = load_series(task.series_dir)
+        series = load_series(task.series_dir, reuse_memory=True)  # only the volume is kept
     except Exception as error:  # reported by the caller, see docstring
         prepared.decode_s = time.perf_counter() - start
         prepared.stage, prepared.error = "decode", f"{type(error).__name__}: {error}"

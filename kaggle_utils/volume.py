@@ -9,6 +9,7 @@ take each slice as one multi-channel image.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -122,21 +123,152 @@ def crop_to_box(
 
 def resample_volume(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Resize a (slices, H, W) volume to `shape`: area averaging along axes that shrink (no
-    aliasing when 600 slices become 32), trilinear interpolation along axes that grow."""
-    import torch
-    import torch.nn.functional as F
+    aliasing when 600 slices become 32), trilinear interpolation along axes that grow.
 
-    target = tuple(int(s) for s in shape)
-    if len(target) != 3 or min(target) < 1:
-        raise ValueError(f"shape must be three positive ints (slices, H, W), not {shape!r}")
+    The reference for `crop_and_resample`, which notebook 01 uses on whole series."""
+    import torch
+
+    target = _check_shape(shape)
     if volume.ndim != 3:
         raise ValueError(f"expected a (slices, H, W) volume, got shape {volume.shape}")
     if tuple(volume.shape) == target:
         return volume.astype(np.float32, copy=True)
     tensor = torch.from_numpy(volume.astype(np.float32, copy=False))[None, None]
-    shrunk = tuple(min(s, t) for s, t in zip(volume.shape, target, strict=True))
-    if shrunk != tuple(volume.shape):
+    return _resample_tensor(tensor, target)[0, 0].numpy()
+
+
+def check_resample_device(device: str) -> None:
+    """Fail early, with what to do, when `device` cannot resample here.
+
+    Raises:
+        ValueError: not "cpu" or a CUDA device, or CUDA asked for on a machine without it.
+    """
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise ValueError(f"resample_device must be 'cpu' or 'cuda[:N]', not {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"resample_device={device!r} but torch sees no CUDA GPU here: use 'cpu' (on Kaggle, "
+            "turn a GPU accelerator on in the notebook's settings)"
+        )
+
+
+def square_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """`box` grown on its short side around its centre to a square (it may leave the image)."""
+    y0, y1, x0, x1 = box
+    side = max(y1 - y0, x1 - x0)
+    y0, x0 = (y0 + y1 - side) // 2, (x0 + x1 - side) // 2
+    return y0, y0 + side, x0, x0 + side
+
+
+def crop_and_resample(
+    hu: np.ndarray,
+    box: tuple[int, int, int, int],
+    shapes: Sequence[Sequence[int]],
+    square: bool = True,
+    fill: float = AIR_HU,
+    device: str = "cpu",
+) -> dict[tuple[int, int, int], np.ndarray]:
+    """`resample_volume(crop_to_box(hu, box, square, fill), shape)` for every shape (that is the
+    reference, tested), without copying the whole series into a padded crop first.
+
+    Area averaging and linear interpolation are separable, so the z axis is resampled first on
+    the part of the box inside the image (a view: 600 slices become 32 or 96 in one pass), then
+    the few slices left are padded with `fill` and resampled in plane. Up to float rounding
+    (~1e-3 HU) this is the reference. `device` "cuda" does the same on the GPU, with torch.
+    """
+    y0, y1, x0, x1 = square_box(box) if square else box
+    height, width = hu.shape[-2:]
+    inside = (slice(None), slice(max(y0, 0), min(y1, height)), slice(max(x0, 0), min(x1, width)))
+    region = hu[inside]
+    pad = (max(y0, 0) - y0, y1 - min(y1, height), max(x0, 0) - x0, x1 - min(x1, width))
+    if device != "cpu":
+        return _crop_and_resample_torch(region, pad, shapes, fill, device)
+    by_depth: dict[int, np.ndarray] = {}
+    out: dict[tuple[int, int, int], np.ndarray] = {}
+    for shape in shapes:
+        target = _check_shape(shape)
+        if target[0] not in by_depth:
+            by_depth[target[0]] = _pad(resample_z(region, target[0]), pad, fill)
+        out[target] = resample_volume(by_depth[target[0]], target)
+    return out
+
+
+def resample_z(volume: np.ndarray, depth: int) -> np.ndarray:
+    """`volume` (slices, H, W), any strides, resampled along axis 0 to `depth` slices as
+    `resample_volume` does it: adaptive average pooling's windows when shrinking, linear
+    interpolation (align_corners=False) when growing. One slice at a time, float32 out."""
+    n = volume.shape[0]
+    out = np.empty((depth, *volume.shape[1:]), dtype=np.float32)
+    if n == depth:
+        out[...] = volume
+    elif n > depth:
+        for i in range(depth):
+            start, stop = (i * n) // depth, -((-(i + 1) * n) // depth)
+            np.add.reduce(volume[start:stop], axis=0, dtype=np.float32, out=out[i])
+            out[i] *= np.float32(1.0 / (stop - start))
+    else:
+        for i in range(depth):
+            source = max((i + 0.5) * n / depth - 0.5, 0.0)
+            lower = int(source)
+            upper, weight = min(lower + 1, n - 1), np.float32(source - lower)
+            np.multiply(volume[lower], np.float32(1.0) - weight, out=out[i])
+            out[i] += weight * volume[upper]
+    return out
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    target = tuple(int(s) for s in shape)
+    if len(target) != 3 or min(target) < 1:
+        raise ValueError(f"shape must be three positive ints (slices, H, W), not {shape!r}")
+    return target  # type: ignore[return-value]
+
+
+def _pad(volume: np.ndarray, pad: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """`volume` with (top, bottom, left, right) pixels of `fill` around every slice."""
+    top, bottom, left, right = pad
+    if not any(pad):
+        return volume
+    depth, height, width = volume.shape
+    out = np.full((depth, top + height + bottom, left + width + right), fill, dtype=volume.dtype)
+    out[:, top : top + height, left : left + width] = volume
+    return out
+
+
+def _crop_and_resample_torch(
+    region: np.ndarray,
+    pad: tuple[int, int, int, int],
+    shapes: Sequence[Sequence[int]],
+    fill: float,
+    device: str,
+) -> dict[tuple[int, int, int], np.ndarray]:
+    """The reference operations (pad, then `resample_volume`'s pooling and interpolation) on a
+    torch device: the series goes over once, every shape is made there."""
+    import torch
+    import torch.nn.functional as F
+
+    top, bottom, left, right = pad
+    tensor = torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32)).to(device)
+    tensor = F.pad(tensor[None, None], (left, right, top, bottom), value=fill)
+    out = {}
+    for shape in shapes:
+        target = _check_shape(shape)
+        out[target] = _resample_tensor(tensor, target)[0, 0].cpu().numpy()
+    return out
+
+
+def _resample_tensor(tensor: Any, target: tuple[int, int, int]) -> Any:
+    """(1, 1, slices, H, W) to `target`: area averaging where an axis shrinks, trilinear where
+    it grows (`resample_volume`)."""
+    import torch.nn.functional as F
+
+    size = tuple(tensor.shape[2:])
+    shrunk = tuple(min(s, t) for s, t in zip(size, target, strict=True))
+    if shrunk != size:
         tensor = F.adaptive_avg_pool3d(tensor, shrunk)
     if shrunk != target:
         tensor = F.interpolate(tensor, size=target, mode="trilinear", align_corners=False)
-    return tensor[0, 0].numpy()
+    return tensor

@@ -43,6 +43,7 @@ shapes: list = [[32, 192, 192], [96, 256, 256]]  # (slices, H, W) per cache: pre
 windows: list = [[50, 400]]  # [level, width] in HU, one per channel; or "liver", "bone", "wide"
 body_crop: bool = True  # crop each series in-plane to the body before resampling
 workers: int = 2  # decoding processes; 0 runs in this process (easier to debug)
+resample_device: str = "cpu"  # "cuda": resample on the GPU (same volumes; CPU is the reference)
 limit: int = 0  # decode only the first N series; 0 for all
 overwrite: bool = False  # re-decode series that are already cached
 n_montage: int = 4  # how many volumes to show in the montage
@@ -120,7 +121,9 @@ if smoke:
     shapes, limit = [[8, 32, 32]], limit or 3
 root = paths.resolve_data_root(data_root)
 cache_dir = paths.resolve_output_dir(output_dir, default_name="cache")
-config = preprocess.PreprocessConfig.from_params(shapes, parse_windows(windows), body_crop)
+config = preprocess.PreprocessConfig.from_params(
+    shapes, parse_windows(windows), body_crop, resample_device
+)
 listed = preprocess.list_series(root, split)
 tasks = preprocess.shard_tasks(listed, shard_index, num_shards)
 if limit:

@@ -286,3 +286,16 @@ def test_slices_are_decoded_into_one_volume_never_stacked(
 
     monkeypatch.setattr(dicom.np, "stack", no_stack)
     np.testing.assert_array_equal(load_series(tmp_path).hu, expected)
+
+
+def test_reuse_memory_decodes_into_one_buffer_series_after_series(tmp_path: Path) -> None:
+    small, large = ramp(3), ramp(6) + 5
+    write_oriented_series(tmp_path / "small", small, (False, False, False))
+    write_oriented_series(tmp_path / "large", large, (True, False, True), seed=2)
+    first = load_series(tmp_path / "large", reuse_memory=True)
+    np.testing.assert_array_equal(first.hu, large)
+    second = load_series(tmp_path / "small", reuse_memory=True)
+    np.testing.assert_array_equal(second.hu, small)
+    assert np.shares_memory(first.hu, second.hu)  # the second call overwrote the first
+    fresh = load_series(tmp_path / "small")
+    assert not np.shares_memory(fresh.hu, second.hu)

@@ -123,3 +123,93 @@ def test_resample_rejects_bad_shapes() -> None:
         resample_volume(np.zeros((2, 2, 2), dtype=np.float32), (2, 2))
     with pytest.raises(ValueError, match="volume"):
         resample_volume(np.zeros((2, 2), dtype=np.float32), (2, 2, 2))
+
+
+# --- crop_and_resample: the fast path notebook 01 uses, against the reference ------------
+
+CASES = [  # (slices, box): z shrinks, grows and stays; the square leaves the image or not
+    (60, (10, 50, 5, 60)),
+    (20, (0, 64, 0, 64)),
+    (32, (3, 40, 10, 30)),
+    (7, (0, 30, 2, 64)),
+    (45, (30, 64, 0, 20)),
+]
+SHAPES = [(32, 24, 24), (10, 80, 80), (7, 16, 40), (32, 48, 48)]
+
+
+@pytest.mark.parametrize(("n_slices", "box"), CASES)
+def test_crop_and_resample_is_the_reference_for_every_shape(
+    n_slices: int, box: tuple[int, int, int, int]
+) -> None:
+    from kaggle_utils.volume import _crop_and_resample_torch, crop_and_resample, square_box
+
+    hu = np.random.default_rng(n_slices).normal(0, 400, (n_slices, 64, 64)).astype(np.float32)
+    hu = hu[:, :, ::-1]  # any strides: a flipped view, as a series may be
+    fast = crop_and_resample(hu, box, SHAPES)
+    y0, y1, x0, x1 = square_box(box)
+    pad = (max(-y0, 0), max(y1 - 64, 0), max(-x0, 0), max(x1 - 64, 0))
+    inside = hu[:, max(y0, 0) : min(y1, 64), max(x0, 0) : min(x1, 64)]
+    on_torch = _crop_and_resample_torch(inside, pad, SHAPES, AIR_HU, "cpu")  # the GPU's code
+    for shape in SHAPES:
+        reference = resample_volume(crop_to_box(hu.copy(), box, square=True), shape)
+        assert fast[shape].shape == shape and fast[shape].dtype == np.float32
+        np.testing.assert_allclose(fast[shape], reference, atol=2e-3)
+        np.testing.assert_allclose(on_torch[shape], reference, atol=2e-3)
+        windowed = [window_volume(v).astype(int) for v in (fast[shape], reference)]
+        assert np.abs(windowed[0] - windowed[1]).max() <= 1
+
+
+def test_crop_and_resample_without_square_keeps_the_box() -> None:
+    from kaggle_utils.volume import crop_and_resample
+
+    hu = np.random.default_rng(1).normal(0, 400, (12, 40, 50)).astype(np.float32)
+    box = (5, 35, 0, 50)
+    fast = crop_and_resample(hu, box, [(6, 15, 25)], square=False)[(6, 15, 25)]
+    reference = resample_volume(crop_to_box(hu, box, square=False), (6, 15, 25))
+    np.testing.assert_allclose(fast, reference, atol=2e-3)
+
+
+def test_resample_z_matches_the_slow_definition() -> None:
+    """Adaptive pooling's windows [floor(i n / d), ceil((i + 1) n / d)) when shrinking; linear
+    interpolation at (i + 0.5) n / d - 0.5, clamped, when growing."""
+    from kaggle_utils.volume import resample_z
+
+    volume = np.random.default_rng(2).normal(size=(11, 3, 4)).astype(np.float32)
+    for depth in (1, 4, 11, 17):
+        expected = np.empty((depth, 3, 4))
+        for i in range(depth):
+            if depth <= 11:
+                start, stop = int(np.floor(i * 11 / depth)), int(np.ceil((i + 1) * 11 / depth))
+                expected[i] = volume[start:stop].astype(np.float64).mean(axis=0)
+            else:
+                source = max((i + 0.5) * 11 / depth - 0.5, 0.0)
+                lower = int(np.floor(source))
+                upper = min(lower + 1, 10)
+                expected[i] = (1 - (source - lower)) * volume[lower] + (source - lower) * volume[
+                    upper
+                ]
+        np.testing.assert_allclose(resample_z(volume, depth), expected, atol=1e-5)
+
+
+def test_a_gpu_resample_device_fails_early_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from kaggle_utils.volume import check_resample_device
+
+    check_resample_device("cpu")
+    with pytest.raises(ValueError, match="'cpu' or 'cuda"):
+        check_resample_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        check_resample_device("cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_crop_and_resample_on_the_gpu_is_the_cpu_reference() -> None:
+    from kaggle_utils.volume import crop_and_resample
+
+    hu = np.random.default_rng(3).normal(0, 400, (70, 64, 64)).astype(np.float32)
+    on_gpu = crop_and_resample(hu, (10, 50, 5, 60), SHAPES, device="cuda")
+    on_cpu = crop_and_resample(hu, (10, 50, 5, 60), SHAPES)
+    for shape in SHAPES:
+        np.testing.assert_allclose(on_gpu[shape], on_cpu[shape], atol=2e-3)
