@@ -36,6 +36,15 @@ TINY = ["--train-patients", "12", "--test-patients", "4", "--image-size", "96",
         "--min-slices", "16", "--max-slices", "20"]  # fmt: skip
 SHAPE = [12, 96, 96]
 SITE = ROOT / ".gpu-site"  # wheels installed part by part (--install-part)
+# Two notebook 01 caches of the same series must hold volumes at most 1 level apart.
+COMPARE_CACHES = """
+import sys; from pathlib import Path; import numpy as np
+cpu, gpu = Path(sys.argv[1]), Path(sys.argv[2]); worst, n = 0, 0
+for a in sorted(cpu.glob("*x*x*/*.npy")):
+    b = gpu / a.relative_to(cpu)
+    worst = max(worst, int(np.abs(np.load(a).astype(int) - np.load(b).astype(int)).max())); n += 1
+print(f"{n} volumes, largest difference {worst} level(s)"); sys.exit(0 if n and worst <= 1 else 1)
+"""
 
 
 class Check:
@@ -148,6 +157,13 @@ def main() -> None:
         "data_root": str(data), "output_dir": str(out / "cache"), "shapes": [SHAPE],
         "workers": 2,
     }))  # fmt: skip
+    if cuda:  # the GPU resampling option against the CPU reference, on the same series
+        check.run("01_resample_cuda", papermill("01_dicom_preprocess", out, {
+            "data_root": str(data), "output_dir": str(out / "cache-cuda"), "shapes": [SHAPE],
+            "workers": 2, "resample_device": "cuda",
+        }, "cuda"))  # fmt: skip
+        caches = [str(out / "cache"), str(out / "cache-cuda")]
+        check.run("resample_cuda_matches_cpu", [sys.executable, "-c", COMPARE_CACHES, *caches])
     for precision in precisions:
         run = out / precision
         check.run(f"02_{precision}", papermill("02_voco2d_pretrain", out, {
