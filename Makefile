@@ -31,7 +31,7 @@ help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
 	@echo "make test       lint + the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without slow end-to-end runs"
-	@echo "make benchmark  decoding speed; a 2D-VoCo step against a 3D VoCo step (README numbers)"
+	@echo "make benchmark  decoding speed, notebook 01 per core and memory at scale, 2D vs 3D VoCo step"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
 	@echo "make kaggle-bundle  dist/kaggle-bundle/: wheels for Kaggle's offline install + metadata"
 	@echo "make gpu-check  the short CUDA check (on a GPU machine with a gpu-bundle, see README)"

@@ -96,9 +96,9 @@ def cpu_seconds() -> float:
 
 def worker_setup() -> None:
     """What notebook 01's pool initializer does (one torch thread), then the whole pipeline
-    once on a short 512x512 RLE series: a pool worker processes hundreds of series, so the one-off costs
-    of a fresh interpreter (the decoders' and scipy's first calls, torch's set-up) are not
-    charged to the series measured."""
+    once on a short 512x512 RLE series: a pool worker processes hundreds of series, so the
+    one-off costs of a fresh interpreter (the decoders' and scipy's first calls, torch's
+    set-up) are not charged to the series measured."""
     import torch
     from ct_series import SYNTAXES, write_series
 
