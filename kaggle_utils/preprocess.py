@@ -665,6 +665,24 @@ def problems_report(metadata: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
     return failed, skipped
 
 
+def geometry_report(metadata: pl.DataFrame) -> pl.DataFrame:
+    """The cached series whose geometry was not a plain uniform axial stack: reoriented
+    (`flips`), tilted or sheared, with duplicates, or resampled for non-uniform gaps."""
+    if "flips" not in metadata.columns:  # a cache made before these columns existed
+        return metadata.head(0).select("patient_id", "series_id")
+    columns = ["patient_id", "series_id", *GEOMETRY_FIELDS]
+    return metadata.filter(
+        (pl.col("status") == "ok")
+        & (
+            (pl.col("flips") != "none")
+            | (pl.col("tilt_degrees") > 0)
+            | (pl.col("shear_degrees") > 0.5)
+            | (pl.col("n_duplicates") > 0)
+            | pl.col("z_resampled")
+        )
+    ).select(columns)
+
+
 def coronal_aspect(record: dict[str, Any], shape: Sequence[int]) -> float:
     """Height/width of one coronal pixel of a cached volume, from its record: the mm one
     resampled slice spans over the mm one resampled column spans."""

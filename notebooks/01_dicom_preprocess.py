@@ -178,6 +178,12 @@ if failed.height:
     display(failed)
 if skipped.height:
     display(skipped)
+# Series brought to the common layout (flipped, transposed), tilted, with duplicates or gaps:
+# all handled, listed so that the unusual ones can be looked at.
+unusual = preprocess.geometry_report(this_run)
+print(f"{unusual.height} series with an unusual geometry (handled)")
+if unusual.height:
+    display(unusual)
 
 # %% [markdown]
 # ## A look at the volumes

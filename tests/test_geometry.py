@@ -13,6 +13,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
@@ -299,3 +300,20 @@ def test_reuse_memory_decodes_into_one_buffer_series_after_series(tmp_path: Path
     assert np.shares_memory(first.hu, second.hu)  # the second call overwrote the first
     fresh = load_series(tmp_path / "small")
     assert not np.shares_memory(fresh.hu, second.hu)
+
+
+def test_the_metadata_records_what_was_done_and_the_report_lists_it(tmp_path: Path) -> None:
+    from kaggle_utils import preprocess
+
+    config = preprocess.PreprocessConfig(shapes=((4, 8, 8),))
+    write_oriented_series(tmp_path / "images" / "1" / "10", ramp(4, 16), (True, False, True))
+    write_oriented_series(tmp_path / "images" / "1" / "11", ramp(4, 16), (False, False, False))
+    for series_id in (10, 11):
+        task = preprocess.SeriesTask(1, series_id, tmp_path / "images" / "1" / str(series_id))
+        preprocess.process_series(task, tmp_path / "cache", config)
+    metadata = preprocess.write_metadata(tmp_path / "cache")
+    row = metadata.filter(pl.col("series_id") == 10).row(0, named=True)
+    assert row["flips"] == "transposed+flipped_columns" and not row["normal_to_feet"]
+    assert row["orientation"] == [0.0, 1.0, 0.0, -1.0, 0.0, 0.0]
+    report = preprocess.geometry_report(metadata)
+    assert report["series_id"].to_list() == [10]

@@ -94,6 +94,11 @@ def test_metadata_records_ordering_spacing_and_the_truncated_file(
     assert "truncated" in skipped["skipped_files"][0][0]
     failed, skipped_files = preprocess.problems_report(metadata)
     assert failed.height == 0 and skipped_files.height == 1
+    # The generator writes standard axial series: only a gap left by the truncated file can
+    # make one unusual.
+    unusual = preprocess.geometry_report(metadata)
+    assert set(unusual["series_id"]) == set(metadata.filter(pl.col("z_resampled"))["series_id"])
+    assert set(metadata["flips"]) == {"none"} and metadata["n_duplicates"].sum() == 0
 
 
 def test_rerun_skips_done_series_and_redoes_on_overwrite_or_new_settings(

@@ -140,13 +140,16 @@ def test_on_the_fly_preprocessing_matches_the_cache_and_notebook_03(
     )
 
 
-def test_prefetching_in_a_thread_gives_the_same_file(
+def test_without_worker_processes_a_thread_decodes_and_gives_the_same_file(
     tiny_competition: Path,
     model_dir: Path,
     clean: SubmissionResult,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Processes that cannot start (a script without a main guard): one background thread
+    decodes instead, with a warning that a decoder crash would then end the run."""
     submitted: list[int] = []
 
     class CountingPool(submission_module.ThreadPoolExecutor):
@@ -154,11 +157,24 @@ def test_prefetching_in_a_thread_gives_the_same_file(
             submitted.append(args[0].series_id)
             return super().submit(fn, *args, **kwargs)
 
+    class PoolThatCannotStart:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def submit(self, *args: object, **kwargs: object) -> None:
+            raise submission_module.BrokenProcessPool("a worker could not start")
+
+        def shutdown(self, *args: object, **kwargs: object) -> None:
+            pass
+
     monkeypatch.setattr(submission_module, "ThreadPoolExecutor", CountingPool)
-    result = predict_test_set(
-        tiny_competition, model_dir, tmp_path / "sub.csv", workers=1, batch_size=2,
-        progress=False,
-    )  # fmt: skip
+    monkeypatch.setattr(submission_module, "ProcessPoolExecutor", PoolThatCannotStart)
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+        result = predict_test_set(
+            tiny_competition, model_dir, tmp_path / "sub.csv", workers=1, batch_size=2,
+            progress=False,
+        )  # fmt: skip
+    assert any("would end the run" in m for m in caplog.messages)
     assert submitted == [t.series_id for t in list_series(tiny_competition, "test")]
     assert result.submission["patient_id"].equals(clean.submission["patient_id"])
     np.testing.assert_allclose(
