@@ -108,6 +108,7 @@ class SkippedFile:
 MAX_TILT_DEGREES = 30.0  # slice plane against the axial plane, or stack against the normal
 DUPLICATE_TOLERANCE_MM = 0.01  # slices closer than this along the normal share a position
 NONUNIFORM_TOLERANCE = 0.1  # a gap this share longer or shorter than the median one
+MAX_GAP_FILL = 3  # resampling the gaps may make at most this many times the slices decoded
 PLANES = ("sagittal", "coronal", "axial")  # by the patient axis (x, y, z) the normal runs along
 
 
@@ -375,6 +376,13 @@ def load_series(
     resampled = z_positions is not None and _non_uniform(z_positions, z_spacing)
     if resampled:
         assert z_positions is not None
+        span = float(z_positions[-1] - z_positions[0])
+        if span / z_spacing + 1 > MAX_GAP_FILL * n_decoded:
+            raise UnsupportedGeometryError(
+                f"{series_dir}: {n_decoded} slices span {span:.1f} mm at a median gap of "
+                f"{z_spacing:.2f} mm: filling the gaps would make more than {MAX_GAP_FILL}x as "
+                "many slices (more than one scan in the folder?)"
+            )
         hu, instance_numbers, z_positions = _resample_by_position(
             hu, instance_numbers, z_positions, z_spacing
         )

@@ -317,3 +317,11 @@ def test_the_metadata_records_what_was_done_and_the_report_lists_it(tmp_path: Pa
     assert row["orientation"] == [0.0, 1.0, 0.0, -1.0, 0.0, 0.0]
     report = preprocess.geometry_report(metadata)
     assert report["series_id"].to_list() == [10]
+
+
+def test_gaps_too_large_to_fill_are_refused(tmp_path: Path) -> None:
+    """Two clusters of slices 200 mm apart look like two scans, not one with a gap."""
+    z = [0.0, 2.5, 5.0, 200.0, 202.5]
+    write_oriented_series(tmp_path, ramp(5), (False, False, False), z_positions=z)
+    with pytest.raises(UnsupportedGeometryError, match="more than one scan"):
+        load_series(tmp_path)
