@@ -49,7 +49,7 @@ from kaggle_utils.finetune_data import (
     make_folds,
     series_table,
 )
-from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
+from kaggle_utils.metric import ANY_INJURY, CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
 from kaggle_utils.preprocess import cache_settings
 from kaggle_utils.pretrain_data import ResumableSampler
@@ -90,6 +90,11 @@ class FinetuneConfig(runtime.JsonConfig):
     freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
     grad_clip: float = 1.0
     any_injury_weight: float = 1.0  # weight of the auxiliary any_injury loss (0 to turn off)
+    # How each weighted cross-entropy is divided: "expected" (by the batch size times the
+    # training rows' mean weight: the loss is the metric in expectation) or "batch" (by the
+    # batch's summed weights, torch's weight= mean: biased towards the rare classes' side at
+    # small batches; the behaviour before issue 11)
+    loss_normalisation: str = "expected"
     # weight of the per-slice bowel/extravasation loss from image_level_labels.csv (0: off;
     # also off when the file is missing or neither target is trained)
     slice_loss_weight: float = 1.0
@@ -117,6 +122,11 @@ class FinetuneConfig(runtime.JsonConfig):
         if self.precision not in runtime.PRECISIONS:
             raise ValueError(
                 f"precision must be one of {runtime.PRECISIONS}, not {self.precision!r}"
+            )
+        if self.loss_normalisation not in LOSS_NORMALISATIONS:
+            raise ValueError(
+                f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, not "
+                f"{self.loss_normalisation!r}"
             )
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
@@ -353,6 +363,9 @@ def train_fold(
     precision = runtime.resolve_precision(config.precision, device)
     scaler = precision.grad_scaler()
     class_weights = {t: torch.tensor(CLASS_WEIGHTS[t], device=device) for t in config.targets}
+    normalisers = None
+    if config.loss_normalisation == "expected":
+        normalisers = expected_weights(train_rows)
     prior = training_prior(
         labels.join(train_rows.select("patient_id").unique(), on="patient_id", how="semi")
     )
@@ -401,7 +414,7 @@ def train_fold(
                     )
                 loss = weighted_loss(
                     logits, batch["labels"].to(device), batch["any_injury"].to(device),
-                    class_weights, config.any_injury_weight,
+                    class_weights, config.any_injury_weight, normalisers,
                 )  # fmt: skip
                 if slice_logits is not None:
                     slice_labels = batch["slice_labels"].to(device)
@@ -459,34 +472,60 @@ def train_fold(
     return best_score
 
 
+LOSS_NORMALISATIONS = ("expected", "batch")
+
+
+def expected_weights(rows: pl.DataFrame) -> dict[str, float]:
+    """The mean metric weight of the true class over these training rows, per target and for
+    any_injury (`<target>_class` and `any_injury` columns, as `series_table` gives them): the
+    constant that makes `weighted_loss` the metric in expectation over random batches."""
+    weights = {
+        target: float(np.asarray(CLASS_WEIGHTS[target])[rows[f"{target}_class"].to_numpy()].mean())
+        for target in ALL_TARGETS
+    }
+    injured = rows["any_injury"].to_numpy() > 0
+    weights[ANY_INJURY] = float(np.where(injured, CLASS_WEIGHTS[ANY_INJURY][1], 1.0).mean())
+    return weights
+
+
 def weighted_loss(
     logits: dict[str, Tensor],
     labels: Tensor,
     any_injury: Tensor,
     class_weights: dict[str, Tensor],
     any_injury_weight: float = 1.0,
+    normalisers: dict[str, float] | None = None,
 ) -> Tensor:
     """Cross-entropy per target weighted like the metric (healthy 1, injury 2 or 6, low 2,
-    high 4): with reduction "mean", torch divides by the summed weights of the batch's true
-    classes, i.e. sum(w * CE) / sum(w) as the metric does. Plus, when every target is
-    trained, the metric's any_injury term: weighted BCE (1/6) on max over targets of
-    1 - p_healthy.
+    high 4), plus, when every target is trained, the metric's any_injury term: weighted BCE
+    (1 healthy, 6 injured) on max over targets of 1 - p_healthy. The mean of the terms.
+
+    Each term is sum(w * CE) over the batch divided by a constant: B * `normalisers[target]`
+    (the training rows' mean weight, `expected_weights`), so that its expectation over random
+    batches is the metric's sum(w * CE) / sum(w) over the training set, whose best constant
+    it shares. Without `normalisers` it is divided by the batch's own sum(w) (torch's
+    `weight=` with mean reduction): exact on one batch, but its minimiser depends on the
+    batch size (at 2, the best constant extravasation probability is pulled far below the
+    metric's).
 
     logits: {target: (B, n_classes)}; labels: (B, n_targets) in `logits`' order.
     """
-    terms = [
-        F.cross_entropy(
-            target_logits.float(), labels[:, index], weight=class_weights[target].float()
-        )
-        for index, (target, target_logits) in enumerate(logits.items())
-    ]
+    batch = labels.shape[0]
+    terms = []
+    for index, (target, target_logits) in enumerate(logits.items()):
+        weight = class_weights[target].float()
+        per_row = F.cross_entropy(target_logits.float(), labels[:, index], reduction="none")
+        row_weights = weight[labels[:, index]]
+        scale = row_weights.sum() if normalisers is None else batch * normalisers[target]
+        terms.append((row_weights * per_row).sum() / scale)
     if any_injury_weight > 0 and len(logits) == len(ALL_TARGETS):
         injured = torch.stack(
             [1 - torch.softmax(v.float(), dim=1)[:, 0] for v in logits.values()], dim=1
         ).amax(dim=1)
-        weights = torch.where(any_injury > 0.5, 6.0, 1.0)
+        weights = torch.where(any_injury > 0.5, CLASS_WEIGHTS[ANY_INJURY][1], 1.0)
         bce = F.binary_cross_entropy(injured.clamp(1e-7, 1 - 1e-7), any_injury, reduction="none")
-        terms.append(any_injury_weight * (weights * bce).sum() / weights.sum())
+        scale = weights.sum() if normalisers is None else batch * normalisers[ANY_INJURY]
+        terms.append(any_injury_weight * (weights * bce).sum() / scale)
     return torch.stack(terms).mean()
 
 

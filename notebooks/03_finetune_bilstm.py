@@ -61,6 +61,7 @@ backbone_lr_factor: float = 1.0  # backbone learning rate relative to lr
 weight_decay: float = 1e-2
 freeze_epochs: int = 0  # epochs with the backbone frozen
 any_injury_weight: float = 1.0  # weight of the any-injury loss term; 0 turns it off
+loss_normalisation: str = "expected"  # "expected": the metric in expectation; "batch": old
 slice_loss_weight: float = 1.0  # per-slice bowel/extravasation loss (image_level_labels.csv)
 hflip_prob: float = 0.0  # augmentation, the same for every slice of a volume
 affine_prob: float = 0.5
@@ -176,7 +177,7 @@ config = FinetuneConfig(
     epochs=epochs, slice_loss_weight=slice_loss_weight,
     batch_size=batch_size, grad_accum=grad_accum, lr=lr, backbone_lr_factor=backbone_lr_factor,
     weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
-    hflip_prob=hflip_prob, affine_prob=affine_prob,
+    loss_normalisation=loss_normalisation, hflip_prob=hflip_prob, affine_prob=affine_prob,
     brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
     n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, aggregation=aggregation,
     precision=precision,

@@ -16,6 +16,7 @@ from kaggle_utils.classifier import ALL_TARGETS, TARGET_CLASSES, CNNBiLSTM, buil
 from kaggle_utils.finetune import (
     FinetuneConfig,
     aggregate_patients,
+    expected_weights,
     load_fold_model,
     read_cv_result,
     read_labels,
@@ -112,31 +113,35 @@ def test_voco_init_loads_the_encoder_and_checks_its_backbone(tmp_path: Path) -> 
         build_classifier("test_efficientnet", 1, "voco")
 
 
-def slow_weighted_loss(logits, labels, any_injury, any_weight) -> float:
+def slow_weighted_loss(logits, labels, any_injury, any_weight, normalisers=None) -> float:
+    """sum(w * CE) over the batch, over sum(w) (normalisers None) or over B * normaliser."""
     terms = []
+    n_rows = labels.shape[0]
     for index, (target, values) in enumerate(logits.items()):
         weights = CLASS_WEIGHTS[target]
         num = den = 0.0
-        for row in range(values.shape[0]):
+        for row in range(n_rows):
             probs = torch.softmax(values[row].double(), 0)
             truth = int(labels[row, index])
             num += weights[truth] * -math.log(probs[truth].item())
             den += weights[truth]
-        terms.append(num / den)
+        terms.append(num / (den if normalisers is None else n_rows * normalisers[target]))
     if any_weight:
         num = den = 0.0
-        for row in range(labels.shape[0]):
+        for row in range(n_rows):
             injured = max(1 - torch.softmax(v[row].double(), 0)[0].item() for v in logits.values())
             y = float(any_injury[row])
             w = 6.0 if y else 1.0
             num += w * -(y * math.log(injured) + (1 - y) * math.log(1 - injured))
             den += w
-        terms.append(any_weight * num / den)
+        scale = den if normalisers is None else n_rows * normalisers["any_injury"]
+        terms.append(any_weight * num / scale)
     return sum(terms) / len(terms)
 
 
+@pytest.mark.parametrize("normalised", [False, True], ids=["batch", "expected"])
 @pytest.mark.parametrize("any_weight", [0.0, 1.0])
-def test_weighted_loss_matches_slow_reference(any_weight: float) -> None:
+def test_weighted_loss_matches_slow_reference(any_weight: float, normalised: bool) -> None:
     g = torch.Generator().manual_seed(1)
     logits = {t: torch.randn(6, len(c), generator=g) for t, c in TARGET_CLASSES.items()}
     labels = torch.stack(
@@ -144,9 +149,55 @@ def test_weighted_loss_matches_slow_reference(any_weight: float) -> None:
     )
     any_injury = (labels > 0).any(1).float()
     weights = {t: torch.tensor(CLASS_WEIGHTS[t]) for t in TARGET_CLASSES}
-    loss = weighted_loss(logits, labels, any_injury, weights, any_weight)
-    expected = slow_weighted_loss(logits, labels, any_injury, any_weight)
+    normalisers = {t: 1.3 + k for k, t in enumerate([*TARGET_CLASSES, "any_injury"])}
+    normalisers = normalisers if normalised else None
+    loss = weighted_loss(logits, labels, any_injury, weights, any_weight, normalisers)
+    expected = slow_weighted_loss(logits, labels, any_injury, any_weight, normalisers)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def best_constant_under_the_training_loss(normalisers: dict[str, float] | None) -> float:
+    """The extravasation-injury probability minimising the expected training loss over random
+    batches of 2 rows from 20 rows, 4 of them injured (every ordered pair equally likely),
+    found by a fine grid over the probability."""
+    rows = [1] * 4 + [0] * 16
+    weights = {"extravasation": torch.tensor(CLASS_WEIGHTS["extravasation"])}
+    grid = np.linspace(0.01, 0.99, 981)
+    expected_loss = np.zeros_like(grid)
+    pairs = [(a, b) for a in rows for b in rows]
+    compositions = {k: sum(1 for pair in pairs if sum(pair) == k) / len(pairs) for k in (0, 1, 2)}
+    for injured, share in compositions.items():
+        labels = torch.tensor([[1]] * injured + [[0]] * (2 - injured))
+        for i, q in enumerate(grid):
+            logits = {"extravasation": torch.log(torch.tensor([[1 - q, q]] * 2))}
+            loss = weighted_loss(logits, labels, torch.zeros(2), weights, 0.0, normalisers)
+            expected_loss[i] += share * loss.item()
+    return float(grid[int(np.argmin(expected_loss))])
+
+
+def test_the_normalised_loss_has_the_metric_s_best_constant_at_batch_size_2() -> None:
+    """The metric's best constant for a weighted log loss: w1 p / (w1 p + w0 (1 - p)) =
+    6 * 0.2 / (6 * 0.2 + 0.8) = 0.6. Normalised by the expected weight the training loss has
+    the same minimiser; normalised by each batch's weights it has another (about 0.31)."""
+    p = 0.2
+    metric_best = 6 * p / (6 * p + (1 - p))
+    expected_weight = 1 * (1 - p) + 6 * p
+    normalised = best_constant_under_the_training_loss({"extravasation": expected_weight})
+    assert normalised == pytest.approx(metric_best, abs=2e-3)
+    per_batch = best_constant_under_the_training_loss(None)
+    assert per_batch == pytest.approx(0.314, abs=5e-3)
+
+
+def test_expected_weights_are_the_mean_metric_weight_of_the_true_class() -> None:
+    rows = pl.DataFrame(
+        {"bowel_class": [0, 1, 1, 0], "extravasation_class": [0, 0, 0, 1],
+         "kidney_class": [0, 1, 2, 2], "liver_class": [0, 0, 0, 0], "spleen_class": [2, 2, 2, 2],
+         "any_injury": [1, 1, 1, 1]}
+    )  # fmt: skip
+    assert expected_weights(rows) == {
+        "bowel": 1.5, "extravasation": 2.25, "kidney": 2.75, "liver": 1.0, "spleen": 4.0,
+        "any_injury": 6.0,
+    }  # fmt: skip
 
 
 def labels_table(n: int, seed: int = 0) -> pl.DataFrame:
