@@ -101,7 +101,8 @@ class CropEncoder(nn.Module):
 
     forward((N, S, C, h, w)) -> "average": (N, D), the backbone features averaged over the S
     slices of each crop before projection (the official 2D-VoCo code); "per_slice":
-    (N * S, D), one projection per slice.
+    (N * S, D), one projection per slice. `feature_dropout` drops backbone features before the
+    projector in training mode (the student's, in the official code: p = 0.2).
     """
 
     def __init__(
@@ -110,11 +111,15 @@ class CropEncoder(nn.Module):
         hidden_dim: int = 2048,
         out_dim: int = 2048,
         slice_mode: SliceMode = "average",
+        feature_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if slice_mode not in ("average", "per_slice"):
             raise ValueError(f"slice_mode must be 'average' or 'per_slice', not {slice_mode!r}")
+        if not 0.0 <= feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), not {feature_dropout}")
         self.backbone = backbone
+        self.feature_dropout = nn.Dropout(feature_dropout)
         self.projector = ProjectionHead(feature_dim(backbone), hidden_dim, out_dim)
         self.slice_mode: SliceMode = slice_mode
 
@@ -124,18 +129,22 @@ class CropEncoder(nn.Module):
         features = self.backbone(crops.flatten(0, 1))  # (N * S, F)
         if self.slice_mode == "average":
             features = features.view(n, s, -1).mean(dim=1)  # (N, F)
-        return self.projector(features)
+        return self.projector(self.feature_dropout(features))
 
 
 class StudentTeacher(nn.Module):
     """A student and its EMA teacher: the whole encoder (backbone and projector), parameters
-    averaged, buffers (BatchNorm statistics) copied; the teacher never gets a gradient."""
+    averaged, buffers (BatchNorm statistics) copied; the teacher never gets a gradient and
+    never drops features, so that with the student's dropout the two differ from step 1 (as
+    in the official code; without it the teacher is only a lagged copy of the student and the
+    inter loss starts at exactly 0)."""
 
     def __init__(self, student: CropEncoder) -> None:
         super().__init__()
         self.student = student
         self.teacher = copy.deepcopy(student)
         self.teacher.requires_grad_(False)
+        self.teacher.feature_dropout.p = 0.0
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -87,6 +87,9 @@ class PretrainConfig(runtime.JsonConfig):
     slice_mode: str = "average"  # "average" (official code) or "per_slice"
     hidden_dim: int = 2048
     out_dim: int = 2048
+    # dropout on the student's backbone features before the projector (the official 2D-VoCo
+    # and VoCo v2 code: 0.2); 0 makes the teacher a lagged copy of the student
+    feature_dropout: float = 0.2
     momentum: float = 0.9  # teacher EMA momentum
     momentum_end: float | None = None  # cosine ramp to this value (e.g. 1.0); None = constant
     intra_weight: float = 1.0
@@ -283,7 +286,10 @@ def build_voco(
 ) -> tuple[StudentTeacher, VoCoLoss, torch.optim.Optimizer]:
     """The student-teacher pair on `device`, the loss and the student's AdamW, from a config."""
     backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
-    encoder = CropEncoder(backbone, config.hidden_dim, config.out_dim, config.slice_mode)  # type: ignore[arg-type]
+    encoder = CropEncoder(
+        backbone, config.hidden_dim, config.out_dim, config.slice_mode,  # type: ignore[arg-type]
+        config.feature_dropout,
+    )  # fmt: skip
     model = StudentTeacher(encoder).to(device)
     loss_fn = VoCoLoss(
         config.intra_weight, config.inter_weight, config.reg_weight,

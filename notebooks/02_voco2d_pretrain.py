@@ -43,6 +43,7 @@ n_random: int = 2  # random crops per volume and step
 label_mode: str = "area"  # position labels: "area" (VoCo's code) or "iou" (2D-VoCo paper)
 slice_mode: str = "average"  # "average" (embedding over a crop's slices) or "per_slice"
 hidden_dim: int = 2048  # projector hidden width
+feature_dropout: float = 0.2  # on the student's features (official code); 0: teacher = lagged copy
 out_dim: int = 2048  # projector output width
 momentum: float = 0.9  # teacher EMA momentum
 momentum_end: float = 0.0  # cosine ramp of the momentum to this value; 0 keeps it constant
@@ -167,6 +168,7 @@ config = PretrainConfig(
     volume_dirs=volume_dirs, output_dir=str(run_dir), backbone=backbone,
     weights_file=weights_file, grid=grid, crop_size=crop_size, n_random=n_random,
     label_mode=label_mode, slice_mode=slice_mode, hidden_dim=hidden_dim, out_dim=out_dim,
+    feature_dropout=feature_dropout,
     momentum=momentum, momentum_end=momentum_end or None, intra_form=intra_form,
     reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
     reg_weight=reg_weight, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,

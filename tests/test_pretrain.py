@@ -270,3 +270,22 @@ def test_pretraining_reads_several_caches(tiny_competition: Path, tmp_path: Path
         record_file.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="made differently"):
         pretraining_volume_dirs([tmp_path / "cache-1", tmp_path / "cache-2"], (8, 32, 32))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_student_feature_dropout_makes_the_inter_loss_nonzero_from_step_1(
+    volume_dir: Path, tmp_path: Path, dropout: float
+) -> None:
+    """Without dropout the teacher starts as an exact copy of the student: the inter loss of
+    step 1 is exactly 0 (and then fades as the two converge). With the official code's
+    student dropout the two differ from the start; the teacher never drops features."""
+    config = tiny_config(volume_dir, tmp_path, steps=1, probe_every=100, feature_dropout=dropout)
+    pretrain(config, progress=False)
+    with open(tmp_path / "log.csv") as handle:
+        step_1 = next(r for r in csv.DictReader(handle) if r["step"] == "1")
+    if dropout == 0.0:
+        assert abs(float(step_1["inter"])) < 1e-5  # -log(1 + 1e-6): the distance is 0
+    else:
+        assert float(step_1["inter"]) > 1e-4
+    model, _, _ = pretrain_module.build_voco(config, 1, torch.device("cpu"))
+    assert model.student.feature_dropout.p == dropout and model.teacher.feature_dropout.p == 0.0
