@@ -213,6 +213,11 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         sums = {"total": 0.0, "intra": 0.0, "inter": 0.0, "reg": 0.0}
         for micro in range(config.grad_accum):
             batch = next(batches)
+            # The student's dropout masks depend only on (seed, rank, step, micro-batch), so a
+            # resumed run draws what the uninterrupted one would have (seeded after the batch:
+            # a new DataLoader iterator draws from the global generator).
+            step_seed = ((config.seed * 10_007 + rank) * 1_000_003 + state.step) * 64 + micro
+            torch.manual_seed(step_seed)
             last = micro == config.grad_accum - 1
             # DDP: reduce gradients once per optimizer step, not per micro-batch
             sync = student.no_sync() if distributed and not last else nullcontext()  # type: ignore[operator]
