@@ -357,6 +357,13 @@ def load_series(
     if z_positions is not None:
         z_positions = z_positions[order]
     ordered = [slices[i] for i in order]
+    positions = [s.position for _, s, _ in ordered if s.position is not None]
+    shear_degrees = _shear_degrees(positions, layout.normal)
+    if shear_degrees > max_tilt_degrees:  # before any pixel is moved
+        raise UnsupportedGeometryError(
+            f"{series_dir}: the slices stack {shear_degrees:.1f} degrees off their normal "
+            f"(more than max_tilt_degrees={max_tilt_degrees:g})"
+        )
 
     if all(index is not None for _, _, index in ordered):
         hu = _gather_in_place(volume, [index for _, _, index in ordered])  # type: ignore[misc]
@@ -386,7 +393,6 @@ def load_series(
         hu, instance_numbers, z_positions = _resample_by_position(
             hu, instance_numbers, z_positions, z_spacing
         )
-    positions = [s.position for _, s, _ in ordered if s.position is not None]
     geometry = SeriesGeometry(
         orientation=orientation,
         transposed=layout.transposed,
@@ -394,16 +400,11 @@ def load_series(
         flipped_columns=layout.flipped_columns,
         normal_to_feet=layout.normal_to_feet,
         tilt_degrees=layout.tilt_degrees,
-        shear_degrees=_shear_degrees(positions, layout.normal),
+        shear_degrees=shear_degrees,
         n_duplicates=len(duplicates),
         z_resampled=resampled,
         z_gap_ratio=gap_ratio,
     )
-    if geometry.shear_degrees > max_tilt_degrees:
-        raise UnsupportedGeometryError(
-            f"{series_dir}: the slices stack {geometry.shear_degrees:.1f} degrees off their "
-            f"normal (more than max_tilt_degrees={max_tilt_degrees:g})"
-        )
     return Series(
         hu=hu,
         instance_numbers=instance_numbers,

@@ -360,17 +360,10 @@ GEOMETRY_FIELDS: dict[str, Any] = {
 
 def geometry_record(series: Series) -> dict[str, Any]:
     """The `GEOMETRY_FIELDS` of a decoded series."""
-    geometry = series.geometry
-    return {
-        "orientation": None if geometry.orientation is None else list(geometry.orientation),
-        "flips": geometry.flips,
-        "normal_to_feet": geometry.normal_to_feet,
-        "tilt_degrees": geometry.tilt_degrees,
-        "shear_degrees": geometry.shear_degrees,
-        "n_duplicates": geometry.n_duplicates,
-        "z_resampled": geometry.z_resampled,
-        "z_gap_ratio": geometry.z_gap_ratio,
-    }
+    record = {name: getattr(series.geometry, name) for name in GEOMETRY_FIELDS}
+    if record["orientation"] is not None:
+        record["orientation"] = list(record["orientation"])
+    return record
 
 
 def is_cached(task: SeriesTask, cache_dir: Path, config: PreprocessConfig) -> bool:

@@ -103,12 +103,7 @@ def crop_to_box(
     """Cut `box` from every slice; with `square`, grow the short side around its centre first,
     padding with `fill` (air) where the square leaves the image, so anatomy keeps its aspect
     ratio when the crop is resized. Returns a view of `hu` when no padding is needed."""
-    y0, y1, x0, x1 = box
-    if square:
-        side = max(y1 - y0, x1 - x0)
-        y0 = (y0 + y1 - side) // 2
-        x0 = (x0 + x1 - side) // 2
-        y1, x1 = y0 + side, x0 + side
+    y0, y1, x0, x1 = square_box(box) if square else box
     height, width = hu.shape[-2:]
     if y0 >= 0 and x0 >= 0 and y1 <= height and x1 <= width:
         return hu[..., y0:y1, x0:x1]  # a view: copying a whole series costs real time
