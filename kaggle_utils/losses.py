@@ -7,8 +7,11 @@ a ReLU: a negative cosine means "no overlap"), so every distance d = |a - b| lie
 every `-log(1 - d + eps)` is finite, including for identical crops, zero vectors and cosines of
 +-1.
 
-References: VoCo (Wu et al., CVPR 2024) Eq. 1-5 and its code (`ce_loss`, `regularization_loss`);
-2D-VoCo (Chiu & Chen, 2026) Eq. 1-3.
+References: VoCo (Wu et al., CVPR 2024) Eq. 1-5 and its code (Luffy03/VoCo,
+`models/voco_head.py`: `ce_loss`, `regularization_loss`); VoCo v2's code
+(Luffy03/Large-Scale-Medical, `Self-supervised/models/voco_head.py`: `VoCoHead.inter_volume`);
+2D-VoCo (Chiu & Chen, 2026) Eq. 1-3 and its code (tkz05/2D-VoCo-CT-Classifier,
+`VoCo/models/voco_head.py`: `VoCoHeadV2`, which `VoCo/voco_train.py` trains).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IntraForm = Literal["voco_code", "paper"]
+InterForm = Literal["voco_code", "paper"]
 RegForm = Literal["voco_code", "paper"]
 LOG_EPS = 1e-6  # as in VoCo's code: -log(1 - d + 1e-6)
 NORM_EPS = 1e-8
@@ -63,11 +67,25 @@ def intra_loss(logits: Tensor, labels: Tensor, form: IntraForm = "voco_code") ->
     return (positive + negative).mean()
 
 
-def inter_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """Cross-volume consistency (2D-VoCo Eq. 2): the student's similarities between random
-    crops of volume A and bases of volume B follow the teacher's (detached) ones."""
-    distance = (teacher_logits.detach() - student_logits).abs()
-    return neg_log_one_minus(distance).mean()
+def inter_loss(
+    student_logits: Tensor, teacher_logits: Tensor, form: InterForm = "voco_code"
+) -> Tensor:
+    """Cross-volume consistency: the student's similarities between random crops of volume A
+    and bases of volume B follow the teacher's, detached. Both (B, R, K).
+
+    "paper" (2D-VoCo Eq. 2): the mean over all pairs of -log(1 - |t - s|). "voco_code" (the
+    official 2D-VoCo code's `inter_volume`, as VoCo v2's): the intra loss of the code form
+    with the teacher's similarities as the labels, i.e. -log(1 - |t - s|) weighted by t over
+    the pairs the teacher sees overlapping (t > 0), plus the mean of s^2 where t = 0. (VoCo v2's
+    `ce_loss` puts -log(1 - s) there instead; the 2D-VoCo code and this project's intra form
+    use s^2.) Returns the mean over the B volumes.
+    """
+    target = teacher_logits.detach()
+    if form == "paper":
+        return neg_log_one_minus((target - student_logits).abs()).mean()
+    if form != "voco_code":
+        raise ValueError(f"inter form must be 'voco_code' or 'paper', not {form!r}")
+    return intra_loss(student_logits, target, "voco_code")
 
 
 def regularization_loss(bases: Tensor, form: RegForm = "paper") -> Tensor:
@@ -114,6 +132,7 @@ class VoCoLoss(nn.Module):
     Args:
         intra_form: "voco_code" (default, what VoCo's code trains) or "paper".
         reg_form: "paper" (default) or "voco_code".
+        inter_form: "voco_code" (default, what the official 2D-VoCo code trains) or "paper".
 
     Raises:
         ValueError: a negative weight or an unknown form.
@@ -132,14 +151,19 @@ class VoCoLoss(nn.Module):
         reg_weight: float = 1.0,
         intra_form: IntraForm = "voco_code",
         reg_form: RegForm = "paper",
+        inter_form: InterForm = "voco_code",
     ) -> None:
         super().__init__()
         if min(intra_weight, inter_weight, reg_weight) < 0:
             raise ValueError("loss weights must be >= 0")
-        if intra_form not in ("voco_code", "paper") or reg_form not in ("voco_code", "paper"):
-            raise ValueError(f"unknown loss form: intra {intra_form!r}, reg {reg_form!r}")
+        forms = (intra_form, inter_form, reg_form)
+        if any(form not in ("voco_code", "paper") for form in forms):
+            raise ValueError(
+                f"unknown loss form: intra {intra_form!r}, inter {inter_form!r}, reg {reg_form!r}"
+            )
         self.weights = (intra_weight, inter_weight, reg_weight)
         self.intra_form: IntraForm = intra_form
+        self.inter_form: InterForm = inter_form
         self.reg_form: RegForm = reg_form
 
     def forward(
@@ -161,6 +185,7 @@ class VoCoLoss(nn.Module):
             inter = inter_loss(
                 similarity(student_random, other_student),
                 similarity(teacher_random, other_teacher),
+                self.inter_form,
             )
         else:
             inter = student_random.sum() * 0.0

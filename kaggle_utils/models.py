@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 SliceMode = Literal["average", "per_slice"]
+ProjectorInput = Literal["pooled", "flatten"]
 
 
 def build_backbone(
@@ -59,6 +60,22 @@ def feature_dim(backbone: nn.Module) -> int:
     timm names `head_hidden_size` (576 vs 1024 for mobilenetv3_small_100)."""
     width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
     return int(width)
+
+
+def flattened_feature_dim(backbone: nn.Module, crop_shape: tuple[int, int, int]) -> int:
+    """Length of the backbone's final feature map, flattened, for one crop of `crop_shape`
+    (channels, height, width). It depends on the crop size and the backbone's stride, so it
+    comes from a dummy forward, in eval mode so that it leaves BatchNorm's running statistics
+    as they were (and a 1 x 1 map of one image is legal): 1024 x 2 x 2 = 4096 for
+    efficientnetv2_rw_t on 64 x 64, as the official 2D-VoCo code's projector input."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            feature_map = backbone.forward_features(torch.zeros(1, *crop_shape))  # type: ignore[operator]
+    finally:
+        backbone.train(was_training)
+    return int(feature_map[0].numel())
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -103,6 +120,12 @@ class CropEncoder(nn.Module):
     slices of each crop before projection (the official 2D-VoCo code); "per_slice":
     (N * S, D), one projection per slice. `feature_dropout` drops backbone features before the
     projector in training mode (the student's, in the official code: p = 0.2).
+
+    `projector_input`: "pooled", the backbone's globally pooled features (what fine-tuning
+    uses); "flatten", its final feature map flattened (`forward_features`, C x h x w values:
+    the official 2D-VoCo code), which needs `crop_shape` (channels, height, width) to size
+    the projector. Either way `self.backbone` is the same timm model, so its state dict (what
+    fine-tuning loads) does not depend on it.
     """
 
     def __init__(
@@ -112,21 +135,40 @@ class CropEncoder(nn.Module):
         out_dim: int = 2048,
         slice_mode: SliceMode = "average",
         feature_dropout: float = 0.0,
+        projector_input: ProjectorInput = "pooled",
+        crop_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if slice_mode not in ("average", "per_slice"):
             raise ValueError(f"slice_mode must be 'average' or 'per_slice', not {slice_mode!r}")
         if not 0.0 <= feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), not {feature_dropout}")
+        if projector_input == "pooled":
+            in_dim = feature_dim(backbone)
+        elif projector_input == "flatten":
+            if crop_shape is None:
+                raise ValueError("projector_input='flatten' needs crop_shape (channels, h, w)")
+            in_dim = flattened_feature_dim(backbone, crop_shape)
+        else:
+            raise ValueError(
+                f"projector_input must be 'pooled' or 'flatten', not {projector_input!r}"
+            )
         self.backbone = backbone
         self.feature_dropout = nn.Dropout(feature_dropout)
-        self.projector = ProjectionHead(feature_dim(backbone), hidden_dim, out_dim)
+        self.projector = ProjectionHead(in_dim, hidden_dim, out_dim)
         self.slice_mode: SliceMode = slice_mode
+        self.projector_input: ProjectorInput = projector_input
+
+    def backbone_features(self, images: Tensor) -> Tensor:
+        """(M, C, h, w) -> (M, F): what the projector gets (see `projector_input`)."""
+        if self.projector_input == "flatten":
+            return self.backbone.forward_features(images).flatten(1)  # type: ignore[operator]
+        return self.backbone(images)
 
     def forward(self, crops: Tensor) -> Tensor:
         # crops: (N, S, C, h, w)
         n, s = crops.shape[:2]
-        features = self.backbone(crops.flatten(0, 1))  # (N * S, F)
+        features = self.backbone_features(crops.flatten(0, 1))  # (N * S, F)
         if self.slice_mode == "average":
             features = features.view(n, s, -1).mean(dim=1)  # (N, F)
         return self.projector(self.feature_dropout(features))

@@ -74,17 +74,24 @@ class NonFiniteLossError(RuntimeError):
 class PretrainConfig(runtime.JsonConfig):
     """Every choice of a 2D-VoCo run. Defaults reproduce the paper's setting (EfficientNetV2-T,
     32 x 192 x 192 volumes, a 3 x 3 grid of 64 x 64 base crops, 2 random crops, AdamW 1e-4,
-    weight decay 1e-2, EMA momentum 0.9, all loss weights 1)."""
+    weight decay 1e-2, EMA momentum 0.9, all loss weights 1) and, where the paper is silent or
+    differs, the official 2D-VoCo code (each such choice a field that says so)."""
 
     volume_dirs: list[str] = field(default_factory=list)  # folders of cached .npy volumes
     output_dir: str = "outputs/pretrain"
     backbone: str = "efficientnetv2_rw_t"
-    weights_file: str = ""  # local ImageNet weights for the backbone; "" = random init
+    # local ImageNet weights for student and teacher (the official code starts both from
+    # ImageNet, downloaded; nothing is downloaded here); "" = random init
+    weights_file: str = ""
     grid: int = 3
     crop_size: int = 64
     n_random: int = 2
     label_mode: str = "area"  # "area" (VoCo's code) or "iou" (the 2D-VoCo paper)
     slice_mode: str = "average"  # "average" (official code) or "per_slice"
+    # the projector's input: "flatten" (default, the official 2D-VoCo code: the backbone's
+    # final feature map flattened, 1024 x 2 x 2 for efficientnetv2_rw_t on 64 x 64 crops) or
+    # "pooled" (its globally pooled feature, what fine-tuning sees; this project's first form)
+    projector_input: str = "flatten"
     hidden_dim: int = 2048
     out_dim: int = 2048
     # dropout on the student's backbone features before the projector (the official 2D-VoCo
@@ -96,13 +103,19 @@ class PretrainConfig(runtime.JsonConfig):
     inter_weight: float = 1.0
     reg_weight: float = 1.0
     intra_form: str = "voco_code"  # "voco_code" or "paper"
+    # "voco_code" (default, the official 2D-VoCo code's and VoCo v2's inter_volume: the code's
+    # intra form with the teacher's similarities as labels, so pairs are weighted by them) or
+    # "paper" (2D-VoCo Eq. 2: the plain mean of -log(1 - |t - s|))
+    inter_form: str = "voco_code"
     reg_form: str = "paper"  # "paper" or "voco_code"
-    steps: int = 2000  # optimizer steps
+    # optimizer steps and warmup: 250,000 and 5,000 as the official 2D-VoCo code (and VoCo's
+    # code; the VoCo paper trains 100k steps); demos and tests pass far fewer
+    steps: int = 250_000
     batch_size: int = 4  # volumes per step and process (before accumulation)
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 1e-2
-    warmup_steps: int = 100
+    warmup_steps: int = 5_000
     min_lr_factor: float = 0.01
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     # "auto" (bf16 where the GPU has it natively, else fp16; CPU fp32), "bf16", "fp16", "fp32"
@@ -125,7 +138,9 @@ class PretrainConfig(runtime.JsonConfig):
             "label_mode": ("area", "iou"),
             "slice_mode": ("average", "per_slice"),
             "intra_form": ("voco_code", "paper"),
+            "inter_form": ("voco_code", "paper"),
             "reg_form": ("paper", "voco_code"),
+            "projector_input": ("flatten", "pooled"),
         }
         choices["precision"] = runtime.PRECISIONS
         for name, allowed in choices.items():
@@ -290,15 +305,18 @@ def build_voco(
     config: PretrainConfig, in_chans: int, device: torch.device
 ) -> tuple[StudentTeacher, VoCoLoss, torch.optim.Optimizer]:
     """The student-teacher pair on `device`, the loss and the student's AdamW, from a config."""
+    # The teacher is a deep copy of this student, so both start from `weights_file` alike.
     backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
     encoder = CropEncoder(
         backbone, config.hidden_dim, config.out_dim, config.slice_mode,  # type: ignore[arg-type]
-        config.feature_dropout,
+        config.feature_dropout, config.projector_input,  # type: ignore[arg-type]
+        crop_shape=(in_chans, config.crop_size, config.crop_size),
     )  # fmt: skip
     model = StudentTeacher(encoder).to(device)
     loss_fn = VoCoLoss(
         config.intra_weight, config.inter_weight, config.reg_weight,
-        config.intra_form, config.reg_form,  # type: ignore[arg-type]
+        intra_form=config.intra_form, reg_form=config.reg_form,  # type: ignore[arg-type]
+        inter_form=config.inter_form,  # type: ignore[arg-type]
     )  # fmt: skip
     optimizer = torch.optim.AdamW(
         model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay

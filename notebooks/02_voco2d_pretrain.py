@@ -42,22 +42,24 @@ crop_size: int = 64  # base and random crop size in pixels
 n_random: int = 2  # random crops per volume and step
 label_mode: str = "area"  # position labels: "area" (VoCo's code) or "iou" (2D-VoCo paper)
 slice_mode: str = "average"  # "average" (embedding over a crop's slices) or "per_slice"
+projector_input: str = "flatten"  # "flatten" (feature map, official code) or "pooled"
 hidden_dim: int = 2048  # projector hidden width
 feature_dropout: float = 0.2  # on the student's features (official code); 0: teacher = lagged copy
 out_dim: int = 2048  # projector output width
 momentum: float = 0.9  # teacher EMA momentum
 momentum_end: float = 0.0  # cosine ramp of the momentum to this value; 0 keeps it constant
 intra_form: str = "voco_code"  # "voco_code" or "paper"
+inter_form: str = "voco_code"  # "voco_code" (official code, teacher-weighted) or "paper"
 reg_form: str = "paper"  # "paper" or "voco_code"
 intra_weight: float = 1.0  # loss weights
 inter_weight: float = 1.0
 reg_weight: float = 1.0
-steps: int = 2000  # optimizer steps
+steps: int = 250000  # optimizer steps (the official code's; a GPU run, see README)
 batch_size: int = 4  # volumes per step and process
 grad_accum: int = 1  # micro-batches per optimizer step
 lr: float = 1e-4  # AdamW learning rate (warmup + cosine)
 weight_decay: float = 1e-2
-warmup_steps: int = 100
+warmup_steps: int = 5000
 grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 flip_prob: float = 0.0  # augmentation: flips move organs, off by default
@@ -167,10 +169,10 @@ for extra in extras:
 config = PretrainConfig(
     volume_dirs=volume_dirs, output_dir=str(run_dir), backbone=backbone,
     weights_file=weights_file, grid=grid, crop_size=crop_size, n_random=n_random,
-    label_mode=label_mode, slice_mode=slice_mode, hidden_dim=hidden_dim, out_dim=out_dim,
-    feature_dropout=feature_dropout,
+    label_mode=label_mode, slice_mode=slice_mode, projector_input=projector_input,
+    hidden_dim=hidden_dim, out_dim=out_dim, feature_dropout=feature_dropout,
     momentum=momentum, momentum_end=momentum_end or None, intra_form=intra_form,
-    reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
+    inter_form=inter_form, reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
     reg_weight=reg_weight, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
     weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
     precision=precision,

@@ -84,14 +84,53 @@ def test_intra_matches_slow_reference(tensors, form: str) -> None:
     assert intra_loss(logits, tensors["labels"], form).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_inter_matches_slow_reference(tensors) -> None:
+def slow_inter(student, teacher, form):
+    """2D-VoCo Eq. 2 ("paper"), or the official code's `inter_volume` ("voco_code"): its
+    `_contrastive_loss(labels=teacher, logits=student)` for each volume, then the mean."""
+    total = 0.0
+    for b in range(student.shape[0]):
+        pos_num = pos_den = neg_num = neg_den = all_terms = 0.0
+        count = 0
+        for r in range(student.shape[1]):
+            for k in range(student.shape[2]):
+                t, s = float(teacher[b, r, k]), float(student[b, r, k])
+                term = -math.log(1 - abs(t - s) + LOG_EPS)
+                all_terms += term
+                count += 1
+                pos_num += t * term
+                pos_den += t
+                if t == 0:
+                    neg_num += s * s
+                    neg_den += 1
+        if form == "paper":
+            total += all_terms / count
+        else:
+            total += pos_num / (pos_den + LOG_EPS) + neg_num / (neg_den + LOG_EPS)
+    return total / student.shape[0]
+
+
+@pytest.mark.parametrize("form", ["voco_code", "paper"])
+def test_inter_matches_slow_reference(tensors, form: str) -> None:
     student = similarity(tensors["q"], tensors["k"])
     teacher = similarity(tensors["q"] + 0.5, tensors["k"])
-    terms = [
-        -math.log(1 - abs(float(t - s)) + LOG_EPS)
-        for t, s in zip(teacher.flatten(), student.flatten(), strict=True)
-    ]
-    assert inter_loss(student, teacher).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert (teacher == 0).any() and (teacher > 0).any()  # both of the code form's terms count
+    expected = slow_inter(student, teacher, form)
+    assert inter_loss(student, teacher, form).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_inter_known_values() -> None:
+    teacher = torch.tensor([[[0.5, 0.0, 0.25, 0.0]]])
+    for form in ("voco_code", "paper"):  # the student agrees with the teacher: ~0
+        assert inter_loss(teacher.clone(), teacher, form).item() == pytest.approx(0.0, abs=2e-6)  # type: ignore[arg-type]
+    student = torch.tensor([[[0.5, 0.5, 0.25, 1.0]]])
+    # voco_code: the teacher's overlapping pairs agree (0); where the teacher says 0, s^2
+    assert inter_loss(student, teacher, "voco_code").item() == pytest.approx(
+        (0.25 + 1.0) / 2, rel=1e-5
+    )
+    paper = (-math.log(0.5 + LOG_EPS) - math.log(LOG_EPS) - 2 * math.log(1 + LOG_EPS)) / 4
+    assert inter_loss(student, teacher, "paper").item() == pytest.approx(paper, rel=1e-5)
+    with pytest.raises(ValueError, match="inter form"):
+        inter_loss(student, teacher, "other")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("form", ["paper", "voco_code"])
@@ -150,22 +189,39 @@ def test_vocoloss_combines_parts_with_weights_and_pairs_volumes(tensors) -> None
     tq, tk = q + 0.1, k - 0.1
     parts = VoCoLoss(2.0, 3.0, 0.5)(q, k, tq, tk, labels)
     intra = intra_loss(similarity(q, tk), labels, "voco_code")
-    inter = inter_loss(similarity(q, k.roll(-1, 0)), similarity(tq, tk.roll(-1, 0)))
+    pair_logits = (similarity(q, k.roll(-1, 0)), similarity(tq, tk.roll(-1, 0)))
+    inter = inter_loss(*pair_logits, "voco_code")
     reg = regularization_loss(k, "paper")
     torch.testing.assert_close(parts.intra, intra)
     torch.testing.assert_close(parts.inter, inter)
     torch.testing.assert_close(parts.total, 2 * intra + 3 * inter + 0.5 * reg)
+    paper = VoCoLoss(inter_form="paper")(q, k, tq, tk, labels)
+    torch.testing.assert_close(paper.inter, inter_loss(*pair_logits, "paper"))
+    assert not torch.allclose(paper.inter, parts.inter)
     single = VoCoLoss()(q[:1], k[:1], tq[:1], tk[:1], labels[:1])
     assert single.inter.item() == 0.0  # one volume: no pair
     with pytest.raises(ValueError, match="weights"):
         VoCoLoss(intra_weight=-1)
     with pytest.raises(ValueError, match="form"):
         VoCoLoss(intra_form="other")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="inter 'other'"):
+        VoCoLoss(inter_form="other")  # type: ignore[arg-type]
 
 
-def test_teacher_side_gets_no_gradient(tensors) -> None:
+@pytest.mark.parametrize("inter_form", ["voco_code", "paper"])
+def test_teacher_side_gets_no_gradient(tensors, inter_form: str) -> None:
     q, k = tensors["q"].requires_grad_(True), tensors["k"].requires_grad_(True)
     tq, tk = (t.clone().requires_grad_(True) for t in (q.detach(), k.detach()))
-    VoCoLoss()(q, k, tq, tk, tensors["labels"]).total.backward()
+    loss = VoCoLoss(inter_form=inter_form)  # type: ignore[arg-type]
+    loss(q, k, tq, tk, tensors["labels"]).total.backward()
     assert tq.grad is None and tk.grad is None
     assert q.grad is not None and k.grad is not None
+
+
+def test_voco_code_inter_takes_no_gradient_through_its_teacher_weights() -> None:
+    # The teacher's similarities are the labels (weights and mask) of the code form: detached
+    # even when the caller hands in a tensor with a graph.
+    student = torch.tensor([[[0.2, 0.6, 0.0]]], requires_grad=True)
+    teacher = torch.tensor([[[0.4, 0.5, 0.0]]], requires_grad=True)
+    inter_loss(student, teacher, "voco_code").backward()
+    assert teacher.grad is None and student.grad is not None

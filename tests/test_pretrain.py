@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from kaggle_utils import pretrain as pretrain_module
-from kaggle_utils.models import build_backbone, load_state_dict_file
+from kaggle_utils.classifier import build_classifier
+from kaggle_utils.models import build_backbone, input_normalisation, load_state_dict_file
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset, shard_tasks
 from kaggle_utils.pretrain import (
     NonFiniteLossError,
@@ -26,11 +30,13 @@ from kaggle_utils.pretrain_data import (
     split_probe_volumes,
     volume_files,
 )
-from kaggle_utils.runtime import copy_previous_run
+from kaggle_utils.runtime import copy_previous_run, resolve_precision
 
 from conftest import run_torchrun_on_cpu
 
 SHAPE = (8, 64, 64)
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +295,120 @@ def test_student_feature_dropout_makes_the_inter_loss_nonzero_from_step_1(
         assert float(step_1["inter"]) > 1e-4
     model, _, _ = pretrain_module.build_voco(config, 1, torch.device("cpu"))
     assert model.student.feature_dropout.p == dropout and model.teacher.feature_dropout.p == 0.0
+
+
+@pytest.mark.parametrize("projector_input", ["pooled", "flatten"])
+def test_projector_input_sizes_the_projector_and_a_step_runs(
+    tmp_path: Path, projector_input: str
+) -> None:
+    """The official 2D-VoCo code's "flatten" feeds the projector the backbone's final feature
+    map, C x h x w values, sized by a dummy forward; "pooled" its pooled C features."""
+    config = tiny_config(tmp_path, tmp_path, crop_size=64, projector_input=projector_input)
+    model, loss_fn, optimizer = pretrain_module.build_voco(config, 1, CPU)
+    backbone = model.student.backbone
+    with torch.no_grad():
+        feature_map = backbone.eval().forward_features(torch.zeros(1, 1, 64, 64))
+    assert feature_map.shape == (1, 256, 2, 2)  # test_efficientnet: 256 channels, stride 32
+    width = 256 * 2 * 2 if projector_input == "flatten" else 256
+    for encoder in (model.student, model.teacher):
+        assert encoder.projector.layers[0].in_features == width
+    model.train()
+    assert model.student.backbone_features(torch.zeros(5, 1, 64, 64)).shape == (5, width)
+    assert model.student(torch.zeros(4, 3, 1, 64, 64)).shape == (4, config.out_dim)
+
+    # one training step through the loop's own forward: 2 volumes, 2 random + 9 bases, 3 slices
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "random": torch.randint(0, 256, (2, 2, 3, 1, 64, 64), generator=generator).byte(),
+        "base": torch.randint(0, 256, (2, 9, 3, 1, 64, 64), generator=generator).byte(),
+        "labels": torch.rand(2, 2, 9, generator=generator),
+    }
+    mean, std = input_normalisation(backbone, CPU)
+    parts = pretrain_module._forward(
+        model.student, model.teacher, loss_fn, batch, mean, std, config,
+        resolve_precision("fp32", CPU),
+    )  # fmt: skip
+    assert all(np.isfinite(v) for v in parts.as_floats().values())
+    before = model.student.projector.layers[0].weight.detach().clone()
+    parts.total.backward()
+    optimizer.step()
+    assert not torch.equal(before, model.student.projector.layers[0].weight)
+
+
+@pytest.mark.parametrize("projector_input", ["pooled", "flatten"])
+def test_either_projector_input_exports_a_backbone_fine_tuning_loads(
+    volume_dir: Path, tmp_path: Path, projector_input: str
+) -> None:
+    config = tiny_config(
+        volume_dir, tmp_path, steps=1, probe_every=100, projector_input=projector_input
+    )
+    result = pretrain(config, progress=False)
+    encoder = load_state_dict_file(result.encoder_file)
+    classifier = build_classifier(
+        "test_efficientnet", 1, "voco", result.encoder_file, hidden_size=8, num_layers=1
+    )
+    loaded = classifier.backbone.state_dict()
+    assert set(loaded) == set(encoder)  # the backbone alone, whatever fed the projector
+    assert all(torch.equal(value, loaded[key]) for key, value in encoder.items())
+
+
+def test_student_and_teacher_start_from_a_local_weights_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ImageNet init as the official code (both networks pretrained), from a local file only."""
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    imagenet_like = timm.create_model("test_efficientnet", pretrained=False)  # RGB, 1000 classes
+    generator = torch.Generator().manual_seed(7)
+    known = {
+        key: torch.rand(value.shape, generator=generator) + 0.5
+        if value.is_floating_point() else value.clone()
+        for key, value in imagenet_like.state_dict().items()
+    }  # fmt: skip
+    weights = tmp_path / "test_efficientnet_imagenet.pth"
+    torch.save(known, weights)
+    config = tiny_config(tmp_path, tmp_path, weights_file=str(weights))
+    model, _, _ = pretrain_module.build_voco(config, 1, CPU)
+
+    student = model.student.backbone.state_dict()
+    assert config.projector_input == "flatten"  # its sizing forward leaves BatchNorm stats alone
+    assert set(student) == set(known) - {"classifier.weight", "classifier.bias"}
+    for key, value in student.items():
+        # timm sums the RGB stem over its input channels for one-channel CT
+        expected = known[key].sum(dim=1, keepdim=True) if key == "conv_stem.weight" else known[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=key)
+    teacher = model.teacher.state_dict()  # an exact copy of the initialised student
+    assert set(teacher) == set(model.student.state_dict())
+    for key, value in model.student.state_dict().items():
+        assert torch.equal(value, teacher[key]), f"teacher {key} differs from the student"
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        pretrain_module.build_voco(
+            tiny_config(tmp_path, tmp_path, weights_file=str(tmp_path / "missing.pth")), 1, CPU
+        )
+
+
+def test_notebook_02_defaults_are_pretrain_configs() -> None:
+    source = (ROOT / "notebooks" / "02_voco2d_pretrain.py").read_text()
+    cell = source.split('# %% tags=["parameters"]\n', 1)[1].split("\n# %%", 1)[0]
+    parameters: dict[str, object] = {}
+    exec(cell, {}, parameters)  # literal assignments only
+    parameters["momentum_end"] = parameters["momentum_end"] or None  # 0 in the notebook: None
+    defaults = PretrainConfig()
+    shared = [f.name for f in dataclasses.fields(PretrainConfig) if f.name in parameters]
+    assert {"steps", "warmup_steps", "inter_form", "projector_input"} <= set(shared)
+    for name in shared:
+        if name != "output_dir":  # "" in the notebook: its platform's default folder
+            assert parameters[name] == getattr(defaults, name), name
+
+
+def test_new_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="inter_form"):
+        tiny_config(tmp_path, tmp_path, inter_form="other")
+    with pytest.raises(ValueError, match="projector_input"):
+        tiny_config(tmp_path, tmp_path, projector_input="other")
+    defaults = PretrainConfig()
+    assert (defaults.inter_form, defaults.projector_input) == ("voco_code", "flatten")
+    assert (defaults.steps, defaults.warmup_steps) == (250_000, 5_000)
