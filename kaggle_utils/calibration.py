@@ -171,17 +171,20 @@ def calibrate_cross_validation(
     labels: pl.DataFrame,
     oof_patient: pl.DataFrame,
     folds: pl.DataFrame,
-    holdout_patient: pl.DataFrame | None = None,
+    holdout_folds: pl.DataFrame | None = None,
 ) -> tuple[Calibration, dict[str, Any]]:
     """Notebook 03's calibration step: the calibration fitted on every out-of-fold prediction
     (prior: the best constant of all training-fold labels), and the cross-validation report
-    of the calibrated predictions, each fold calibrated by the other folds (`cross_fitted`),
-    the holdout by the full calibration."""
+    of the calibrated predictions, each fold calibrated by the other folds (`cross_fitted`).
+
+    The calibration is fitted on single models' predictions, so it is applied to single
+    models' predictions: to each fold model's held-out prediction, before the ensemble
+    averages them (notebook 04 does the same with the test predictions)."""
     trained = folds.filter(pl.col("fold") >= 0).select(PATIENT_ID)
     prior = training_prior(labels.join(trained, on=PATIENT_ID, how="semi"))
     calibration = fit_calibration(labels, oof_patient, prior)
     holdout = None
-    if holdout_patient is not None and holdout_patient.height:
-        holdout = apply_calibration(holdout_patient, calibration)
+    if holdout_folds is not None and holdout_folds.height:
+        holdout = apply_calibration(holdout_folds, calibration)
     report = cross_validation_report(labels, cross_fitted(labels, oof_patient), folds, holdout)
     return calibration, report

@@ -10,7 +10,8 @@ What a run writes to `output_dir`:
     fold<k>/done.json                            the fold finished (skipped on re-runs)
     preprocess.json                              windows and body crop of the training cache
     oof_series.parquet, oof_patient.parquet      out-of-fold probabilities of the best epochs
-    holdout_patient.parquet                      the fold ensemble on the held-out patients
+    holdout_folds_patient.parquet                every fold model on the held-out patients
+    holdout_patient.parquet                      their ensemble (the mean over fold models)
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from kaggle_utils.finetune_data import (
     label_columns,
     make_folds,
     series_table,
+    training_subset,
 )
 from kaggle_utils.metric import ANY_INJURY, CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
 from kaggle_utils.preprocess import cache_settings
 from kaggle_utils.pretrain_data import ResumableSampler
-from kaggle_utils.report import training_prior
+from kaggle_utils.report import ensemble_patients, training_prior
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
 PROBABILITY_COLUMNS: tuple[str, ...] = LABEL_COLUMNS  # the submission's 13 columns
@@ -105,6 +107,12 @@ class FinetuneConfig(runtime.JsonConfig):
     n_folds: int = 5
     folds_to_run: list[int] = field(default_factory=list)  # empty: all folds
     holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
+    # the folds' and holdout's seed; -1: `seed`. Fixed across the runs of an experiment, so
+    # that seeds vary the training and every setting is scored on the same patients
+    fold_seed: int = -1
+    # share of the training patients used (label efficiency): nested, stratified subsets,
+    # the same for every run with the same folds (`finetune_data.training_subset`)
+    train_fraction: float = 1.0
     aggregation: str = "mean"  # per patient over its series: "mean" or "max"
     precision: str = "auto"  # see runtime.resolve_precision: "auto", "bf16", "fp16", "fp32"
     num_workers: int = 2
@@ -128,6 +136,8 @@ class FinetuneConfig(runtime.JsonConfig):
                 f"loss_normalisation must be one of {LOSS_NORMALISATIONS}, not "
                 f"{self.loss_normalisation!r}"
             )
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], not {self.train_fraction}")
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
@@ -136,10 +146,11 @@ class FinetuneConfig(runtime.JsonConfig):
 @dataclass
 class CVResult:
     output_dir: Path
-    folds: pl.DataFrame  # patient_id, fold (-1: holdout)
+    folds: pl.DataFrame  # patient_id, fold (-1: holdout), train_order
     oof_series: pl.DataFrame  # fold, patient_id, series_id, 13 probability columns
     oof_patient: pl.DataFrame  # fold, patient_id, 13 probability columns
-    holdout_patient: pl.DataFrame | None
+    # every fold model on the held-out patients (fold: the model); None without a holdout
+    holdout_folds: pl.DataFrame | None
     fold_scores: dict[int, float]  # best validation RSNA score per finished fold
     finished: bool  # False when time_limit_s stopped the run; the OOF tables hold done folds
     folds_pending: list[int]  # folds still to train (or finish) when it stopped
@@ -195,13 +206,13 @@ def read_cv_result(output_dir: Path) -> CVResult:
             scores[fold] = float(json.loads(done_file.read_text())["best_score"])
     pending = [k for k in fold_ids if k not in scores]
     oof_series = _fold_oof(output_dir, list(scores))
-    holdout_file = output_dir / "holdout_patient.parquet"
+    holdout_file = output_dir / "holdout_folds_patient.parquet"
     return CVResult(
         output_dir=output_dir,
         folds=pl.read_csv(output_dir / "folds.csv"),
         oof_series=oof_series,
         oof_patient=aggregate_patients(oof_series, config.aggregation, by_fold=True),
-        holdout_patient=(
+        holdout_folds=(
             pl.read_parquet(holdout_file) if not pending and holdout_file.is_file() else None
         ),
         fold_scores=scores,
@@ -270,7 +281,9 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     fold_ids = config.folds_to_run or list(range(config.n_folds))
     scores: dict[int, float] = {}
     for fold in fold_ids:
-        train_rows = table.filter((pl.col("fold") != fold) & (pl.col("fold") >= 0))
+        # validation folds and the holdout keep every patient; only training is subset
+        subset = training_subset(folds, config.train_fraction, fold)["patient_id"].implode()
+        train_rows = table.filter(pl.col("patient_id").is_in(subset))
         valid_rows = table.filter(pl.col("fold") == fold)
         score = train_fold(config, fold, train_rows, valid_rows, labels, progress, clock)
         if score is None:  # the time limit: the folds left wait for the next session
@@ -281,11 +294,12 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
         dist.barrier()
     oof_series = _fold_oof(output_dir, list(scores))
     oof_patient = aggregate_patients(oof_series, config.aggregation, by_fold=True)
-    holdout = None
+    holdout_folds = None
     holdout_rows = table.filter(pl.col("fold") == -1)
     if not pending and holdout_rows.height and rank == 0:
-        holdout = predict_holdout(config, holdout_rows, fold_ids)
-        holdout.write_parquet(output_dir / "holdout_patient.parquet")
+        holdout_folds = predict_holdout(config, holdout_rows, fold_ids)
+        holdout_folds.write_parquet(output_dir / "holdout_folds_patient.parquet")
+        ensemble_patients(holdout_folds).write_parquet(output_dir / "holdout_patient.parquet")
     if not pending and rank == 0:
         oof_series.write_parquet(output_dir / "oof_series.parquet")
         oof_patient.write_parquet(output_dir / "oof_patient.parquet")
@@ -295,7 +309,7 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
         dist.barrier()
         dist.destroy_process_group()
     return CVResult(
-        output_dir, folds, oof_series, oof_patient, holdout, scores, not pending, pending
+        output_dir, folds, oof_series, oof_patient, holdout_folds, scores, not pending, pending
     )
 
 
@@ -645,18 +659,15 @@ def load_fold_model(
 def predict_holdout(
     config: FinetuneConfig, rows: pl.DataFrame, fold_ids: Sequence[int]
 ) -> pl.DataFrame:
-    """The mean of every fold model's probabilities on the held-out patients."""
+    """Every fold model's patient probabilities on the held-out patients, `fold` naming the
+    model (the kind of prediction the out-of-fold ones are: one model each)."""
     device = runtime.device_for(False)
     predictions = []
     for fold in fold_ids:
         model, meta = load_fold_model(Path(config.output_dir) / f"fold{fold}", device)
-        series = predict_series(model, rows, config, device, -1, meta["prior"])
-        predictions.append(series)
-    stacked = pl.concat(predictions)
-    mean = stacked.group_by(["fold", "patient_id", "series_id"], maintain_order=True).agg(
-        [pl.col(c).mean() for c in PROBABILITY_COLUMNS]
-    )
-    return aggregate_patients(mean, config.aggregation)
+        series = predict_series(model, rows, config, device, fold, meta["prior"])
+        predictions.append(aggregate_patients(series, config.aggregation, by_fold=True))
+    return pl.concat(predictions)
 
 
 def _logits(
@@ -733,7 +744,8 @@ def _load_or_make_folds(
     """The run's folds: read back on resume so that a re-run never reshuffles patients."""
     path = output_dir / "folds.csv"
     if rank == 0 and not (config.resume and path.is_file()):
-        folds = make_folds(labels, config.n_folds, config.seed, config.holdout)
+        seed = config.seed if config.fold_seed < 0 else config.fold_seed
+        folds = make_folds(labels, config.n_folds, seed, config.holdout)
         runtime.write_text_atomic(path, folds.write_csv())
     if distributed:
         dist.barrier()

@@ -7,6 +7,7 @@ every slice of a volume gets the same flip, affine, brightness/contrast and drop
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ def make_folds(
 ) -> pl.DataFrame:
     """patient_id -> fold (0..n_folds-1), stratified on the injury pattern; with `holdout`
     (the paper's 20 %), that share of patients gets fold -1: a test split never trained on.
+    `train_order` ranks the other patients for `training_subset` (label-efficiency runs).
 
     Patients are the unit, so a patient's series always share a fold.
     """
@@ -153,13 +155,61 @@ def make_folds(
     pool = np.arange(len(patients))
     if holdout > 0:
         pool, _ = train_test_split(
-            pool, test_size=holdout, random_state=seed, stratify=_mergeable(strata, 2)
+            pool,
+            test_size=holdout,
+            random_state=seed,
+            stratify=_holdout_strata(table, strata, holdout),
         )
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     pool_strata = _mergeable(strata[pool], n_folds)
     for fold, (_, valid) in enumerate(splitter.split(pool, pool_strata)):
         folds[pool[valid]] = fold
-    return pl.DataFrame({"patient_id": patients, "fold": folds})
+    order = np.full(len(patients), -1, dtype=np.int64)
+    order[pool] = _stratified_order(pool_strata, np.random.default_rng(seed))
+    return pl.DataFrame({"patient_id": patients, "fold": folds, "train_order": order})
+
+
+def _stratified_order(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A rank 0..n-1 per patient such that every prefix of the ranking holds each stratum in
+    about its share: patients are shuffled within their stratum and ranked by their quantile
+    there, (position + u) / stratum size with u uniform, ties broken at random."""
+    quantile = np.empty(len(strata))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        quantile[rng.permutation(members)] = (
+            np.arange(members.size) + rng.random(members.size)
+        ) / members.size
+    ranks = np.empty(len(strata), dtype=np.int64)
+    ranks[np.argsort(quantile, kind="stable")] = np.arange(len(strata))
+    return ranks
+
+
+def training_subset(
+    folds: pl.DataFrame, fraction: float, valid_fold: int | None = None
+) -> pl.DataFrame:
+    """The patients kept for training at `fraction` of the labels: of the pool (every patient
+    not held out and, with `valid_fold`, not in that fold), the first round(fraction x pool)
+    by `train_order`, at least one. Subsets are nested (5 % inside 10 % ...) and the same for
+    every run that shares the folds, so settings compare on the same patients; validation
+    and holdout patients are never dropped.
+
+    Raises:
+        ValueError: fraction outside (0, 1], or folds without `train_order` (an older run).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1], not {fraction}")
+    pool = folds.filter(pl.col("fold") >= 0)
+    if valid_fold is not None:
+        pool = pool.filter(pl.col("fold") != valid_fold)
+    if fraction == 1.0:
+        return pool.select("patient_id")
+    if "train_order" not in folds.columns:
+        raise ValueError(
+            "folds.csv has no train_order column (written before train_fraction existed): "
+            "start the run in a new output_dir, or delete its folds.csv"
+        )
+    keep = max(1, round(fraction * pool.height))
+    return pool.sort("train_order").head(keep).select("patient_id")
 
 
 def _strata(table: pl.DataFrame) -> np.ndarray:
@@ -171,6 +221,18 @@ def _strata(table: pl.DataFrame) -> np.ndarray:
     return np.array(
         [f"{a}{w}{e}" for a, w, e in zip(table["any_injury"], worst, extravasation, strict=True)]
     )
+
+
+def _holdout_strata(table: pl.DataFrame, strata: np.ndarray, holdout: float) -> np.ndarray | None:
+    """The finest stratification the held-out split can honour: the injury pattern, else
+    any-injury alone, else none (a split needs at least one patient per stratum on each side)."""
+    n_test = math.ceil(holdout * len(strata))
+    n_train = len(strata) - n_test
+    for candidate in (strata, table["any_injury"].cast(pl.Utf8).to_numpy()):
+        merged = _mergeable(candidate, 2)
+        if len(np.unique(merged)) <= min(n_test, n_train):
+            return merged
+    return None
 
 
 def _mergeable(strata: np.ndarray, n_splits: int) -> np.ndarray:

@@ -365,6 +365,38 @@ def rsna_score(labels: Frame, predictions: Frame, *, eps: float = EPS) -> float:
     return float(np.mean(list(rsna_score_parts(labels, predictions, eps=eps).values())))
 
 
+def patient_loss_terms(
+    labels: Frame, predictions: Frame, *, eps: float = EPS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each patient's share of the score, for resampling patients (bootstrap): (ids,
+    weighted losses w_i CE_i, weights w_i), the last two (n, 6) in `SCORE_PARTS` order, so
+    that for any multiset of rows R, mean_part(sum_R w CE / sum_R w) is the RSNA score of the
+    patients R. Rows follow `labels`."""
+    ids, _ = _labels(labels)
+    y, p = _paired(labels, predictions)
+    pairs = {
+        group: (y[group], _clipped(p[group], eps), CLASS_WEIGHTS[group]) for group in TARGET_GROUPS
+    }
+    pairs[ANY_INJURY] = (
+        _binary_columns(y[ANY_INJURY]),
+        _binary_columns(_clipped(p[ANY_INJURY], eps)),
+        CLASS_WEIGHTS[ANY_INJURY],
+    )
+    losses, weights = [], []
+    for part in SCORE_PARTS:
+        truth, probabilities, class_weights = pairs[part]
+        q = probabilities / probabilities.sum(axis=1, keepdims=True)
+        w = truth @ np.asarray(class_weights, dtype=np.float64)
+        weights.append(w)
+        losses.append(w * -(truth * np.log(q)).sum(axis=1))
+    return ids, np.stack(losses, axis=1), np.stack(weights, axis=1)
+
+
+def score_from_terms(losses: np.ndarray, weights: np.ndarray) -> float:
+    """The RSNA score of the rows of `patient_loss_terms` (any subset or resample of them)."""
+    return float(np.mean(losses.sum(axis=0) / weights.sum(axis=0)))
+
+
 # --------------------------------------------------------------------------- constant submissions
 
 

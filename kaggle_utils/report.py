@@ -57,19 +57,50 @@ def fold_metrics(
     return metrics
 
 
+# Said beside every CV figure: each fold keeps its best epoch by that fold's own score.
+CV_OPTIMISM_NOTE = (
+    "CV figures are optimistic: each fold's best epoch is chosen on the very patients it is "
+    "scored on. The held-out figures (patients no model trained on or was selected on) are "
+    "the ones comparisons should rest on."
+)
+HOLDOUT_NOTE = (
+    "Held-out: 'fold models' scores each fold model alone (mean ± std over models: the kind "
+    "of prediction the out-of-fold ones are, and the paper's convention); 'fold ensemble' "
+    "scores their mean. Thresholds for precision/recall are fitted on the out-of-fold "
+    "predictions of single models; the ensemble row applies them to an average of such "
+    "models, a mild mismatch."
+)
+
+
+def ensemble_patients(per_model: pl.DataFrame) -> pl.DataFrame:
+    """Patient probabilities of several models (a `fold` column naming the model) -> their
+    mean per patient, each group renormalised. Calibrate each model's predictions before
+    this, since calibrations are fitted on single models' out-of-fold predictions."""
+    columns = [c for columns in TARGET_GROUPS.values() for c in columns]
+    means = per_model.group_by("patient_id").agg(pl.col(c).mean() for c in columns)
+    renormalised = []
+    for group in TARGET_GROUPS.values():
+        total = pl.sum_horizontal(group)
+        renormalised += [(pl.col(c) / total).alias(c) for c in group]
+    return means.with_columns(renormalised).sort("patient_id")
+
+
 def cross_validation_report(
     labels: pl.DataFrame,
     oof_patient: pl.DataFrame,
     folds: pl.DataFrame,
-    holdout_patient: pl.DataFrame | None = None,
+    holdout_folds: pl.DataFrame | None = None,
     organs: Sequence[str] = PAPER_TARGETS,
 ) -> dict[str, Any]:
-    """Metrics per fold, their mean and std, the prior beside them, and the holdout split.
+    """Metrics per fold, their mean and std, the prior beside them, and the held-out split
+    scored for every fold model and for their ensemble.
 
     oof_patient: fold, patient_id, 13 probability columns (notebook 03's oof_patient.parquet).
     folds: patient_id, fold (-1 for the holdout patients).
+    holdout_folds: fold (the model), patient_id, 13 columns: every fold model's prediction of
+        the held-out patients (notebook 03's holdout_folds_patient.parquet).
     """
-    report: dict[str, Any] = {"folds": {}, "prior_folds": {}}
+    report: dict[str, Any] = {"folds": {}, "prior_folds": {}, "notes": [CV_OPTIMISM_NOTE]}
     prediction_columns = [c for c in oof_patient.columns if c != "fold"]
     for fold in sorted(oof_patient["fold"].unique().to_list()):
         valid = oof_patient.filter(pl.col("fold") == fold).select(prediction_columns)
@@ -84,33 +115,50 @@ def cross_validation_report(
         report["prior_folds"][int(fold)] = fold_metrics(labels, prior_submission, None, organs)
     report["summary"] = _mean_std(report["folds"])
     report["prior_summary"] = _mean_std(report["prior_folds"])
-    if holdout_patient is not None and holdout_patient.height:
-        holdout = holdout_patient.select(prediction_columns)
+    if holdout_folds is not None and holdout_folds.height:
         thresholds = _thresholds(labels, oof_patient.select(prediction_columns), organs)
-        report["holdout"] = fold_metrics(labels, holdout, thresholds, organs)
+        report["holdout_folds"] = {
+            int(fold): fold_metrics(
+                labels,
+                holdout_folds.filter(pl.col("fold") == fold).select(prediction_columns),
+                thresholds,
+                organs,
+            )
+            for fold in sorted(holdout_folds["fold"].unique().to_list())
+        }
+        report["holdout_summary"] = _mean_std(report["holdout_folds"])
+        ensemble = ensemble_patients(holdout_folds)
+        report["holdout"] = fold_metrics(labels, ensemble, thresholds, organs)
         train_patients = folds.filter(pl.col("fold") >= 0)
         prior = training_prior(
             labels.join(train_patients.select("patient_id"), on="patient_id", how="semi")
         )
-        prior_submission = constant_submission(holdout["patient_id"].to_list(), prior)
+        prior_submission = constant_submission(ensemble["patient_id"].to_list(), prior)
         report["holdout_prior"] = fold_metrics(labels, prior_submission, None, organs)
+        report["notes"].append(HOLDOUT_NOTE)
     return report
 
 
 def markdown_table(report: dict[str, Any], keys: Sequence[str] | None = None) -> str:
-    """Model and prior side by side, mean +- std over folds (and the holdout when present)."""
+    """Model and prior side by side, mean +- std over folds (and the held-out split when
+    present: fold models mean +- std, their ensemble, the prior), then the report's notes."""
     keys = list(keys or report["summary"].keys())
     has_holdout = "holdout" in report
-    header = "| metric | model (CV) | best-constant prior (CV) |"
-    header += " model (holdout) | prior (holdout) |" if has_holdout else ""
-    lines = [header, "|---" * (5 if has_holdout else 3) + "|"]
+    header = "| metric | model (CV, optimistic) | best-constant prior (CV) |"
+    if has_holdout:
+        header += " fold models (held-out) | fold ensemble (held-out) | prior (held-out) |"
+    lines = [header, "|---" * (6 if has_holdout else 3) + "|"]
     for key in keys:
         model, prior = report["summary"][key], report["prior_summary"][key]
         row = f"| {key} | {_fmt(model)} | {_fmt(prior)} |"
         if has_holdout:
-            row += f" {report['holdout'][key]:.4f} | {report['holdout_prior'][key]:.4f} |"
+            row += (
+                f" {_fmt(report['holdout_summary'][key])} | {report['holdout'][key]:.4f} |"
+                f" {report['holdout_prior'][key]:.4f} |"
+            )
         lines.append(row)
-    return "\n".join(lines)
+    notes = report.get("notes", [CV_OPTIMISM_NOTE])
+    return "\n".join(lines + [""] + [f"*{note}*" for note in notes])
 
 
 def _thresholds(

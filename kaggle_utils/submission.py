@@ -88,6 +88,7 @@ from kaggle_utils.preprocess import (
     prepare_volumes,
     resolve_cache_dirs,
 )
+from kaggle_utils.report import ensemble_patients
 from kaggle_utils.volume import DEFAULT_WINDOWS
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class SubmissionResult:
     timings: pl.DataFrame  # TIMING_SCHEMA: one row per series
     csv_path: Path
     series: pl.DataFrame = field(default_factory=pl.DataFrame)  # fold-mean per good series
+    # every fold model per good series (fold: the model), before calibration
+    series_by_model: pl.DataFrame = field(default_factory=pl.DataFrame)
     prior: dict[str, float] = field(default_factory=dict)  # the fallback probabilities
     settings: dict[str, Any] = field(default_factory=dict)  # device, folds, windows, ...
     wall_seconds: float = 0.0  # the whole call, model loading included
@@ -369,11 +372,20 @@ class EnsemblePredictor:
     def precision(self) -> str:
         return self._precision.name
 
-    @torch.inference_mode()
     def predict(self, volumes: Sequence[np.ndarray]) -> dict[str, list[float]]:
-        """{column: one probability per volume}, in `PROBABILITY_COLUMNS` order."""
+        """{column: one probability per volume}, in `PROBABILITY_COLUMNS` order: the mean of
+        the fold models."""
+        per_model = self.predict_per_model(volumes)
+        return {
+            c: np.mean([columns[c] for columns in per_model.values()], axis=0).tolist()
+            for c in PROBABILITY_COLUMNS
+        }
+
+    @torch.inference_mode()
+    def predict_per_model(self, volumes: Sequence[np.ndarray]) -> dict[int, dict[str, list[float]]]:
+        """{fold: {column: one probability per volume}}, every fold model's prediction."""
         inputs: dict[tuple[int, int], Tensor] = {}
-        total = {c: np.zeros(len(volumes)) for c in PROBABILITY_COLUMNS}
+        per_model: dict[int, dict[str, list[float]]] = {}
         for fold in self.folds:
             key = (int(fold.meta["n_slices"]), int(fold.meta["image_size"]))
             if key not in inputs:
@@ -386,10 +398,10 @@ class EnsemblePredictor:
             if self.tta:
                 flipped = self._probabilities(fold, images.flip(-1))
                 probabilities = {t: (p + flipped[t]) / 2 for t, p in probabilities.items()}
-            columns = probability_columns(probabilities, len(volumes), fold.meta["prior"])
-            for column, values in columns.items():
-                total[column] += np.asarray(values)
-        return {c: (v / len(self.folds)).tolist() for c, v in total.items()}
+            per_model[fold.fold] = probability_columns(
+                probabilities, len(volumes), fold.meta["prior"]
+            )
+        return per_model
 
     def _probabilities(self, fold: FoldModel, images: Tensor) -> dict[str, np.ndarray]:
         return volume_probabilities(fold.model, images, fold.mean, fold.std, self._precision)
@@ -777,14 +789,20 @@ def predict_test_set(
         _predict_batch(predictor, batch, series_rows, problems, timings)
     bar.close()
 
-    series = pl.DataFrame(
+    series_by_model = pl.DataFrame(
         series_rows,
-        schema={"patient_id": pl.Int64, "series_id": pl.Int64}
+        schema={"fold": pl.Int64, "patient_id": pl.Int64, "series_id": pl.Int64}
         | dict.fromkeys(PROBABILITY_COLUMNS, pl.Float64),
     )
-    patients = aggregate_patients(series, how)
+    # Per fold model first: the calibration was fitted on single models' out-of-fold
+    # predictions, so it is applied to each model's before the ensemble averages them.
+    per_model = aggregate_patients(series_by_model, how, by_fold=True)
     if calibration is not None:
-        patients = apply_calibration(patients, calibration)
+        per_model = apply_calibration(per_model, calibration)
+    patients = ensemble_patients(per_model)
+    series = series_by_model.group_by(["patient_id", "series_id"], maintain_order=True).agg(
+        pl.col(c).mean() for c in PROBABILITY_COLUMNS
+    )
     submission = _assemble(sample, patients, prior)
     problem_table = _with_fallbacks(problems, set(patients["patient_id"].to_list()))
     write_submission(submission, sample, csv_path)
@@ -799,6 +817,7 @@ def predict_test_set(
         timings=pl.DataFrame(timings, schema=TIMING_SCHEMA).sort("patient_id", "series_id"),
         csv_path=csv_path,
         series=series,
+        series_by_model=series_by_model,
         prior=prior,
         settings=settings,
         wall_seconds=time.perf_counter() - started,
@@ -892,7 +911,7 @@ def _predict_batch(
     itself (recorded at stage "predict")."""
     start = time.perf_counter()
     try:
-        columns = predictor.predict([p.volume for p in batch])  # type: ignore[misc]
+        per_model = predictor.predict_per_model([p.volume for p in batch])  # type: ignore[misc]
     except Exception as error:  # retried per series below
         if len(batch) > 1:
             logger.info("a batch of %d series failed (%s): one by one", len(batch), error)
@@ -906,10 +925,11 @@ def _predict_batch(
         return
     seconds = (time.perf_counter() - start) / len(batch)
     for index, prepared in enumerate(batch):
-        series_rows.append(
-            {"patient_id": prepared.patient_id, "series_id": prepared.series_id}
-            | {c: values[index] for c, values in columns.items()}
-        )
+        for fold, columns in per_model.items():
+            series_rows.append(
+                {"fold": fold, "patient_id": prepared.patient_id, "series_id": prepared.series_id}
+                | {c: values[index] for c, values in columns.items()}
+            )
         timings.append(_timing(prepared, "ok", seconds))
 
 

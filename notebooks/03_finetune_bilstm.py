@@ -70,6 +70,8 @@ coarse_dropout_prob: float = 0.3
 n_folds: int = 5
 folds_to_run: list = []  # e.g. [0] for a quick look; empty for all folds
 holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
+fold_seed: int = -1  # seed of the folds and holdout; -1: seed (experiments fix it across runs)
+train_fraction: float = 1.0  # share of training patients used (nested subsets; label efficiency)
 aggregation: str = "mean"  # per patient over its series: "mean" or "max"
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 num_workers: int = 2  # data loader processes
@@ -179,7 +181,8 @@ config = FinetuneConfig(
     weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
     loss_normalisation=loss_normalisation, hflip_prob=hflip_prob, affine_prob=affine_prob,
     brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
-    n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, aggregation=aggregation,
+    n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, fold_seed=fold_seed,
+    train_fraction=train_fraction, aggregation=aggregation,
     precision=precision,
     num_workers=num_workers, seed=seed, resume=resume, time_limit_s=time_limit_s,
 )  # fmt: skip
@@ -209,9 +212,7 @@ SKIPPED = "Skipped: the run stopped at its time limit; re-run to finish it (see 
 # %%
 labels = read_labels(root)
 if result.finished:
-    report = cross_validation_report(
-        labels, result.oof_patient, result.folds, result.holdout_patient
-    )
+    report = cross_validation_report(labels, result.oof_patient, result.folds, result.holdout_folds)
     display(Markdown(markdown_table(report, HEADLINE)))
     display(Markdown(markdown_table(report)))
 else:
@@ -228,7 +229,7 @@ else:
 # %%
 if result.finished:
     calibration, calibrated = calibrate_cross_validation(
-        labels, result.oof_patient, result.folds, result.holdout_patient
+        labels, result.oof_patient, result.folds, result.holdout_folds
     )
     calibration.to_json(run_dir / CALIBRATION_FILE)
     report["calibrated"] = calibrated

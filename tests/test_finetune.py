@@ -595,4 +595,4 @@ def test_an_unfinished_run_reads_back_as_unfinished(
     result = read_cv_result(tmp_path / "next")
     assert not result.finished and result.folds_pending == [1]
     assert set(result.fold_scores) == {0} and set(result.oof_series["fold"]) == {0}
-    assert result.holdout_patient is None
+    assert result.holdout_folds is None

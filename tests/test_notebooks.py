@@ -24,7 +24,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 def test_there_are_notebooks() -> None:
     assert [p.name for p in NOTEBOOKS] == [
         "01_dicom_preprocess.py", "02_voco2d_pretrain.py", "03_finetune_bilstm.py",
-        "04_submission.py",
+        "04_submission.py", "05_experiments.py",
     ]  # fmt: skip
 
 
@@ -155,3 +155,36 @@ def test_notebooks_01_and_03_within_kaggles_disk_and_time_limits(
     assert "copied" in text and "stopped at its time limit" in text and "Skipped" in text
     config = json.loads((working / "config.json").read_text())
     assert config["cache_dir"] == [str(tmp_path / f"voco2d-cache-{i}") for i in range(2)]
+
+
+@pytest.mark.slow
+def test_notebook_05_runs_a_small_batch_resumes_and_reports(
+    tiny_competition: Path, train_cache: Path, tmp_path: Path
+) -> None:
+    experiment = tmp_path / "experiment"
+    parameters = {
+        "data_root": str(tiny_competition), "cache_dir": str(train_cache),
+        "experiment_dir": str(experiment), "smoke": True,
+        "extra_dirs": [str(tiny_competition / "test_images")],
+        "pretrain_params": {"volume_shape": [8, 32, 32]},
+        "finetune_params": {"shape": [8, 32, 32], "image_size": 32},
+    }  # fmt: skip
+    run_notebook("05_experiments", tmp_path, **parameters)
+    report = json.loads((experiment / "report.json").read_text())
+    table1 = {row["label"] for row in report["presets"]["table1"]["rows"]}
+    assert table1 == {"from scratch", "2D-VoCo", "2D-VoCo + extra unlabeled"}
+    curve = report["presets"]["label_efficiency"]["rows"]
+    assert {(r["label"], r["fraction"]) for r in curve} == {
+        (label, f) for label in ("from scratch", "2D-VoCo") for f in (0.5, 1.0)
+    }
+    assert all(r["n_models"] == 2 and r["holdout"]["rsna_score"]["n"] == 2 for r in curve)
+    assert not report["failures"] and not report["missing"]
+    assert len(list((experiment / "pretrain").iterdir())) == 2
+    assert len(list((experiment / "runs").iterdir())) == 5  # the curve's 100 % runs are table1's
+    for name in ("report.md", "label_efficiency.png", "plan.json", "experiment.json"):
+        assert (experiment / name).is_file(), name
+    # a second run finds everything done and only rewrites the report
+    before = {p: p.stat().st_mtime for p in experiment.glob("runs/*/report.json")}
+    output = run_notebook("05_experiments", tmp_path / "again", **parameters)
+    assert {p: p.stat().st_mtime for p in experiment.glob("runs/*/report.json")} == before
+    assert "0 runs executed" in output.read_text()

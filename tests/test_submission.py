@@ -27,6 +27,7 @@ from kaggle_utils.calibration import (
 )
 from kaggle_utils.finetune import (
     FinetuneConfig,
+    aggregate_patients,
     load_fold_model,
     predict_series,
     read_labels,
@@ -40,7 +41,7 @@ from kaggle_utils.metric import (
     validate_submission,
 )
 from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
-from kaggle_utils.report import training_prior
+from kaggle_utils.report import ensemble_patients, training_prior
 from kaggle_utils.submission import (
     EnsemblePredictor,
     SubmissionResult,
@@ -200,8 +201,12 @@ def test_tta_averages_the_flip_and_max_aggregation_takes_the_worst_series(
         progress=False,
     )  # fmt: skip
     assert result.settings["aggregation"] == "max"
-    worst = result.series.filter(pl.col("patient_id") == 13084).select(LABEL_COLUMNS).max()
-    expected = apply_probability_scaling(worst, {})
+    # each fold model takes its worst series; the models are then averaged
+    patient = result.series_by_model.filter(pl.col("patient_id") == 13084)
+    worst = patient.group_by("fold").agg(pl.col(c).max() for c in LABEL_COLUMNS)
+    expected = apply_probability_scaling(
+        apply_probability_scaling(worst, {}).select(LABEL_COLUMNS).mean(), {}
+    )
     row = result.submission.filter(pl.col("patient_id") == 13084).select(LABEL_COLUMNS)
     np.testing.assert_allclose(row.to_numpy(), expected.to_numpy(), atol=1e-12)
 
@@ -509,7 +514,16 @@ def test_calibration_json_in_the_model_folder_is_applied(
     result = predict_test_set(
         tiny_competition, calibrated_dir, tmp_path / "sub.csv", workers=0, progress=False
     )
-    expected = apply_calibration(clean.submission, calibration)
+    # fitted on single models' predictions, it is applied to each model's, then averaged
+    per_model = aggregate_patients(clean.series_by_model, "mean", by_fold=True)
+    expected = ensemble_patients(apply_calibration(per_model, calibration))
+    expected = clean.submission.select("patient_id").join(expected, on="patient_id")
+    calibrated_ensemble = apply_calibration(clean.submission, calibration)
+    assert not np.allclose(
+        expected.select(LABEL_COLUMNS).to_numpy(),
+        calibrated_ensemble.select(LABEL_COLUMNS).to_numpy(),
+        atol=1e-6,
+    )
     np.testing.assert_allclose(
         result.submission.select(LABEL_COLUMNS).to_numpy(),
         expected.select(LABEL_COLUMNS).to_numpy(),

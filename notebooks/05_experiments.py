@@ -1,0 +1,184 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · The paper's experiments as one batch: Table 1 and a label-efficiency curve
+#
+# Each run is a papermill execution of notebook 02 (2D-VoCo pretraining) and/or notebook 03
+# (fine-tuning) into its own folder under `experiment_dir`, named by a hash of its parameters:
+# one pretraining serves every fine-tuning that uses it, a finished run is skipped, and an
+# interrupted one resumes from its checkpoints when this notebook runs again.
+#
+# The protocol is the paper's: `holdout` (20 %) of the patients are held out, 5-fold CV runs
+# on the rest, and every run holds out the same patients (`fold_seed`), so settings compare on
+# the same patients; seeds vary the training only. The held-out split is scored for every fold
+# model (mean ± std) and for the fold ensemble; comparisons rest on it, because each fold
+# picks its best epoch on its own validation patients (the CV figures are optimistic).
+#
+# Presets: `table1` (from scratch / ImageNet, when a local `weights_file` is given / 2D-VoCo /
+# 2D-VoCo with `extra_dirs` of unlabeled CT), `label_efficiency` (`fractions` of the training
+# patients, nested subsets shared by every initialisation), and `grid` (any notebook 03
+# parameter, or notebook 02's as `pretrain.<name>`, e.g. `{"pooling": ["max", "attention"]}`).
+# `pretrain_params` and `finetune_params` set notebook 02's and 03's parameters for every run.
+
+# %% tags=["parameters"]
+experiment_dir: str = ""  # the batch's folder; empty: outputs/experiments
+data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
+cache_dir = ""  # type: list|str  notebook 01's cache (or caches); "": outputs/cache
+presets: list = ["table1", "label_efficiency"]  # and/or "grid"
+backbones: list = ["efficientnetv2_rw_t"]  # timm names; each gets its own pretraining
+seeds: list = [0, 1, 2]  # training seeds per setting
+fractions: list = [0.05, 0.1, 0.25, 0.5, 1.0]  # label_efficiency: shares of training patients
+curve_settings: list = ["random", "voco"]  # label_efficiency initialisations (+ "imagenet")
+weights_file: str = ""  # local ImageNet weights: the ImageNet row and pretraining's start
+extra_dirs: list = []  # extra unlabeled CT (NIfTI, DICOM folders) for "2D-VoCo + extra"
+pretrain_params: dict = {}  # notebook 02 parameters for every pretraining
+finetune_params: dict = {}  # notebook 03 parameters for every fine-tuning
+grid: dict = {}  # the grid preset: {parameter: [values]}; "pretrain.<name>" for notebook 02
+holdout: float = 0.2  # share of patients held out (the paper's protocol)
+n_folds: int = 5
+fold_seed: int = 0  # the folds and held-out patients, the same for every run
+n_bootstrap: int = 2000  # paired bootstrap resamples of the held-out patients
+notebooks_dir: str = ""  # where notebooks 02 and 03 are; empty: this project's notebooks/
+install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
+smoke: bool = False  # tiny, fast settings for tests
+
+# %% [markdown]
+# ## Set-up
+#
+# Makes `kaggle_utils` importable wherever this runs. On Kaggle: from the attached bundle
+# dataset (`make kaggle-bundle`), with `pip install --no-index` (never the network, so it
+# works in the offline scoring run). On Colab: from a clone of the repository under
+# `/content`, or from `install_from` (a pip spec). Locally: nothing (`make install` did it).
+
+# %%
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def install_kaggle_utils(install_from: str = "") -> str:
+    """Install this project's package where the platform needs it; say what was done."""
+    package, wheel = "kaggle-utils-voco2d", "kaggle_utils_voco2d-*.whl"
+    try:
+        return f"{package} {importlib.metadata.version(package)} is installed"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    root = Path(os.environ.get("KAGGLE_UTILS_FAKE_ROOT") or "/")  # tests fake "/"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # Kaggle first: its image also looks like Colab
+        inputs = root / "kaggle" / "input"
+        layouts = ("*/wheels", "*/*/wheels", "datasets/*/*/wheels", "datasets/*/*/*/wheels")
+        found = {w.parent for layout in layouts for w in inputs.glob(f"{layout}/{wheel}")}
+        folders = [p for p in install_from.split(",") if p] or sorted(map(str, found))
+        if not folders:
+            raise FileNotFoundError(
+                f"no {wheel} under {inputs}: attach the bundle dataset that "
+                "`make kaggle-bundle` writes (README: Kaggle), or pass install_from=<its folder>"
+            )
+        links = [arg for folder in folders for arg in ("--find-links", folder)]
+        subprocess.check_call([*pip, "--no-index", *links, package])
+        how = f"offline from {', '.join(folders)}"
+    elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
+        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        spec = install_from or (str(clones[0].parents[1]) if clones else "")
+        if not spec:
+            raise FileNotFoundError(
+                "clone the repository first (!git clone <its URL> /content/voco2d), "
+                "or pass install_from=<a pip spec of it>"
+            )
+        subprocess.check_call([*pip, spec])
+        how = f"from {spec}"
+    else:
+        return f"{package} is not installed: run `make install` (or pip install -e <checkout>)"
+    importlib.invalidate_caches()
+    return f"{package} {importlib.metadata.version(package)} installed {how}"
+
+
+print(install_kaggle_utils(install_from))
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+from kaggle_utils import paths, preprocess
+from kaggle_utils.experiments import (
+    ExperimentConfig,
+    label_efficiency_figure,
+    markdown_report,
+    plan_experiment,
+    run_experiment,
+)
+
+if smoke:
+    seeds, n_folds, n_bootstrap, backbones = seeds[:1], 2, 50, ["test_efficientnet"]
+    fractions = [0.5, 1.0]
+    pretrain_params = {"smoke": True, **pretrain_params}
+    finetune_params = {"smoke": True, **finetune_params}
+root = paths.resolve_data_root(data_root)
+caches = preprocess.resolve_cache_dirs(
+    cache_dir or paths.resolve_output_dir("", default_name="cache")
+)
+config = ExperimentConfig(
+    experiment_dir=str(paths.resolve_output_dir(experiment_dir, default_name="experiments")),
+    data_root=str(root), cache_dir=[str(c) for c in caches], presets=list(presets),
+    backbones=list(backbones), seeds=[int(s) for s in seeds],
+    fractions=[float(f) for f in fractions], curve_settings=list(curve_settings),
+    weights_file=weights_file, extra_dirs=list(extra_dirs),
+    pretrain_params=dict(pretrain_params), finetune_params=dict(finetune_params),
+    grid=dict(grid), holdout=holdout, n_folds=n_folds, fold_seed=fold_seed,
+    n_bootstrap=n_bootstrap, notebooks_dir=notebooks_dir,
+)  # fmt: skip
+
+# %% [markdown]
+# ## The plan: what will run, what is shared, what is left out
+
+# %%
+plan = plan_experiment(config)
+print(f"{len(plan.runs)} planned rows, {len(plan.unique_runs())} fine-tuning runs, "
+      f"{len(plan.unique_pretrainings())} pretrainings, under {config.experiment_dir}")  # fmt: skip
+for reason in plan.skipped:
+    print("skipped:", reason)
+
+# %% [markdown]
+# ## Run every missing run (finished ones are skipped, interrupted ones resume)
+
+# %%
+result = run_experiment(config)
+print(f"{len(result.ran)} runs executed in {result.minutes:.1f} min; "
+      f"{len(result.failures)} failed")  # fmt: skip
+for run, error in result.failures.items():
+    print(f"FAILED {run}:\n{error}\n")
+
+# %% [markdown]
+# ## The report (also `report.md`, `report.json` and `label_efficiency.png` in the folder)
+
+# %%
+display(Markdown(markdown_report(result.report)))
+if result.report["presets"].get("label_efficiency", {}).get("rows"):
+    label_efficiency_figure(result.report)
+    plt.show()
+print(json.dumps({"experiment_dir": config.experiment_dir, "failures": len(result.failures)}))
+if result.failures:
+    raise RuntimeError(
+        f"{len(result.failures)} runs failed (listed above and in report.md); the report "
+        "covers the others. Fix the cause and run again: finished runs are skipped."
+    )
