@@ -20,6 +20,7 @@ What `experiment_dir` holds:
     plan.json                     every planned run: preset, setting, factors, parameters
     pretrain/<key>/               one notebook-02 run, shared by every run that uses it
     runs/<key>/                   one notebook-03 run (params.json beside its outputs)
+    minutes.json                  wall-clock minutes per run
     report.md, report.json        the tables, the paired differences, what was skipped
     label_efficiency.png          the curve, when that preset ran
 
@@ -307,20 +308,22 @@ def run_experiment(
     failures: dict[str, str] = {}
     ran: list[str] = []
 
-    jobs: list[tuple[str, Path, Path, dict[str, Any]]] = []
+    timings_file = root / "minutes.json"
+    minutes = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    jobs: list[tuple[str, Path, dict[str, Any]]] = []  # pretrainings first
     for key, params in plan.unique_pretrainings().items():
         out = root / "pretrain" / key
-        jobs.append((PRETRAIN_NOTEBOOK, out, out, shared | params | {"output_dir": str(out)}))
+        jobs.append((PRETRAIN_NOTEBOOK, out, shared | params | {"output_dir": str(out)}))
     for key, run in plan.unique_runs().items():
         out = root / "runs" / key
         params = {"data_root": config.data_root} | shared | run.finetune
         params["output_dir"] = str(out)
         if run.pretrain_key and params.get("init") == "voco":
             params["encoder_file"] = str(root / "pretrain" / run.pretrain_key / "encoder.pt")
-        jobs.append((FINETUNE_NOTEBOOK, out, out, params))
+        jobs.append((FINETUNE_NOTEBOOK, out, params))
 
     bar = tqdm(jobs, desc="experiment runs", unit="run", disable=not progress)
-    for notebook, out, _, params in bar:
+    for notebook, out, params in bar:
         finished = pretraining_finished if notebook == PRETRAIN_NOTEBOOK else finetuning_finished
         if finished(out):
             continue
@@ -331,17 +334,28 @@ def run_experiment(
         bar.set_postfix_str(out.name)
         out.mkdir(parents=True, exist_ok=True)
         runtime.write_text_atomic(out / "params.json", json.dumps(params, indent=1))
+        run_started = time.monotonic()
         try:
             executor(notebooks / notebook, out / notebook, params)
         except Exception as error:  # one failed run must not end the batch
             failures[str(out)] = f"{type(error).__name__}: {str(error)[-2000:]}"
             continue
+        finally:
+            # wall-clock minutes of this call (a resumed run adds its sessions up)
+            spent = (time.monotonic() - run_started) / 60
+            minutes[out.name] = round(minutes.get(out.name, 0.0) + spent, 2)
+            runtime.write_text_atomic(timings_file, json.dumps(minutes, indent=1))
         ran.append(str(out))
         if not finished(out):
             failures[str(out)] = "the notebook ended before the run finished (time limit?)"
     bar.close()
 
     report = experiment_report(config, plan, failures)
+    report["minutes"] = {
+        "pretrain": {k: minutes.get(k) for k in plan.unique_pretrainings()},
+        "runs": {k: minutes.get(k) for k in plan.unique_runs()},
+        "total_this_call": round((time.monotonic() - started) / 60, 2),
+    }
     write_report(report, root)
     return ExperimentResult(root, plan, report, failures, ran, (time.monotonic() - started) / 60)
 
@@ -594,6 +608,14 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines += ["", "Failed runs (re-run to retry):"]
         lines += [f"- `{run}`: {error.splitlines()[-1] if error else ''}"
                   for run, error in report["failures"].items()]  # fmt: skip
+    if "minutes" in report:
+        minutes = report["minutes"]
+        spent = [m for g in ("pretrain", "runs") for m in minutes[g].values() if m is not None]
+        lines += [
+            "",
+            f"Run time: {sum(spent):.1f} min over {len(spent)} runs "
+            f"({minutes['total_this_call']:.1f} min in the last call).",
+        ]
     if report["missing"]:
         lines += ["", f"Runs not finished yet: {len(report['missing'])}."]
     return "\n".join(lines) + "\n"

@@ -326,6 +326,9 @@ def test_run_experiment_runs_each_run_once_resumes_and_reports(tmp_path: Path) -
     assert "optimistic" in markdown and "Failed runs" in markdown and "boom" in markdown
     assert (tmp_path / "exp" / "label_efficiency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "exp" / "report.json").read_text())["skipped"]
+    minutes = result.report["minutes"]
+    assert len(minutes["pretrain"]) == 1 and len(minutes["runs"]) == 8
+    assert all(m is not None and m >= 0 for m in minutes["runs"].values())
 
     # a second call runs only what failed
     notebooks = FakeNotebooks(labels)
