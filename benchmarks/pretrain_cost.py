@@ -12,7 +12,9 @@ Data loading and crop cutting are done before the clock starts, as a DataLoader 
 2d: this project's pretraining step (`kaggle_utils.pretrain._forward`, then backward, gradient
     clipping at 1.0, AdamW lr 1e-4 wd 1e-2, `update_teacher(0.9)`) with `PretrainConfig`'s
     defaults: `efficientnetv2_rw_t` (timm, random init, in_chans 1) in `CropEncoder` (projector
-    2048-2048-2048, slice_mode "average"), `StudentTeacher`; one 32 x 192 x 192 uint8 volume
+    input the flattened feature map, `projector_input="flatten"` as the official code since
+    issue 11, 4096-2048-2048; figures measured before that used the pooled 1024-wide input;
+    slice_mode "average"), `StudentTeacher`; one 32 x 192 x 192 uint8 volume
     (random, or `--volume`), a 3 x 3 grid of 64 x 64 base crops plus 2 random crops
     (`sample_voco_crops`, `cut_crops`), i.e. 11 crops x 32 slices = 352 images of 64 x 64
     through the student and again through the teacher; `VoCoLoss` with defaults (at batch 1
