@@ -47,6 +47,11 @@ def demo_summary(demo_out: Path, data_root: Path) -> dict[str, Any]:
         }
         if "calibrated" in report:
             summary["cv"]["calibrated"] = report["calibrated"]["summary"]["rsna_score"]
+        summary["cv"]["auc"] = {
+            key.removeprefix("auc_"): round(stat["mean"], 3)
+            for key, stat in report["summary"].items()
+            if key.startswith("auc_")
+        }
     submission = demo_out / "submission.csv"
     labels = data_root / "test_labels.csv"
     if submission.is_file() and labels.is_file():
@@ -77,6 +82,9 @@ def markdown(summary: dict[str, Any]) -> str:
             c = summary["cv"]["calibrated"]
             line += f", model calibrated on the other folds {c['mean']:.4f} ± {c['std']:.4f}"
         lines.append(line + f", best-constant prior {q['mean']:.4f} ± {q['std']:.4f}")
+        if summary["cv"].get("auc"):
+            aucs = ", ".join(f"{t} {_number(v)}" for t, v in summary["cv"]["auc"].items())
+            lines.append(f"- CV injury-vs-healthy AUC per target (mean over folds): {aucs}")
     if "test" in summary:
         t = summary["test"]
         lines.append(

@@ -115,6 +115,10 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert all(v is not None and v > 0 for v in summary["minutes"].values())
     assert summary["test"]["n_patients"] == 3 and summary["test"]["model"] > 0
     assert "calibrated on the other folds" in markdown(summary)
+    assert set(summary["cv"]["auc"]) == {
+        "bowel", "extravasation", "kidney", "liver", "spleen", "any_injury"
+    }  # fmt: skip
+    assert "AUC per target" in markdown(summary)
     assert summary["cv"]["calibrated"]["mean"] > 0
 
 
