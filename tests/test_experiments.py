@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from kaggle_utils.calibration import apply_calibration, calibrate_cross_validation
 from kaggle_utils.experiments import (
     ExperimentConfig,
     paired_bootstrap,
@@ -27,7 +28,7 @@ from kaggle_utils.metric import (
     rsna_score,
     score_from_terms,
 )
-from kaggle_utils.report import cross_validation_report, training_prior
+from kaggle_utils.report import cross_validation_report, markdown_table
 
 N_PATIENTS = 80
 
@@ -339,8 +340,52 @@ def test_run_experiment_runs_each_run_once_resumes_and_reports(tmp_path: Path) -
     assert all(r["seeds"] == [0, 1] for r in quarter)
 
 
-def test_the_prior_row_of_the_report_is_the_training_prior() -> None:
-    labels = random_labels(N_PATIENTS, seed=7)
+# --------------------------------------------------------------------------- the held-out report
+
+
+def by_hand_ensemble(per_model: pl.DataFrame) -> pl.DataFrame:
+    mean = per_model.group_by("patient_id").agg(pl.col(c).mean() for c in LABEL_COLUMNS)
+    for columns in TARGET_GROUPS.values():
+        total = sum(mean[c] for c in columns)
+        mean = mean.with_columns(*(mean[c] / total for c in columns))
+    return mean.sort("patient_id")
+
+
+def test_the_held_out_split_is_scored_per_fold_model_and_as_their_ensemble() -> None:
+    labels = random_labels(N_PATIENTS, seed=8)
     folds = make_folds(labels, 3, seed=0, holdout=0.2)
-    train = labels.join(folds.filter(pl.col("fold") >= 0), on="patient_id", how="semi")
-    assert set(training_prior(train)) == set(LABEL_COLUMNS)
+    held = folds.filter(pl.col("fold") == -1)["patient_id"].to_list()
+    oof = pl.concat(
+        mixed(labels, folds.filter(pl.col("fold") == k)["patient_id"].to_list(), 0.3, k)
+        .with_columns(pl.lit(k).alias("fold"))
+        .select("fold", "patient_id", *LABEL_COLUMNS)
+        for k in range(3)
+    )
+    holdout_folds = pl.concat(
+        mixed(labels, held, 0.3, 10 + k)
+        .with_columns(pl.lit(k).alias("fold"))
+        .select("fold", "patient_id", *LABEL_COLUMNS)
+        for k in range(3)
+    )
+    report = cross_validation_report(labels, oof, folds, holdout_folds)
+    truth = labels.filter(pl.col("patient_id").is_in(held))
+    singles = [
+        rsna_score(truth, holdout_folds.filter(pl.col("fold") == k).drop("fold")) for k in range(3)
+    ]
+    assert report["holdout_summary"]["rsna_score"]["mean"] == pytest.approx(np.mean(singles))
+    assert report["holdout_summary"]["rsna_score"]["n"] == 3
+    ensemble = rsna_score(truth, by_hand_ensemble(holdout_folds))
+    assert report["holdout"]["rsna_score"] == pytest.approx(ensemble)
+    assert ensemble < np.mean(singles)  # averaging noisy models helps: the two are not one figure
+    table = markdown_table(report, ["rsna_score"])
+    assert "fold models (held-out)" in table and "fold ensemble (held-out)" in table
+    assert "optimistic" in table
+
+    # the calibration, fitted on single models' out-of-fold predictions, is applied to each
+    # fold model's held-out prediction and only then averaged
+    calibration, calibrated = calibrate_cross_validation(labels, oof, folds, holdout_folds)
+    per_model = apply_calibration(holdout_folds, calibration)
+    expected = rsna_score(truth, by_hand_ensemble(per_model))
+    assert calibrated["holdout"]["rsna_score"] == pytest.approx(expected)
+    other_order = rsna_score(truth, apply_calibration(by_hand_ensemble(holdout_folds), calibration))
+    assert other_order != pytest.approx(expected, abs=1e-6)

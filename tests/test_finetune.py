@@ -596,3 +596,31 @@ def test_an_unfinished_run_reads_back_as_unfinished(
     assert not result.finished and result.folds_pending == [1]
     assert set(result.fold_scores) == {0} and set(result.oof_series["fold"]) == {0}
     assert result.holdout_folds is None
+
+
+def test_train_fraction_subsets_only_the_training_folds(
+    tiny_competition: Path, cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fold trains on its share of the training patients; validation keeps them all."""
+    seen: dict[int, tuple[set[int], set[int]]] = {}
+
+    def record(config, fold, train_rows, valid_rows, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen[fold] = (set(train_rows["patient_id"]), set(valid_rows["patient_id"]))
+        return None  # as if the time limit stopped the session: nothing is trained
+
+    monkeypatch.setattr(finetune_module, "train_fold", record)
+    for fraction in (1.0, 0.5):
+        config = smoke_config(
+            tiny_competition, cached, tmp_path / str(fraction), holdout=0.2, fold_seed=3,
+            seed=int(fraction * 10), train_fraction=fraction, folds_to_run=[0],
+        )  # fmt: skip
+        run_cross_validation(config, progress=False)
+        folds = pl.read_csv(tmp_path / str(fraction) / "folds.csv")
+        train, valid = seen[0]
+        assert valid == set(folds.filter(pl.col("fold") == 0)["patient_id"])
+        others = set(folds.filter(pl.col("fold") == 1)["patient_id"])
+        assert train <= others and len(train) == max(1, round(fraction * len(others)))
+    # fold_seed, not the training seed, makes the folds: both runs split alike
+    assert pl.read_csv(tmp_path / "1.0" / "folds.csv").equals(
+        pl.read_csv(tmp_path / "0.5" / "folds.csv")
+    )
