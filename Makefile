@@ -15,22 +15,26 @@ WORKERS ?= 2
 DEMO_SYNTHETIC ?= --train-patients 120 --test-patients 40 --image-size 128 --min-slices 40 \
 	--max-slices 56 --workers $(WORKERS)
 DEMO_SHAPES ?= [[16, 96, 96], [32, 96, 96]]
-DEMO_PRETRAIN ?= -y "volume_shape: [16, 96, 96]" -p crop_size 32 -p backbone test_efficientnet \
-	-p hidden_dim 256 -p out_dim 256 -p steps 150 -p batch_size 8 -p lr 1e-3 -p warmup_steps 10 \
-	-p probe_every 50 -p checkpoint_every 50 -p n_probe_volumes 8 -p num_workers 0
-DEMO_FINETUNE ?= -y "shape: [32, 96, 96]" -p backbone test_efficientnet -p init voco \
-	-p hidden_size 64 -p num_layers 1 -p pooling max -p n_slices 16 -p image_size 96 \
-	-p epochs 20 -p batch_size 8 -p lr 1e-3 -p affine_prob 0.5 -p brightness_contrast_prob 0 \
-	-p coarse_dropout_prob 0 -p n_folds 3 -p num_workers 0
+# Notebook 02's and 03's demo settings as YAML mappings, shared with `make experiments`.
+DEMO_BACKBONE ?= test_efficientnet
+DEMO_PRETRAIN_PARAMS ?= {volume_shape: [16, 96, 96], crop_size: 32, hidden_dim: 256, \
+	out_dim: 256, steps: 150, batch_size: 8, lr: 0.001, warmup_steps: 10, probe_every: 50, \
+	checkpoint_every: 50, n_probe_volumes: 8, num_workers: 0}
+DEMO_FINETUNE_PARAMS ?= {shape: [32, 96, 96], hidden_size: 64, num_layers: 1, pooling: max, \
+	n_slices: 16, image_size: 96, epochs: 20, batch_size: 8, lr: 0.001, affine_prob: 0.5, \
+	brightness_contrast_prob: 0, coarse_dropout_prob: 0, num_workers: 0}
+DEMO_PRETRAIN ?= -y "$(DEMO_PRETRAIN_PARAMS)" -p backbone $(DEMO_BACKBONE)
+DEMO_FINETUNE ?= -y "$(DEMO_FINETUNE_PARAMS)" -p backbone $(DEMO_BACKBONE) -p init voco -p n_folds 3
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
 .PHONY: help install demo demo-data test test-fast lint format notebooks benchmark clean-demo \
-	kaggle-bundle gpu-bundle gpu-check
+	kaggle-bundle gpu-bundle gpu-check experiments
 
 help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
 	@echo "make test       lint + the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without slow end-to-end runs"
+	@echo "make experiments  notebook 05's reduced grid on the demo data (outputs/experiments/)"
 	@echo "make benchmark  decoding speed, notebook 01 per core and memory at scale, 2D vs 3D VoCo step"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
 	@echo "make kaggle-bundle  dist/kaggle-bundle/: wheels for Kaggle's offline install + metadata"
@@ -77,6 +81,22 @@ format: install
 
 notebooks: install
 	$(PY) -m jupytext --sync notebooks/*.py
+
+# `make experiments`: notebook 05's reduced grid on the demo data, 2 CPU cores (README:
+# Notebook 05). Its own cache and folder; a second call skips finished runs and resumes.
+EXPERIMENT_OUT ?= outputs/experiments
+EXPERIMENT_GRID ?= -y "presets: [table1, label_efficiency]" -y "backbones: [$(DEMO_BACKBONE)]" \
+	-y "seeds: [0, 1]" -y "fractions: [0.1, 0.25, 0.5, 1.0]" -p n_folds 3 \
+	-y "extra_dirs: [$(DEMO_DATA)/test_images]"
+experiments: demo-data
+	mkdir -p $(EXPERIMENT_OUT)/notebooks
+	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(EXPERIMENT_OUT)/notebooks/01_dicom_preprocess.ipynb \
+		-p data_root $(DEMO_DATA) -p split train -p output_dir $(EXPERIMENT_OUT)/cache -p workers $(WORKERS) \
+		-y 'shapes: $(DEMO_SHAPES)'
+	$(PAPERMILL) notebooks/05_experiments.ipynb $(EXPERIMENT_OUT)/notebooks/05_experiments.ipynb \
+		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache -p experiment_dir $(EXPERIMENT_OUT) \
+		$(EXPERIMENT_GRID) -y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' \
+		-y 'finetune_params: $(DEMO_FINETUNE_PARAMS)'
 
 benchmark: install
 	$(PY) benchmarks/decode.py
