@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow"}
 # imported by kaggle_utils but only optionally (guarded imports with a fallback)
-OPTIONAL_IMPORTS = {"pandas", "monai", "einops", "IPython"}
+# Imported only inside the functions that need them; papermill (the experiment batch's runner)
+# is in the `notebooks` extra.
+OPTIONAL_IMPORTS = {"pandas", "monai", "einops", "IPython", "papermill"}
 
 
 def pyproject() -> dict:
