@@ -22,6 +22,22 @@ and nothing reads the clock.
 Phantom coordinates are normalised: x (columns, image-right = patient's left) and y (rows,
 down = posterior) run over [-1, 1] across the field of view, z runs over [0, 1] from the pelvis
 (0) to the diaphragm (1). A series samples a sub-range of z.
+
+Injuries are drawn at demo scale, not to real proportions (`DEMO_LESION_SCALE`): `make demo`
+caches 128 px series at 32x96x96 and its tiny CNN-BiLSTM sees 16 of those slices, where
+injuries of real size vanish. Measured on that path (voxels changed by >= 20 grey levels on the
+16 slices seen, median of 8 patients), the generator before this (version 2) left a low-grade
+kidney injury 19, a low-grade spleen injury 75, an extravasation 39 and a bowel injury 95,
+against 316 for a low-grade liver injury, and the demo learned only the liver. Now every
+lesion has a floor on its size (the small organs' lesions reach half the organ); the spleen
+enhances like the kidney cortex, so that its lesions are dark in a bright organ; the spleen and
+kidneys sit in fat pads into which their injuries bleed (a perisplenic or perirenal clot,
+denser than soft tissue, all around the organ where the dark fat was); the kidneys are larger
+and injured as often as the liver and spleen; and extravasation, free air and the injured bowel
+wall are larger: 1631 (spleen), 1820 (kidney), 447 (extravasation), 207 (bowel), 405 (liver).
+`tests/test_synthetic.py` checks a floor of 100 voxels on >= 2 slices. With these and the
+demo's 40-epoch recipe every target is learned (README: Quick start); a sign that is only the
+absence of something (the dark fat ring) was not, before the clot and the enhancement.
 """
 
 from __future__ import annotations
@@ -52,8 +68,11 @@ from pydicom.uid import (
 
 COMPLETE_MARKER = "_COMPLETE"
 # Raised whenever the same options would give different data, so that an old folder is not
-# silently reused (2: larger low-grade injuries).
-GENERATOR_VERSION = 2
+# silently reused (2: larger low-grade injuries; 3: demo-scale floors on every lesion's size,
+# fat pads and clots around the spleen and kidneys, an enhancing spleen, larger kidneys injured
+# as often as the other organs, larger extravasation, free air and bowel wall; see the module
+# docstring).
+GENERATOR_VERSION = 3
 
 BINARY_CLASSES: tuple[str, ...] = ("healthy", "injury")
 TERNARY_CLASSES: tuple[str, ...] = ("healthy", "low", "high")
@@ -83,10 +102,28 @@ INJURY_NAMES: tuple[str, ...] = ("Active_Extravasation", "Bowel")
 PREVALENCE: dict[str, tuple[float, ...]] = {
     "bowel": (0.75, 0.25),
     "extravasation": (0.70, 0.30),
-    "kidney": (0.70, 0.16, 0.14),
+    "kidney": (0.60, 0.22, 0.18),
     "liver": (0.60, 0.22, 0.18),
     "spleen": (0.60, 0.22, 0.18),
 }
+
+# Demo-scale visibility, not realism (see the module docstring). The demo trains on 16 of 32
+# slices of 96x96 crops of 128 px images, and a lesion drawn as a fraction of its organ
+# vanishes there for the small organs: a low-grade kidney contusion (a third of a 7 px kidney)
+# kept ~20 changed voxels on one sampled slice. So every lesion has a floor on its size in
+# normalised units (1 = half the field of view; at 128 px one unit is 64 px, ~57 px after the
+# body crop to 96): radii in x/y and z, the laceration half-thickness and the rim of fluid
+# around a high-grade organ. Large organs (liver) are barely affected.
+DEMO_LESION_SCALE: dict[str, float] = {
+    "min_radius_xy": 0.09,  # a hypodense region's in-plane radius (~5 px at 96 px)
+    "min_radius_z": 0.08,  # its z half-extent (~2.7 of 32 cached slices: >= 2 sampled)
+    "max_organ_fraction": 0.7,  # but a low-grade lesion stays inside its organ
+    "min_laceration_half_thickness": 0.032,  # a laceration ~4 px wide at 96 px
+    "min_fluid_rim": 0.06,  # a high-grade organ's fluid crescent, ~3 px thick
+}
+
+# The spleen's contrast uptake at enhancement 1 (real portal-venous spleens reach 100-130 HU).
+SPLEEN_ENHANCEMENT_HU = 60.0
 
 Z_SPACINGS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 5.0)
 FIELD_OF_VIEW_MM = 300.0
@@ -198,14 +235,20 @@ class Tube:
 
 @dataclass(frozen=True)
 class OrganInjury:
-    """Hypodense regions, lacerations and (high grade) a fluid crescent of one solid organ."""
+    """Hypodense regions, lacerations and a crescent of fluid or blood of one solid organ.
+
+    `fluid` is the crescent's outer surface (None: no crescent), `fluid_hu` its density: 20 HU
+    (fluid) or 45-60 HU (a hematoma); on the organ's lateral side only, or all around it.
+    """
 
     organ: str
     grade: int
     hypodense: tuple[Ellipsoid, ...]
     lacerations: tuple[Laceration, ...]
-    fluid: bool
+    fluid: Ellipsoid | None
     delta_hu: float
+    fluid_hu: float = 20.0
+    fluid_lateral: bool = True
 
 
 @dataclass(frozen=True)
@@ -227,6 +270,8 @@ class Anatomy:
     ivc_radius: float
     bowel: tuple[Tube, ...]
     noise_sigma: float
+    perirenal_fat: float = 0.0
+    perisplenic_fat: float = 0.0
     organ_injuries: tuple[OrganInjury, ...] = ()
     extravasation: tuple[Ellipsoid, ...] = ()
     extravasation_hu: float = 320.0
@@ -318,11 +363,12 @@ def sample_anatomy(rng: np.random.Generator, labels: PatientLabels) -> Anatomy:
             (ru * radii[0] * scale, rv * radii[1] * scale, rz * _u(rng, 0.92, 1.05)),
         )
 
+    # kidneys ~4.1 cm wide at the mean body size (version 2: 3.4 cm; real ones are 5-6 cm)
     organs = {
         "liver": organ(-0.33, -0.08, 0.5, 0.58, 0.75, 0.17),
         "spleen": organ(0.52, 0.30, 0.2, 0.3, 0.77, 0.12),
-        "kidney_right": organ(-0.34, 0.46, 0.14, 0.22, 0.48, 0.12),
-        "kidney_left": organ(0.34, 0.46, 0.14, 0.22, 0.5, 0.12),
+        "kidney_right": organ(-0.34, 0.46, 0.17, 0.25, 0.48, 0.12),
+        "kidney_left": organ(0.34, 0.46, 0.17, 0.25, 0.5, 0.12),
     }
     organ_hu = {
         "liver": _u(rng, 58, 68),
@@ -362,6 +408,8 @@ def sample_anatomy(rng: np.random.Generator, labels: PatientLabels) -> Anatomy:
         ivc_radius=ivc_radius,
         bowel=bowel,
         noise_sigma=_u(rng, 10.0, 15.0),
+        perirenal_fat=_u(rng, 0.06, 0.08),
+        perisplenic_fat=_u(rng, 0.045, 0.06),
     )
     return _add_injuries(injury_rng, anatomy)
 
@@ -389,24 +437,44 @@ def _sample_tube(
     )
 
 
-def _organ_injury(rng: np.random.Generator, organ: str, box: Ellipsoid, grade: int) -> OrganInjury:
+def _organ_injury(
+    rng: np.random.Generator, organ: str, box: Ellipsoid, grade: int, fat_pad: float = 0.0
+) -> OrganInjury:
     """Grade 1: one small hypodense region or one laceration; grade 2: a large hypodense
     region, two or three lacerations and a perihepatic/perisplenic/perirenal fluid crescent.
+    An injured spleen or kidney of either grade also bleeds into the fat all around it
+    (`fat_pad` thick: a perisplenic or perirenal hematoma, on CT the commonest sign of their
+    injury; a clot at 65-80 HU, the "sentinel clot", denser than soft tissue), and a kidney's
+    hypodense region lies off-centre so that it breaks the enhancing
+    cortex, as lacerations from the capsule do.
 
     Low-grade lesions and lacerations are drawn larger than most real ones (a third to two
-    fifths of the organ, 5-8 mm wide): the demo trains at 96-128 px, where a realistic 1 cm
-    kidney contusion would span two or three pixels and no CPU-sized model could learn it.
+    fifths of the organ, and never below DEMO_LESION_SCALE's floors: ~1 cm wide lacerations,
+    contusions of half a kidney): the demo trains at 96 px, where a realistic 1 cm kidney
+    contusion would span two or three pixels and no CPU-sized model could learn it.
     """
     (cx, cy, cz), (rx, ry, rz) = box.center, box.radii
+    floor = DEMO_LESION_SCALE
+    kidney = organ.startswith("kidney")
+
+    def at_least(f: float, radius: float, minimum: float) -> float:
+        return max(f * radius, min(minimum, floor["max_organ_fraction"] * radius))
 
     def inside(spread: float, scale: tuple[float, float]) -> Ellipsoid:
-        center = (
-            cx + _u(rng, -spread, spread) * rx,
-            cy + _u(rng, -spread, spread) * ry,
-            cz + _u(rng, -spread, spread) * rz,
-        )
+        if kidney:  # towards the surface, in any in-plane direction
+            angle, distance = _u(rng, 0, 2 * np.pi), _u(rng, 0.4, 0.6)
+            du, dv = distance * np.cos(angle), distance * np.sin(angle)
+        else:
+            du, dv = _u(rng, -spread, spread), _u(rng, -spread, spread)
+        center = (cx + du * rx, cy + dv * ry, cz + _u(rng, -spread, spread) * rz)
         f = _u(rng, *scale)
-        return Ellipsoid(center, (f * rx, f * ry, f * rz * _u(rng, 0.8, 1.1)))
+        fz = f * _u(rng, 0.8, 1.1)
+        radii = (
+            at_least(f, rx, floor["min_radius_xy"]),
+            at_least(f, ry, floor["min_radius_xy"]),
+            at_least(fz, rz, floor["min_radius_z"]),
+        )
+        return Ellipsoid(center, radii)
 
     def laceration() -> Laceration:
         angle = _u(rng, 0, np.pi)
@@ -418,24 +486,43 @@ def _organ_injury(rng: np.random.Generator, organ: str, box: Ellipsoid, grade: i
             cy + _u(rng, -0.3, 0.3) * ry,
             cz + _u(rng, -0.3, 0.3) * rz,
         )
-        return Laceration(point, tuple(float(v) for v in normal), _u(rng, 0.018, 0.026), 0.9 * rx)
+        half = max(_u(rng, 0.018, 0.026), floor["min_laceration_half_thickness"])
+        return Laceration(point, tuple(float(v) for v in normal), half, 0.9 * rx)
 
-    # Lacerations and contusions enhance far less than parenchyma in portal-venous CT: 50-90 HU
+    def rim(extra: float) -> Ellipsoid:
+        return Ellipsoid(box.center, (rx + extra, ry + extra, rz + extra))
+
+    # Lacerations and contusions enhance far less than parenchyma in portal-venous CT: 60-95 HU
     # darker than the enhanced organ.
-    delta = _u(rng, 50.0, 90.0)
+    delta = _u(rng, 60.0, 95.0)
+    blood = _u(rng, 65.0, 80.0)  # clotted blood (the "sentinel clot"), denser than soft tissue
     if grade == 1:
-        if rng.random() < 0.5:
-            return OrganInjury(organ, 1, (inside(0.3, (0.32, 0.42)),), (), False, delta)
-        return OrganInjury(organ, 1, (), (laceration(),), False, delta)
+        # the hematoma fills the fat pad all around the organ (perisplenic; perirenal, inside
+        # Gerota's fascia)
+        fluid = rim(fat_pad) if fat_pad > 0 else None
+        lesions = (
+            ((inside(0.3, (0.32, 0.42)),), ()) if rng.random() < 0.5 else ((), (laceration(),))
+        )
+        return OrganInjury(organ, 1, *lesions, fluid, delta, blood, fluid_lateral=fat_pad == 0)
     n_lacerations = int(rng.integers(2, 4))
+    extra = max(0.22 * min(rx, ry), floor["min_fluid_rim"], fat_pad + 0.05)
     return OrganInjury(
         organ,
         2,
         (inside(0.12, (0.58, 0.68)),),
         tuple(laceration() for _ in range(n_lacerations)),
-        True,
+        rim(extra),
         delta,
+        blood if fat_pad > 0 else 20.0,
+        fluid_lateral=fat_pad == 0,  # a high-grade spleen or kidney: blood all around it
     )
+
+
+def _fat_pad(anatomy: Anatomy, organ: str) -> float:
+    """Thickness of the fat around an organ (normalised units; the liver has none here)."""
+    if organ.startswith("kidney"):
+        return anatomy.perirenal_fat
+    return anatomy.perisplenic_fat if organ == "spleen" else 0.0
 
 
 def _add_injuries(rng: np.random.Generator, anatomy: Anatomy) -> Anatomy:
@@ -449,7 +536,9 @@ def _add_injuries(rng: np.random.Generator, anatomy: Anatomy) -> Anatomy:
         organ = group
         if group == "kidney":
             organ = "kidney_left" if rng.random() < 0.5 else "kidney_right"
-        injuries.append(_organ_injury(rng, organ, anatomy.organs[organ], grade))
+        organ_box = anatomy.organs[organ]
+        fat_pad = _fat_pad(anatomy, organ)
+        injuries.append(_organ_injury(rng, organ, organ_box, grade, fat_pad))
 
     def at(u: float, v: float) -> tuple[float, float]:
         return _body_point(anatomy.body_center, anatomy.body_radii, u, v)
@@ -459,7 +548,7 @@ def _add_injuries(rng: np.random.Generator, anatomy: Anatomy) -> Anatomy:
 
     blobs: list[Ellipsoid] = []
     if labels.extravasation:
-        for _ in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(2, 5))):  # demo scale: 2-4 (was 1-3)
             if injuries:
                 box = anatomy.organs[injuries[int(rng.integers(len(injuries)))].organ]
                 (cx, cy, cz), (rx, ry, rz) = box.center, box.radii
@@ -471,20 +560,20 @@ def _add_injuries(rng: np.random.Generator, anatomy: Anatomy) -> Anatomy:
             else:
                 x, y = at(_u(rng, -0.4, 0.4), _u(rng, -0.3, 0.3))
                 z = _u(rng, 0.2, 0.8)
-            r = _u(rng, 0.03, 0.05)
-            blobs.append(Ellipsoid((x, y, clamp_z(z)), (r, r, _u(rng, 0.025, 0.045))))
+            r = _u(rng, 0.06, 0.085)  # demo scale (was 0.03-0.05): ~3.5-5 px at 96 px
+            blobs.append(Ellipsoid((x, y, clamp_z(z)), (r, r, _u(rng, 0.07, 0.09))))
 
     air: list[Ellipsoid] = []
     wall: tuple[int, float, float] | None = None
     if labels.bowel:
         for _ in range(int(rng.integers(2, 6))):
             x, y = at(_u(rng, -0.45, 0.45), _u(rng, -0.86, -0.7))
-            r = _u(rng, 0.012, 0.025)
-            air.append(Ellipsoid((x, y, clamp_z(_u(rng, 0.15, 0.5))), (1.6 * r, r, 0.02)))
+            r = _u(rng, 0.022, 0.035)  # demo scale (was 0.012-0.025)
+            air.append(Ellipsoid((x, y, clamp_z(_u(rng, 0.15, 0.5))), (1.6 * r, r, 0.045)))
         index = int(rng.integers(len(anatomy.bowel)))
         z0, z1 = anatomy.bowel[index].z_range
         zc = clamp_z(_u(rng, z0 + 0.05, z1 - 0.05))
-        half = _u(rng, 0.05, 0.08)
+        half = _u(rng, 0.08, 0.12)  # demo scale (was 0.05-0.08)
         wall = (index, zc - half, zc + half)
     return replace(
         anatomy,
@@ -662,8 +751,14 @@ def render_phantom(
     boost = view.liver_boost
     liver = _ellipsoid_mask(grid, a.organs["liver"]) & inner
     paint(liver, a.organ_hu["liver"] + boost, ORGAN_LABELS["liver"])
+    for name in ("spleen", "kidney_left", "kidney_right"):  # each in its own fat pad
+        e = a.organs[name]
+        grown = Ellipsoid(e.center, tuple(r + _fat_pad(a, name) for r in e.radii))
+        paint(
+            _ellipsoid_mask(grid, grown) & inner & ~liver, a.organ_hu["fat"], ORGAN_LABELS["body"]
+        )
     spleen = _ellipsoid_mask(grid, a.organs["spleen"]) & inner
-    paint(spleen, a.organ_hu["spleen"] + boost, ORGAN_LABELS["spleen"])
+    paint(spleen, _spleen_hu(a, view), ORGAN_LABELS["spleen"])
     cortex_hu = a.organ_hu["kidney"] + 120.0 * view.enhancement
     for side in ("kidney_left", "kidney_right"):
         kidney = _ellipsoid_mask(grid, a.organs[side]) & inner
@@ -704,6 +799,13 @@ def render_phantom(
     )
 
 
+def _spleen_hu(a: Anatomy, view: SeriesView) -> float:
+    """The enhanced spleen: it takes up contrast like the kidney cortex (real portal-venous
+    spleens reach 100-130 HU), so that its lesions are dark in a bright organ, as the liver's
+    are against the soft tissue."""
+    return a.organ_hu["spleen"] + view.liver_boost + SPLEEN_ENHANCEMENT_HU * view.enhancement
+
+
 def _paint_organ_injuries(
     grid: _Grid,
     a: Anatomy,
@@ -724,8 +826,12 @@ def _paint_organ_injuries(
         occupied |= organ_masks[name]
     for injury in a.organ_injuries:
         organ = organ_masks[injury.organ]
-        base = a.organ_hu["kidney" if injury.organ.startswith("kidney") else injury.organ]
-        base += 0.0 if injury.organ.startswith("kidney") else view.liver_boost
+        if injury.organ.startswith("kidney"):
+            base = a.organ_hu["kidney"]
+        elif injury.organ == "spleen":
+            base = _spleen_hu(a, view)
+        else:
+            base = a.organ_hu[injury.organ] + view.liver_boost
         lesion = np.zeros(shape, dtype=bool)
         for e in injury.hypodense:
             lesion |= _ellipsoid_mask(grid, _visible(grid, e))
@@ -735,17 +841,19 @@ def _paint_organ_injuries(
         hu[lesion] = base - injury.delta_hu
         group = "kidney" if injury.organ.startswith("kidney") else injury.organ
         result[group] |= lesion
-        if injury.fluid:
+        if injury.fluid is not None:
             box = a.organs[injury.organ]
-            shell = _ellipsoid_mask(grid, box, scale=1.22) & ~_ellipsoid_mask(grid, box)
-            lateral = (grid.x - box.center[0]) * np.sign(box.center[0] - a.body_center[0]) >= 0
-            crescent = shell & lateral & inner & ~occupied
-            hu[crescent] = 20.0
+            shell = _ellipsoid_mask(grid, injury.fluid) & ~_ellipsoid_mask(grid, box)
+            crescent = shell & inner & ~occupied
+            if injury.fluid_lateral:
+                side = np.sign(box.center[0] - a.body_center[0])
+                crescent &= (grid.x - box.center[0]) * side >= 0
+            hu[crescent] = injury.fluid_hu
             result[group] |= crescent
     if a.injured_wall is not None:
         index, low, high = a.injured_wall
         low, high = min(low, (low + high) / 2 - grid.dz), max(high, (low + high) / 2 + grid.dz)
-        wall, _, _ = _tube_masks(grid, a.bowel[index], (low, high), wall_scale=2.2)
+        wall, _, _ = _tube_masks(grid, a.bowel[index], (low, high), wall_scale=3.0)
         wall &= inner
         hu[wall] = 95.0
         result["bowel"] |= wall

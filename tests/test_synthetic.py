@@ -475,3 +475,67 @@ def test_config_validation(tmp_path: Path) -> None:
 def test_a_complete_folder_made_with_other_options_is_not_reused(dataset: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):
         generate_dataset(dataset, replace(TINY, test_patients=TINY.test_patients + 1))
+
+
+def _demo_cache(phantom: Phantom, box: tuple[int, int, int, int] | None = None):
+    """A phantom as notebook 01 caches it for the demo's fine-tuning: body crop, 32x96x96,
+    soft-tissue window (uint8); and the body box used."""
+    from kaggle_utils.volume import apply_window, body_bbox, crop_and_resample
+
+    box = box or body_bbox(phantom.hu)
+    shape = (32, 96, 96)
+    return apply_window(crop_and_resample(phantom.hu, box, [shape])[shape]), box
+
+
+DEMO_CASES = [
+    ("liver", 1),
+    ("liver", 2),
+    ("spleen", 1),
+    ("spleen", 2),
+    ("kidney", 1),
+    ("kidney", 2),
+    ("extravasation", 1),
+    ("bowel", 1),
+]
+
+
+@pytest.mark.parametrize(("group", "grade"), DEMO_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_injury_survives_the_demo_cache(group: str, grade: int, seed: int) -> None:
+    """DEMO_LESION_SCALE's point: at the demo's scale (128 px, 40-56 slices, cached at
+    32x96x96, 16 evenly spaced slices fed to the model) every kind of injury still changes
+    >= 100 voxels by >= 20 grey levels, on at least two of the slices the model sees. Before
+    the floors a low-grade kidney lesion kept ~20 such voxels on one slice."""
+    from kaggle_utils.finetune_data import slice_indices
+
+    healthy, injured = _pair(PatientLabels(**{group: grade}), seed=seed, n_slices=48, size=128)
+    # same seed: same anatomy and the same noise, so the difference is the injury alone
+    injured_cache, box = _demo_cache(injured)
+    healthy_cache, _ = _demo_cache(healthy, box)
+    seen = slice_indices(32, 16)
+    changed = np.abs(injured_cache.astype(int) - healthy_cache.astype(int))[seen] >= 20
+    assert changed.sum() >= 100, (group, grade, int(changed.sum()))
+    assert changed.any(axis=(1, 2)).sum() >= 2, (group, grade)
+
+
+@pytest.mark.parametrize("group", ["spleen", "kidney"])
+def test_spleen_and_kidney_injuries_bleed_into_their_fat(group: str) -> None:
+    healthy, injured = _pair(PatientLabels(**{group: 1}), size=96)
+    bleed = injured.injury_masks[group] & ~organ_mask(injured, group)
+    assert bleed.sum() > 50
+    assert float(np.median(healthy.hu[bleed])) < -50, "the organ sits in fat"
+    soft = float(
+        np.median(healthy.hu[healthy.masks["body"] & (healthy.hu > 0) & (healthy.hu < 45)])
+    )
+    assert float(np.median(injured.hu[bleed])) > soft + 15, "a clot denser than soft tissue"
+
+
+def test_the_spleen_enhances_so_its_lesions_are_dark_in_a_bright_organ() -> None:
+    arterial = make_phantom(np.random.default_rng(2), PatientLabels(), 24, 96, SeriesView())
+    spleen = arterial.masks["spleen"]
+    around = arterial.masks["body"] & ~spleen & (arterial.hu > 0) & (arterial.hu < 60)
+    assert float(np.median(arterial.hu[spleen])) > float(np.median(arterial.hu[around])) + 50
+    _, injured = _pair(PatientLabels(spleen=2))
+    organ = organ_mask(injured, "spleen")
+    lesion = injured.injury_masks["spleen"] & organ
+    assert float(np.median(injured.hu[lesion])) < float(np.median(injured.hu[organ & ~lesion])) - 40
