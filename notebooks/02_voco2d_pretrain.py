@@ -44,7 +44,7 @@ label_mode: str = "area"  # position labels: "area" (VoCo's code) or "iou" (2D-V
 slice_mode: str = "average"  # "average" (embedding over a crop's slices) or "per_slice"
 projector_input: str = "flatten"  # "flatten" (feature map, official code) or "pooled"
 hidden_dim: int = 2048  # projector hidden width
-feature_dropout: float = 0.2  # on the student's features (official code); 0: teacher = lagged copy
+feature_dropout: float = 0.2  # on the student's features (official code); 0: the teacher is a lagged copy
 out_dim: int = 2048  # projector output width
 momentum: float = 0.9  # teacher EMA momentum
 momentum_end: float = 0.0  # cosine ramp of the momentum to this value; 0 keeps it constant

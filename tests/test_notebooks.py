@@ -3,6 +3,7 @@ notebook runs headless through papermill on tiny data."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def test_pair_agrees_has_parameters_and_no_outputs(source: Path) -> None:
     first_code = next(c for c in raw["cells"] if c["cell_type"] == "code")
     assert "parameters" in first_code["metadata"].get("tags", [])
     assert "smoke" in "".join(first_code["source"])
+
+
+@pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(source: Path) -> None:
+    """`papermill --help-notebook` (`inspect_notebook`) reads the parameters cell line by line:
+    a line it cannot parse (a second `=` in a comment) drops that parameter from the help and
+    logs a warning on every run."""
+    twin = source.with_suffix(".ipynb")
+    cell = next(c for c in jupytext.read(twin).cells if c.cell_type == "code")
+    assigned = {
+        target.id
+        for node in ast.parse(cell.source).body
+        for target in (
+            node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        )
+        if isinstance(target, ast.Name)
+    }
+    assert assigned - set(papermill.inspect_notebook(str(twin))) == set()
 
 
 def run_notebook(name: str, out_dir: Path, **parameters: object) -> Path:
