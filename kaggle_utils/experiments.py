@@ -643,6 +643,10 @@ def label_efficiency_figure(report: Mapping[str, Any]) -> Any:
     for ax, title in zip(axes, ("RSNA score, held-out (lower is better)", "mAP, held-out"),
                          strict=True):  # fmt: skip
         ax.set_xscale("log")
+        # the fractions run, as plain percentages (not the log axis' 3x10^1 minor labels)
+        percents = sorted({100 * r["fraction"] for r in rows})
+        ax.set_xticks(percents, [f"{p:g}" for p in percents])
+        ax.minorticks_off()
         ax.set_xlabel("training patients with labels (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

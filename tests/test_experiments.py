@@ -15,6 +15,7 @@ import pytest
 from kaggle_utils.calibration import apply_calibration, calibrate_cross_validation
 from kaggle_utils.experiments import (
     ExperimentConfig,
+    label_efficiency_figure,
     paired_bootstrap,
     plan_experiment,
     run_experiment,
@@ -326,6 +327,8 @@ def test_run_experiment_runs_each_run_once_resumes_and_reports(tmp_path: Path) -
     markdown = (tmp_path / "exp" / "report.md").read_text()
     assert "optimistic" in markdown and "Failed runs" in markdown and "boom" in markdown
     assert (tmp_path / "exp" / "label_efficiency.png").stat().st_size > 1000
+    figure = label_efficiency_figure(result.report)
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["25", "100"]
     assert json.loads((tmp_path / "exp" / "report.json").read_text())["skipped"]
     minutes = result.report["minutes"]
     assert len(minutes["pretrain"]) == 1 and len(minutes["runs"]) == 8
