@@ -11,8 +11,8 @@ init, 3 folds), applies the YAML overrides (any `FinetuneConfig` field), runs
 `run_cross_validation` into `<output-root>/<NAME>/` (resumable like notebook 03) and appends
 one JSON line to `<output-root>/results.jsonl`: the overrides, the minutes, the fold scores and
 the per-target AUC averaged over the folds, as `make demo`'s summary reports it. Needs notebook
-01's `32x96x96` cache of the data root. Two trials at `--threads 1` side by side use the 2
-cores best; the minutes are then those of a shared machine.
+01's `32x96x96` cache of the data root. The README's trials ran two at a time at
+`--threads 1`, so their minutes are those of a shared machine.
 """
 
 from __future__ import annotations
