@@ -178,3 +178,74 @@ def precision_recall_curves(labels: object, predictions: object) -> Figure:
     axes[0].set_ylabel("precision", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# Organ colours of the segmentation figures (label value -> RGB), background transparent.
+ORGAN_COLOURS: dict[int, tuple[float, float, float]] = {
+    1: (0.85, 0.45, 0.2),  # liver
+    2: (0.6, 0.3, 0.8),  # spleen
+    3: (0.2, 0.7, 0.3),  # left kidney
+    4: (0.2, 0.5, 0.9),  # right kidney
+    5: (0.9, 0.8, 0.2),  # bowel
+}
+
+
+def _label_overlay(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W, 4) RGBA, organs coloured at 45 % opacity."""
+    rgba = np.zeros((*labels.shape, 4), dtype=np.float32)
+    for value, colour in ORGAN_COLOURS.items():
+        hit = labels == value
+        rgba[hit, :3] = colour
+        rgba[hit, 3] = 0.45
+    return rgba
+
+
+def segmentation_montage(
+    volumes: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    axial_fractions: Sequence[float] = (0.35, 0.55, 0.75),
+) -> Figure:
+    """One row per volume (image in [0, 1] and labels, both (slices, H, W), ascending z):
+    axial slices at the given fractions of the z range and the coronal slice through the
+    middle, with the organs coloured (liver orange, spleen purple, kidneys green/blue, bowel
+    yellow)."""
+    if not volumes:
+        raise ValueError("no volumes to show")
+    n_cols = len(axial_fractions) + 1
+    fig, axes = plt.subplots(
+        len(volumes), n_cols, figsize=(2.6 * n_cols, 2.6 * len(volumes)), squeeze=False
+    )
+    for row, (name, (image, labels)) in enumerate(volumes.items()):
+        n_slices, height, _ = image.shape
+        for col, fraction in enumerate(axial_fractions):
+            index = min(n_slices - 1, round(fraction * (n_slices - 1)))
+            axes[row, col].imshow(image[index], cmap="gray", vmin=0, vmax=1)
+            axes[row, col].imshow(_label_overlay(labels[index]))
+            axes[row, col].set_title(f"{name} z={index}/{n_slices}", fontsize=8)
+        coronal = (image[::-1, height // 2, :], labels[::-1, height // 2, :])
+        aspect = (image.shape[2] / n_slices) * 0.5
+        axes[row, -1].imshow(coronal[0], cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        axes[row, -1].imshow(_label_overlay(coronal[1]), aspect=aspect)
+        axes[row, -1].set_title(f"{name} coronal", fontsize=8)
+        for ax in axes[row]:
+            ax.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def segmentation_curves(log_csv: str | Path) -> Figure:
+    """Training loss and held-out Dice per organ over the epochs of notebook 06."""
+    import csv
+
+    with open(log_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
+    loss_ax.plot(epochs, [float(r["loss"]) for r in rows])
+    loss_ax.set(xlabel="epoch", ylabel="Dice + CE loss", title="training loss")
+    for key in [k for k in (rows[0] if rows else {}) if k.startswith("dice_")]:
+        values = [float(r[key]) if r[key] not in ("", "None") else np.nan for r in rows]
+        dice_ax.plot(epochs, values, label=key.removeprefix("dice_"))
+    dice_ax.set(xlabel="epoch", ylabel="Dice", title="held-out Dice", ylim=(0, 1))
+    dice_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

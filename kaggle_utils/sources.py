@@ -106,6 +106,25 @@ def ras_to_axial(canonical: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(flipped.transpose(axes))
 
 
+def nifti_to_axial(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI array (i, j, k) in any orientation to the `load_series` layout, with the
+    affine of its closest canonical RAS+ form (what `slice_positions` takes).
+
+    nibabel's `io_orientation` reads from the affine which array axis runs along which
+    patient axis and in which direction; `apply_orientation` makes it RAS+, then
+    `ras_to_axial`. Nothing is guessed from the array's shape.
+
+    Raises:
+        nibabel.orientations.OrientationError, ValueError: a singular affine.
+    """
+    from nibabel import orientations
+
+    ornt = orientations.io_orientation(affine)
+    canonical = orientations.apply_orientation(data, ornt)
+    canonical_affine = affine @ orientations.inv_ornt_aff(ornt, data.shape)
+    return ras_to_axial(canonical), canonical_affine
+
+
 def slice_positions(canonical_affine: np.ndarray, n_slices: int) -> np.ndarray:
     """Position (mm) of each slice k of a canonical volume along the slice normal.
 
@@ -173,13 +192,10 @@ def load_nifti_series(path: str | Path) -> Series:
         data = data[..., 0]
 
     try:
-        ornt = orientations.io_orientation(image.affine)
-        canonical = orientations.apply_orientation(data, ornt)
-        canonical_affine = image.affine @ orientations.inv_ornt_aff(ornt, data.shape)
+        hu, canonical_affine = nifti_to_axial(data, image.affine)
     except (orientations.OrientationError, ValueError) as error:  # a singular affine
         raise ValueError(f"{path}: cannot orient the volume from its affine ({error})") from error
-    hu = ras_to_axial(canonical)
-    del data, canonical
+    del data
     if not np.isfinite(hu).all():
         np.nan_to_num(hu, copy=False, nan=AIR_HU, posinf=AIR_HU, neginf=AIR_HU)
 

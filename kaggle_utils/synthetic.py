@@ -72,8 +72,8 @@ COMPLETE_MARKER = "_COMPLETE"
 # silently reused (2: larger low-grade injuries; 3: demo-scale floors on every lesion's size,
 # fat pads and clots around the spleen and kidneys, an enhancing spleen, larger kidneys injured
 # as often as the other organs, larger extravasation, free air and bowel wall; see the module
-# docstring).
-GENERATOR_VERSION = 3
+# docstring; 4: organ masks in `segmentations/`, the pixel data and CSVs unchanged).
+GENERATOR_VERSION = 4
 
 BINARY_CLASSES: tuple[str, ...] = ("healthy", "injury")
 TERNARY_CLASSES: tuple[str, ...] = ("healthy", "low", "high")
@@ -326,6 +326,11 @@ ORGAN_LABELS: dict[str, int] = {
     "ivc": 9,
     "table": 10,
 }
+# The competition's `segmentations/<series_id>.nii` label values (SPEC sec. 2).
+SEGMENTATION_LABELS: dict[str, int] = {
+    name: ORGAN_LABELS[name] for name in ("liver", "spleen", "kidney_left", "kidney_right", "bowel")
+}
+SEGMENTATIONS_DIR = "segmentations"
 # The organs whose cut-off by the scan range makes a series `incomplete_organ`.
 SOLID_ORGANS: tuple[str, ...] = ("liver", "spleen", "kidney_left", "kidney_right")
 # Injuries that image_level_labels.csv lists by slice stay inside every series' z range.
@@ -1059,6 +1064,7 @@ class SeriesRecord:
     instance_numbers: tuple[int, ...]  # in z order from the top (slice 0 = most superior)
     flagged: dict[str, tuple[int, ...]]
     patient_position: str
+    segmented: bool = False  # has a segmentations/<series_id>.nii
 
 
 def _slice_dataset(
@@ -1128,9 +1134,69 @@ def _series_views(rng: np.random.Generator, anatomy: Anatomy, n_series: int) -> 
     return views
 
 
+def segmentation_label_map(phantom: Phantom) -> np.ndarray:
+    """The phantom's organs as one (slices, H, W) uint8 map of `SEGMENTATION_LABELS`, in the
+    phantom's layout (slice 0 most superior, columns towards the patient's left)."""
+    labels = np.zeros(phantom.hu.shape, dtype=np.uint8)
+    for name, value in SEGMENTATION_LABELS.items():
+        labels[phantom.masks[name]] = value
+    return labels
+
+
+def segmentation_affine(
+    shape: tuple[int, int, int],
+    origin: tuple[float, float, float],
+    pixel_spacing: float,
+    z_spacing: float,
+) -> np.ndarray:
+    """The RAS+ affine of a mask stored as the competition stores it, for a series of
+    `shape` (slices, H, W) whose lowest slice's first pixel sits at `origin` (DICOM patient
+    coordinates, LPS mm) with ImageOrientationPatient [1,0,0,0,1,0].
+
+    The stored array is (columns, rows from the bottom, slices from the feet): public
+    solutions read it with `nib.load(path).get_fdata().transpose(1, 0, 2)[::-1]` to get the
+    (rows, columns, slices) of the DICOM grid with the slices in ascending
+    ImagePositionPatient z. Voxel (i, j, k) is column i, row H-1-j, k-th slice from the
+    bottom; LPS (x, y, z) becomes RAS (-x, -y, z)."""
+    _, height, _ = shape
+    x0, y0, z0 = origin
+    return np.array(
+        [
+            [-pixel_spacing, 0.0, 0.0, -x0],
+            [0.0, pixel_spacing, 0.0, -(y0 + (height - 1) * pixel_spacing)],
+            [0.0, 0.0, z_spacing, z0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+
+
+def write_segmentation(path: Path, labels: np.ndarray, affine: np.ndarray) -> None:
+    """`labels` (slices from the top, rows, columns; the phantom's layout) as an
+    uncompressed NIfTI in the competition's storage order (`segmentation_affine`)."""
+    import nibabel as nib
+
+    stored = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0))  # (i, j, k)
+    image = nib.Nifti1Image(stored, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+
+
+def is_segmented(config: SyntheticConfig, plan: PatientPlan) -> bool:
+    """Whether the patient's first series gets a mask (train patients only, about
+    `segmented_share` of them), from a generator of its own so that no other draw moves."""
+    if plan.split != "train":
+        return False
+    return bool(
+        np.random.default_rng([config.seed, plan.index, 1]).random() < config.segmented_share
+    )
+
+
 def write_patient(plan: PatientPlan, config: SyntheticConfig, root: Path) -> list[SeriesRecord]:
     """Render and write all series of one patient from its own generator."""
     rng = np.random.default_rng([config.seed, plan.index])
+    segmented = is_segmented(config, plan)
     anatomy = sample_anatomy(rng, plan.labels)
     views = _series_views(rng, anatomy, len(plan.series))
     pixel_spacing = FIELD_OF_VIEW_MM / config.image_size * _u(rng, 0.92, 1.08)
@@ -1168,6 +1234,14 @@ def write_patient(plan: PatientPlan, config: SyntheticConfig, root: Path) -> lis
             name: tuple(sorted(int(n) for n in numbers[phantom.slice_flags[name]]))
             for name in INJURY_NAMES
         }
+        mask_written = segmented and series is plan.series[0]
+        if mask_written:
+            bottom = (x0, y0, z_top - (n_slices - 1) * z_spacing)
+            write_segmentation(
+                root / SEGMENTATIONS_DIR / f"{series.series_id}.nii",
+                segmentation_label_map(phantom),
+                segmentation_affine(phantom.hu.shape, bottom, pixel_spacing, z_spacing),
+            )
         records.append(
             SeriesRecord(
                 plan=series,
@@ -1178,6 +1252,7 @@ def write_patient(plan: PatientPlan, config: SyntheticConfig, root: Path) -> lis
                 instance_numbers=tuple(int(n) for n in numbers),
                 flagged=flagged,
                 patient_position=position,
+                segmented=mask_written,
             )
         )
     return records
@@ -1197,6 +1272,9 @@ class SyntheticConfig:
     min_slices: int = 40
     max_slices: int = 64
     seed: int = 2023
+    # share of the train patients whose first series gets an organ mask (the competition
+    # has ~206 of ~4,700 series; the demo needs enough to train the segmentation step)
+    segmented_share: float = 0.3
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -1206,6 +1284,8 @@ class SyntheticConfig:
             raise ValueError("image_size must be >= 32")
         if not 3 <= self.min_slices <= self.max_slices:
             raise ValueError("need 3 <= min_slices <= max_slices (one slice gets truncated)")
+        if not 0.0 <= self.segmented_share <= 1.0:
+            raise ValueError("segmented_share must be in [0, 1]")
 
     def options(self) -> dict[str, int]:
         """Everything that determines the data (all but `overwrite`, plus the generator's
@@ -1380,15 +1460,16 @@ def _readme(config: SyntheticConfig, records: list[SeriesRecord], truncated: Pat
         f"Truncated on purpose (not recorded in any CSV): `{truncated.as_posix()}`",
         "",
         "| split | patient_id | series_id | slices | z spacing (mm) | encoding | transfer syntax "
-        "| InstanceNumber vs z | PatientPosition |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| InstanceNumber vs z | PatientPosition | organ mask |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         p = r.plan
         order = "increases with z" if p.instance_up_with_z else "decreases with z"
         lines.append(
             f"| {p.split} | {p.patient_id} | {p.series_id} | {r.n_slices} | {r.z_spacing:g} "
-            f"| {p.encoding.name} | {SYNTAX_NAMES[p.syntax]} | {order} | {r.patient_position} |"
+            f"| {p.encoding.name} | {SYNTAX_NAMES[p.syntax]} | {order} | {r.patient_position} "
+            f"| {'yes' if r.segmented else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -1438,6 +1519,7 @@ def generate_dataset(out_dir: Path, config: SyntheticConfig, workers: int = 1) -
         plans, truncated_index = plan_dataset(config)
         records = _write_patients(plans, config, tmp, workers)
         (tmp / "test_images").mkdir(exist_ok=True)
+        (tmp / SEGMENTATIONS_DIR).mkdir(exist_ok=True)
         _write_tables(tmp, plans, records)
         train_records = [r for r in records if r.plan.split == "train"]
         truncated = _truncate(tmp, train_records[truncated_index])
@@ -1469,6 +1551,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-slices", type=int, default=defaults.min_slices)
     parser.add_argument("--max-slices", type=int, default=defaults.max_slices)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--segmented-share",
+        type=float,
+        default=defaults.segmented_share,
+        help="share of train patients with an organ mask in segmentations/",
+    )
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="processes rendering patients")
     return parser.parse_args(argv)
@@ -1483,6 +1571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_slices=args.min_slices,
         max_slices=args.max_slices,
         seed=args.seed,
+        segmented_share=args.segmented_share,
         overwrite=args.overwrite,
     )
     out_dir: Path = args.out_dir

@@ -25,7 +25,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 def test_there_are_notebooks() -> None:
     assert [p.name for p in NOTEBOOKS] == [
         "01_dicom_preprocess.py", "02_voco2d_pretrain.py", "03_finetune_bilstm.py",
-        "04_submission.py", "05_experiments.py",
+        "04_submission.py", "05_experiments.py", "06_organ_segmentation.py",
     ]  # fmt: skip
 
 

@@ -18,7 +18,7 @@ DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow"}
 # imported by kaggle_utils but only optionally (guarded imports with a fallback)
 # Imported only inside the functions that need them; papermill (the experiment batch's runner)
 # is in the `notebooks` extra.
-OPTIONAL_IMPORTS = {"pandas", "monai", "einops", "IPython", "papermill"}
+OPTIONAL_IMPORTS = {"pandas", "einops", "IPython", "papermill"}
 
 
 def pyproject() -> dict:
