@@ -56,6 +56,7 @@ from kaggle_utils.models import input_normalisation, warmup_cosine
 from kaggle_utils.preprocess import cache_settings
 from kaggle_utils.pretrain_data import ResumableSampler
 from kaggle_utils.report import ensemble_patients, training_prior
+from kaggle_utils.segmentation import TARGET_ORGANS
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
 PROBABILITY_COLUMNS: tuple[str, ...] = LABEL_COLUMNS  # the submission's 13 columns
@@ -70,6 +71,10 @@ class FinetuneConfig(runtime.JsonConfig):
     cache_dir: str | list[str] = ""
     output_dir: str = "outputs/finetune"
     shape: list[int] = field(default_factory=lambda: [96, 256, 256])  # cached volume shape
+    # what the model sees: "scan" (the whole scan, the paper's multi-organ setting) or an
+    # organ ("liver", "spleen", "kidney", "bowel": its crop, `organ_crops`, with that organ's
+    # head only: the paper's single-organ setting); `cache_dir` is then the crop cache
+    input: str = "scan"
     backbone: str = "efficientnetv2_rw_t"
     init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
     encoder_file: str = ""  # notebook 02's encoder.pt
@@ -141,6 +146,17 @@ class FinetuneConfig(runtime.JsonConfig):
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
+        if self.input != "scan":
+            if self.input not in TARGET_ORGANS:
+                raise ValueError(
+                    f"input must be 'scan' or an organ of {tuple(TARGET_ORGANS)}, not "
+                    f"{self.input!r}"
+                )
+            if list(self.targets) != [self.input]:
+                raise ValueError(
+                    f"input {self.input!r} (an organ crop) trains that organ's head only: "
+                    f"targets must be [{self.input!r}], not {list(self.targets)}"
+                )
 
 
 @dataclass
@@ -719,6 +735,7 @@ def _build_model(config: FinetuneConfig, in_chans: int) -> CNNBiLSTM:
 
 def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[str, float]) -> None:
     meta = {
+        "input": config.input,
         "backbone": config.backbone,
         "in_chans": in_chans,
         "targets": list(config.targets),

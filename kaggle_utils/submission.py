@@ -322,6 +322,12 @@ def load_fold_models(model_dir: Path, device: torch.device) -> list[FoldModel]:
             model_dir, ", ".join(unfinished),
         )  # fmt: skip
     first = folds[0].meta
+    if first.get("input", "scan") != "scan":
+        raise ValueError(
+            f"{model_dir}: these models were trained on {first['input']} crops (notebook 03's "
+            "input); notebook 04 predicts from whole scans only so far: submit a model "
+            "trained with input='scan'"
+        )
     for fold in folds[1:]:
         for key in ("shape", "in_chans"):
             if fold.meta[key] != first[key]:

@@ -40,7 +40,12 @@
 data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
 cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs; "": outputs/cache
 output_dir: str = ""  # run folder; empty: outputs/finetune (/kaggle/working/finetune)
-shape: list = [96, 256, 256]  # cached (slices, H, W) volumes to train on
+shape: list = [96, 256, 256]  # cached (slices, H, W) volumes to train on (or the organ crops')
+input: str = "scan"  # "scan" (whole scan), or an organ's crop: liver, spleen, kidney, bowel
+segmentation_dir: str = ""  # notebook 06's run, for an organ input; empty: outputs/segmentation
+crop_source_shape: list = [96, 256, 256]  # the cached shape organ crops are cut from
+crop_margin: float = 0.1  # added on each side of an organ's box, as a share of its size
+crops_dir: str = ""  # where organ-crop caches are made; empty: outputs/crops
 backbone: str = "efficientnetv2_rw_t"  # timm name; must match notebook 02's for init "voco"
 init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
 encoder_file: str = ""  # notebook 02's encoder.pt; empty: outputs/pretrain/encoder.pt
@@ -156,6 +161,7 @@ from kaggle_utils.finetune import (
     run_cross_validation,
     stopped_message,
 )
+from kaggle_utils.organ_crops import organ_crop_cache
 from kaggle_utils.plots import confusion_matrices, precision_recall_curves
 from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
 
@@ -166,13 +172,23 @@ caches = preprocess.resolve_cache_dirs(
     cache_dir or paths.resolve_output_dir("", default_name="cache")
 )
 run_dir = paths.resolve_output_dir(output_dir, default_name="finetune")
+if input != "scan":  # the paper's single-organ setting: the organ's crops, its head only
+    targets = [input]
+    segmentation_run = segmentation_dir or paths.resolve_output_dir("", "segmentation")
+    crop_root = crops_dir or paths.resolve_output_dir("", "crops")
+    caches = [
+        organ_crop_cache(
+            input, segmentation_run, caches, crop_root, crop_source_shape, shape, crop_margin
+        )
+    ]
+    print(f"{input} crops ({preprocess.shape_name(shape)}) from {segmentation_run}: {caches[0]}")
 if resume_from:
     runtime.copy_previous_run(resume_from, run_dir)
 if init == "voco" and not encoder_file:
     encoder_file = str(paths.resolve_output_dir("", default_name="pretrain") / "encoder.pt")
 config = FinetuneConfig(
     data_root=str(root), cache_dir=[str(c) for c in caches], output_dir=str(run_dir),
-    shape=list(shape), backbone=backbone, init=init, encoder_file=encoder_file,
+    shape=list(shape), input=input, backbone=backbone, init=init, encoder_file=encoder_file,
     weights_file=weights_file,
     targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
     pooling=pooling, global_pool=global_pool, n_slices=n_slices, image_size=image_size,

@@ -176,3 +176,30 @@ def run_torchrun_on_cpu(module: str, config_file: Path, nproc: int = 2) -> None:
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def segmented_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic competition in which every train patient's first series has an organ
+    mask in segmentations/."""
+    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("segmented") / "demo-rsna"
+    config = SyntheticConfig(
+        train_patients=6, test_patients=2, image_size=64, min_slices=12, max_slices=16, seed=11,
+        segmented_share=1.0,
+    )  # fmt: skip
+    return generate_dataset(root, config)
+
+
+@pytest.fixture(scope="session")
+def segmented_cache(segmented_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Notebook 01's cache (8x32x32) of `segmented_competition`'s train and test series."""
+    from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+
+    cache = tmp_path_factory.mktemp("segmented-cache")
+    config = PreprocessConfig(shapes=((8, 32, 32),))
+    for split in ("train", "test"):
+        tasks = list_series(segmented_competition, split)
+        preprocess_dataset(tasks, cache, config, workers=0, progress=False)
+    return cache

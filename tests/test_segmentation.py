@@ -14,14 +14,8 @@ import pytest
 
 from kaggle_utils import segmentation as seg
 from kaggle_utils.dicom import load_series
-from kaggle_utils.preprocess import (
-    PreprocessConfig,
-    list_series,
-    load_cached_volume,
-    load_metadata,
-    preprocess_dataset,
-)
-from kaggle_utils.synthetic import SEGMENTATIONS_DIR, SyntheticConfig, generate_dataset
+from kaggle_utils.preprocess import list_series, load_cached_volume, load_metadata
+from kaggle_utils.synthetic import SEGMENTATIONS_DIR
 from kaggle_utils.volume import crop_and_resample
 from tests.conftest import write_ct_dicom
 
@@ -256,16 +250,6 @@ def test_real_organ_labels_come_out_on_the_right_side_of_the_patient(real_ct_dir
 # --------------------------------------------------------------------------- the generator
 
 
-@pytest.fixture(scope="module")
-def segmented_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("segmented") / "demo-rsna"
-    config = SyntheticConfig(
-        train_patients=6, test_patients=2, image_size=64, min_slices=12, max_slices=16, seed=11,
-        segmented_share=1.0,
-    )  # fmt: skip
-    return generate_dataset(root, config)
-
-
 def test_generated_masks_are_stored_as_the_competitions(segmented_competition: Path) -> None:
     """Public solutions read a competition mask with `get_fdata().transpose(1, 0, 2)[::-1]`
     and get (rows, columns, slices) of the DICOM grid, slices in ascending z: so do ours,
@@ -298,16 +282,6 @@ def test_generated_masks_are_stored_as_the_competitions(segmented_competition: P
         columns = np.nonzero(aligned == 1)[2].mean(), np.nonzero(aligned == 2)[2].mean()
         assert columns[0] < hu.shape[2] / 2 < columns[1]  # liver on the patient's right
     assert min(checked.values()) >= 1
-
-
-@pytest.fixture(scope="module")
-def segmented_cache(segmented_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cache = tmp_path_factory.mktemp("segmented-cache")
-    config = PreprocessConfig(shapes=((8, 32, 32),))
-    for split in ("train", "test"):
-        tasks = list_series(segmented_competition, split)
-        preprocess_dataset(tasks, cache, config, workers=0, progress=False)
-    return cache
 
 
 def test_cached_masks_lie_on_the_cached_organs(
