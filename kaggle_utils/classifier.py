@@ -89,24 +89,33 @@ class CNNBiLSTM(nn.Module):
         """Volume logits per target; with `with_slices`, also the slice logits
         (B, S, n_slice_targets), None without a slice head. A flag, not a second method, so
         that DDP's wrapper (which only calls forward) serves both."""
-        # volumes: (B, S, C, H, W)
-        batch, n_slices = volumes.shape[:2]
-        features = self.backbone(volumes.flatten(0, 1)).view(batch, n_slices, -1)  # (B, S, F)
-        sequence, _ = self.lstm(features)  # (B, S, 2H)
-        if self.pooling == "max":
-            pooled = sequence.amax(dim=1)
-        elif self.pooling == "mean":
-            pooled = sequence.mean(dim=1)
-        else:
-            assert self.attention is not None
-            weights = torch.softmax(self.attention(sequence), dim=1)  # (B, S, 1)
-            pooled = (weights * sequence).sum(dim=1)
-        pooled = self.dropout(pooled)  # (B, 2H)
-        logits = {target: head(pooled) for target, head in self.heads.items()}
+        sequence = self.lstm(self.slice_features(volumes))[0]  # (B, S, 2H)
+        logits = self.heads_of(self.pool(sequence)[0])
         if not with_slices:
             return logits
         slice_logits = self.slice_head(sequence) if self.slice_head is not None else None
         return logits, slice_logits
+
+    def slice_features(self, volumes: Tensor) -> Tensor:
+        """(B, S, C, H, W) volumes -> (B, S, F): the backbone's pooled feature of every slice."""
+        batch, n_slices = volumes.shape[:2]
+        return self.backbone(volumes.flatten(0, 1)).view(batch, n_slices, -1)
+
+    def pool(self, sequence: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, S, 2H) BiLSTM outputs -> (B, 2H) pooled over slices, and the attention weights
+        (B, S) with attention pooling (else None)."""
+        if self.pooling == "max":
+            return sequence.amax(dim=1), None
+        if self.pooling == "mean":
+            return sequence.mean(dim=1), None
+        assert self.attention is not None
+        weights = torch.softmax(self.attention(sequence), dim=1)  # (B, S, 1)
+        return (weights * sequence).sum(dim=1), weights[..., 0]
+
+    def heads_of(self, pooled: Tensor) -> dict[str, Tensor]:
+        """(B, 2H) pooled features -> {target: logits}, through dropout."""
+        pooled = self.dropout(pooled)
+        return {target: head(pooled) for target, head in self.heads.items()}
 
     @torch.no_grad()
     def start_at_prior(self, prior: dict[str, float]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -247,5 +248,32 @@ def segmentation_curves(log_csv: str | Path) -> Figure:
         dice_ax.plot(epochs, values, label=key.removeprefix("dice_"))
     dice_ax.set(xlabel="epoch", ylabel="Dice", title="held-out Dice", ylim=(0, 1))
     dice_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def importance_strip(explanation: Any, target: str, n_top: int = 6) -> Figure:
+    """The `n_top` slices that mattered most for `target` (an `importance.SeriesExplanation`),
+    in scan order, above the importance curve over the whole scan; slices image_level_labels
+    marks for the target are shaded."""
+    weights = explanation.importance[target]
+    top = np.sort(np.argsort(-weights, kind="stable")[: min(n_top, len(weights))])
+    fig = plt.figure(figsize=(1.8 * len(top), 3.8))
+    grid = fig.add_gridspec(2, len(top), height_ratios=(1.2, 1.0))
+    for col, index in enumerate(top):
+        ax = fig.add_subplot(grid[0, col])
+        ax.imshow(explanation.images[index], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"slice {explanation.slices[index]}: {weights[index]:.2f}", fontsize=7)
+        ax.set_axis_off()
+    curve = fig.add_subplot(grid[1, :])
+    curve.plot(explanation.slices, weights, marker=".")
+    marked = explanation.marked.get(target)
+    if marked is not None:
+        for index in np.flatnonzero(marked):
+            at = explanation.slices[index]
+            curve.axvspan(at - 0.5, at + 0.5, color="tab:red", alpha=0.2, lw=0)
+    p_injury = 1.0 - float(explanation.probabilities[target][0])
+    title = f"patient {explanation.patient_id}, {target}: p(injury) {p_injury:.2f}"
+    curve.set(xlabel="cached slice (feet -> head)", ylabel="importance", title=title)
     fig.tight_layout()
     return fig

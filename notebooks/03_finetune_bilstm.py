@@ -85,6 +85,9 @@ resume: bool = True  # skip finished folds, resume an interrupted one
 resume_from: str = ""  # an earlier run folder (Kaggle: /kaggle/input/...), copied in to resume
 time_limit_s: float = 0.0  # stop cleanly between epochs after about this long; 0 for no limit
 launch: str = "inprocess"  # "inprocess" or "torchrun" (one process per GPU)
+importance_method: str = "auto"  # slice importance: "auto", "attention" or "gradient"
+explain_patients: int = 4  # validation patients shown with their most important slices
+importance_series: int = 200  # validation series (per fold) the slice ranking is measured on
 nproc_per_node: int = 0  # torchrun processes; 0 for one per GPU
 install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
 smoke: bool = False  # tiny, fast settings for tests
@@ -157,12 +160,15 @@ from kaggle_utils.calibration import CALIBRATION_FILE, calibrate_cross_validatio
 from kaggle_utils.finetune import (
     FinetuneConfig,
     launch_torchrun,
+    load_fold_model,
     read_labels,
     run_cross_validation,
     stopped_message,
 )
+from kaggle_utils.finetune_data import SLICE_TARGETS, series_table
+from kaggle_utils.importance import explain_series, marked_slice_ranking
 from kaggle_utils.organ_crops import organ_crop_cache
-from kaggle_utils.plots import confusion_matrices, precision_recall_curves
+from kaggle_utils.plots import confusion_matrices, importance_strip, precision_recall_curves
 from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
 
 if smoke:
@@ -273,3 +279,47 @@ if result.finished:
     display(curves)
 else:
     print(SKIPPED)
+
+# %% [markdown]
+# ## Which slices drove the predictions
+#
+# Per target, each slice's importance for the prediction (`kaggle_utils/importance.py`): the
+# attention pooling's weight, or with max or mean pooling |gradient x input| of the target's
+# injury log-odds on each slice's feature. Each fold model explains its own validation
+# series. Where `image_level_labels.csv` marks the slices that show a bowel injury or
+# extravasation, the measure is how much higher those rank: the AUC of importance against
+# the marks (0.5: chance) and their mean rank (0: the most important slice). Below, the most
+# important slices of a few injured and healthy patients, with the importance over the scan
+# (marked slices shaded).
+
+# %%
+if result.finished and (explain_patients or importance_series):
+    image_labels_file = root / "image_level_labels.csv"
+    image_labels = pl.read_csv(image_labels_file) if image_labels_file.is_file() else None
+    table = series_table(labels, config.cache_dir, config.shape, image_labels=image_labels)
+    table = table.join(result.folds, on="patient_id")
+    explanations = []
+    for fold in sorted(result.fold_scores):
+        model, _ = load_fold_model(run_dir / f"fold{fold}")
+        rows = table.filter(pl.col("fold") == fold).head(max(importance_series, 1))
+        explanations += explain_series(
+            model, rows, config.n_slices, config.image_size, importance_method
+        )
+    ranking = {t: marked_slice_ranking(explanations, t) for t in SLICE_TARGETS}
+    (run_dir / "importance.json").write_text(json.dumps(ranking, indent=1))
+    display(pl.DataFrame([{"target": t, **v} for t, v in ranking.items()]))
+    injured = set(labels.filter(pl.col("any_injury") == 1)["patient_id"])
+    picks = [e for e in explanations if e.patient_id in injured][: (explain_patients + 1) // 2]
+    picks += [e for e in explanations if e.patient_id not in injured][: explain_patients // 2]
+    for number, explanation in enumerate(picks):
+        marked = [t for t, m in explanation.marked.items() if m.any()]
+        target = (
+            marked[0]
+            if marked
+            else max(explanation.probabilities, key=lambda t: 1 - explanation.probabilities[t][0])
+        )
+        fig = importance_strip(explanation, target)
+        fig.savefig(run_dir / f"importance_{number}.png", dpi=80, bbox_inches="tight")
+        plt.show()
+else:
+    print(SKIPPED if not result.finished else "importance: off")

@@ -119,7 +119,7 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert report["summary"]["rsna_score"]["mean"] > 0
     assert report["calibrated"]["summary"]["rsna_score"]["n"] == 2  # cross-fitted, both folds
     for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet",
-                 "calibration.json"):  # fmt: skip
+                 "calibration.json", "importance.json", "importance_0.png"):  # fmt: skip
         assert (finetune / name).is_file(), name
     run_notebook(
         "04_submission", tmp_path, data_root=str(tiny_competition), model_dir=str(finetune),
