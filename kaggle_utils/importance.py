@@ -177,3 +177,23 @@ def marked_slice_ranking(
         "auc": float(np.mean(aucs)) if aucs else None,
         "mean_rank": float(np.mean(ranks)) if ranks else None,
     }
+
+
+def pick_examples(
+    explanations: Sequence[SeriesExplanation], injured: set[int], n_patients: int
+) -> list[tuple[SeriesExplanation, str]]:
+    """Up to `n_patients` explanations to show, half of injured patients and half of healthy
+    ones, each with the target to show: one with marked slices, else the one the model
+    thought most likely injured."""
+    picks = [e for e in explanations if e.patient_id in injured][: (n_patients + 1) // 2]
+    picks += [e for e in explanations if e.patient_id not in injured][: n_patients // 2]
+    shown = []
+    for explanation in picks:
+        marked = [t for t, m in explanation.marked.items() if m.any()]
+        target = (
+            marked[0]
+            if marked
+            else max(explanation.probabilities, key=lambda t: 1 - explanation.probabilities[t][0])
+        )
+        shown.append((explanation, target))
+    return shown

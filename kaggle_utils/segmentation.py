@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -637,7 +637,7 @@ def run_segmentation(config: SegmentationConfig, progress: bool = True) -> Segme
     precision = runtime.resolve_precision(config.precision, device)
     dice = evaluate(model, holdout_set, device, precision)
     runtime.save_torch_atomic(model.state_dict(), out / "model.pt")
-    settings = {"config": _plain(config), "in_channels": int(train_set[0].image.shape[0])}
+    settings = {"config": asdict(config), "in_channels": int(train_set[0].image.shape[0])}
     runtime.write_text_atomic(out / "model.json", json.dumps(settings, indent=1))
     summary = {
         "dice": dice,
@@ -650,15 +650,6 @@ def run_segmentation(config: SegmentationConfig, progress: bool = True) -> Segme
     return SegmentationResult(
         out, epochs_done, dice, len(train_set), len(holdout_set), problems, organs
     )
-
-
-def _plain(config: SegmentationConfig) -> dict[str, Any]:
-    import dataclasses
-
-    payload = dataclasses.asdict(config)
-    if not isinstance(payload["cache_dir"], str):
-        payload["cache_dir"] = [str(p) for p in payload["cache_dir"]]
-    return payload
 
 
 def organ_table(output_dir: str | Path) -> pl.DataFrame:

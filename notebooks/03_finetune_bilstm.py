@@ -166,7 +166,7 @@ from kaggle_utils.finetune import (
     stopped_message,
 )
 from kaggle_utils.finetune_data import SLICE_TARGETS, series_table
-from kaggle_utils.importance import explain_series, marked_slice_ranking
+from kaggle_utils.importance import explain_series, marked_slice_ranking, pick_examples
 from kaggle_utils.organ_crops import organ_crop_cache
 from kaggle_utils.plots import confusion_matrices, importance_strip, precision_recall_curves
 from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
@@ -309,15 +309,9 @@ if result.finished and (explain_patients or importance_series):
     (run_dir / "importance.json").write_text(json.dumps(ranking, indent=1))
     display(pl.DataFrame([{"target": t, **v} for t, v in ranking.items()]))
     injured = set(labels.filter(pl.col("any_injury") == 1)["patient_id"])
-    picks = [e for e in explanations if e.patient_id in injured][: (explain_patients + 1) // 2]
-    picks += [e for e in explanations if e.patient_id not in injured][: explain_patients // 2]
-    for number, explanation in enumerate(picks):
-        marked = [t for t, m in explanation.marked.items() if m.any()]
-        target = (
-            marked[0]
-            if marked
-            else max(explanation.probabilities, key=lambda t: 1 - explanation.probabilities[t][0])
-        )
+    for number, (explanation, target) in enumerate(
+        pick_examples(explanations, injured, explain_patients)
+    ):
         fig = importance_strip(explanation, target)
         fig.savefig(run_dir / f"importance_{number}.png", dpi=80, bbox_inches="tight")
         plt.show()

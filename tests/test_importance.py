@@ -96,5 +96,7 @@ def test_explanations_of_cached_series_carry_their_marked_slices(
     assert known and all(e.marked["bowel"].shape == (6,) for e in known)
     ranking = importance.marked_slice_ranking(explanations, "bowel")
     assert set(ranking) == {"n_series", "auc", "mean_rank"}
+    shown = importance.pick_examples(explanations, {first.patient_id}, 2)
+    assert shown[0][0] is first and len(shown) == 2
     figure = importance_strip(first, "liver", n_top=3)
     assert len(figure.axes) == 4
