@@ -189,15 +189,47 @@ def build_classifier(
 def load_voco_encoder(
     backbone: nn.Module, encoder_file: str | Path, backbone_name: str, in_chans: int
 ) -> None:
-    """Load notebook 02's encoder.pt into `backbone`, checking its encoder.json first."""
+    """Load notebook 02's encoder.pt into `backbone`, checking its encoder.json first.
+
+    A backbone that takes a multiple of the encoder's channels (2.5D input: neighbour slices
+    as channels) gets the pretrained first convolution adapted by `adapt_input_conv`."""
     encoder_file = Path(encoder_file)
     meta_file = encoder_file.with_suffix(".json")
+    state = load_state_dict_file(encoder_file)
+    pretrained_chans = in_chans
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        if meta.get("backbone") != backbone_name or meta.get("in_chans") != in_chans:
+        pretrained_chans = int(meta.get("in_chans", in_chans))
+        if meta.get("backbone") != backbone_name or in_chans % pretrained_chans:
             raise ValueError(
                 f"{encoder_file} was pretrained as {meta.get('backbone')} with "
-                f"{meta.get('in_chans')} channel(s), not {backbone_name} with {in_chans}: pass "
-                "the same backbone and windows as notebook 02"
+                f"{pretrained_chans} channel(s), not {backbone_name} with {in_chans} (or a "
+                "multiple of it, for neighbour slices): pass the same backbone and windows as "
+                "notebook 02"
             )
-    backbone.load_state_dict(load_state_dict_file(encoder_file))
+    if pretrained_chans != in_chans:
+        key = f"{first_conv_name(backbone)}.weight"
+        state[key] = adapt_input_conv(state[key], in_chans)
+    backbone.load_state_dict(state)
+
+
+def first_conv_name(backbone: nn.Module) -> str:
+    """The module name of a timm model's first convolution (its `pretrained_cfg`)."""
+    name = getattr(backbone, "pretrained_cfg", {}).get("first_conv")
+    if not name:
+        raise ValueError(f"{type(backbone).__name__} does not name its first convolution")
+    return str(name)
+
+
+def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
+    """A first convolution's (out, c, kh, kw) weight for `in_chans` input channels, by timm's
+    rule for ImageNet weights (`timm.models.adapt_input_conv`, which only starts from 3): the
+    pretrained channels repeated to fill `in_chans` and scaled by c / in_chans, so that an
+    input whose extra channels repeat the pretrained ones (neighbour slices of a slowly
+    varying scan) gives the pretrained response."""
+    source = weight.shape[1]
+    if in_chans == source:
+        return weight
+    repeats = -(-in_chans // source)
+    adapted = weight.float().repeat(1, repeats, 1, 1)[:, :in_chans] * (source / in_chans)
+    return adapted.to(weight.dtype)

@@ -44,19 +44,22 @@ from kaggle_utils.classifier import (
 )
 from kaggle_utils.finetune_data import (
     SLICE_TARGETS,
+    VISIBILITY_TARGETS,
     AugmentConfig,
     SeriesDataset,
     label_columns,
     make_folds,
+    organ_visibility_labels,
     series_table,
     training_subset,
 )
 from kaggle_utils.metric import ANY_INJURY, CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
-from kaggle_utils.preprocess import cache_settings
+from kaggle_utils.organ_crops import bundle_segmentation
+from kaggle_utils.preprocess import cache_settings, resolve_cache_dirs
 from kaggle_utils.pretrain_data import ResumableSampler
 from kaggle_utils.report import ensemble_patients, training_prior
-from kaggle_utils.segmentation import TARGET_ORGANS
+from kaggle_utils.segmentation import TARGET_ORGANS, organ_table
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
 PROBABILITY_COLUMNS: tuple[str, ...] = LABEL_COLUMNS  # the submission's 13 columns
@@ -105,6 +108,14 @@ class FinetuneConfig(runtime.JsonConfig):
     # weight of the per-slice bowel/extravasation loss from image_level_labels.csv (0: off;
     # also off when the file is missing or neither target is trained)
     slice_loss_weight: float = 1.0
+    # also train the slice head on kidney, liver and spleen with soft labels: the patient's
+    # injury x the organ's area on the slice (notebook 06's `organs.parquet` in
+    # `segmentation_dir`; 1st place's organ visibility); whole-scan input only
+    organ_visibility: bool = False
+    segmentation_dir: str = ""
+    # 2.5D: each slice fed with this many neighbours on either side as extra channels (1: three
+    # adjacent slices); a 2D-VoCo encoder's first convolution is adapted (timm's rule)
+    neighbour_slices: int = 0
     hflip_prob: float = 0.0
     affine_prob: float = 0.5
     brightness_contrast_prob: float = 0.5
@@ -146,6 +157,15 @@ class FinetuneConfig(runtime.JsonConfig):
         unknown = set(self.targets) - set(ALL_TARGETS)
         if unknown or not self.targets:
             raise ValueError(f"targets must be a non-empty subset of {ALL_TARGETS}")
+        if self.neighbour_slices < 0:
+            raise ValueError(f"neighbour_slices must be >= 0, not {self.neighbour_slices}")
+        if self.organ_visibility and self.input != "scan":
+            raise ValueError(
+                "organ_visibility weights the slices of whole scans (input 'scan'); an organ "
+                "crop shows its organ on nearly every slice"
+            )
+        if self.organ_visibility and not self.segmentation_dir:
+            raise ValueError("organ_visibility needs segmentation_dir (notebook 06's run folder)")
         if self.input != "scan":
             if self.input not in TARGET_ORGANS:
                 raise ValueError(
@@ -257,10 +277,17 @@ IMAGE_LABELS_FILE = "image_level_labels.csv"
 
 
 def slice_targets(config: FinetuneConfig) -> tuple[str, ...]:
-    """The targets trained with slice-level labels in this run (possibly none)."""
-    if config.slice_loss_weight <= 0 or not (Path(config.data_root) / IMAGE_LABELS_FILE).is_file():
+    """The targets trained with slice-level labels in this run (possibly none): bowel and
+    extravasation from image_level_labels.csv, kidney, liver and spleen with
+    `organ_visibility`."""
+    if config.slice_loss_weight <= 0:
         return ()
-    return tuple(t for t in SLICE_TARGETS if t in config.targets)
+    found: list[str] = []
+    if (Path(config.data_root) / IMAGE_LABELS_FILE).is_file():
+        found += [t for t in SLICE_TARGETS if t in config.targets]
+    if config.organ_visibility:
+        found += [t for t in VISIBILITY_TARGETS if t in config.targets]
+    return tuple(found)
 
 
 def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVResult:
@@ -278,11 +305,16 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     labels = read_labels(config.data_root)
     folds = _load_or_make_folds(labels, config, output_dir, rank, distributed)
     image_labels = None
-    if slice_targets(config):
+    if set(slice_targets(config)) & set(SLICE_TARGETS):
         image_labels = pl.read_csv(Path(config.data_root) / IMAGE_LABELS_FILE)
     table = series_table(labels, config.cache_dir, config.shape, image_labels=image_labels).join(
         folds, on="patient_id"
     )
+    if config.organ_visibility:
+        visibility = organ_visibility_labels(
+            organ_table(config.segmentation_dir), labels, config.shape[0]
+        )
+        table = table.join(visibility, on="series_id", how="left")
     if rank == 0:
         config.to_json(output_dir / "config.json")
         # The windows and body crop travel with the model folder (notebook 04 on Kaggle has
@@ -293,6 +325,14 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
             "body_crop": settings.body_crop,
         }
         runtime.write_text_atomic(output_dir / "preprocess.json", json.dumps(preprocess, indent=1))
+        if config.input != "scan":  # notebook 04 cuts the same crops from the test scans
+            crop_cache = resolve_cache_dirs(config.cache_dir)[0]
+            if not bundle_segmentation(output_dir, crop_cache, config.segmentation_dir or None):
+                print(
+                    f"note: no segmentation model in segmentation_dir "
+                    f"({config.segmentation_dir or 'not given'}) copied into {output_dir}: "
+                    "notebook 04 needs one to crop the test scans"
+                )
 
     fold_ids = config.folds_to_run or list(range(config.n_folds))
     scores: dict[int, float] = {}
@@ -357,7 +397,7 @@ def train_fold(
                          "validation series; use fewer folds or more data")  # fmt: skip
     runtime.seed_everything(config.seed + 1000 * fold + rank)
 
-    in_chans = _in_chans(train_rows)
+    in_chans = _in_chans(train_rows) * (2 * config.neighbour_slices + 1)
     model = _build_model(config, in_chans).to(device)
     trained_model: nn.Module = model
     if distributed:
@@ -373,7 +413,7 @@ def train_fold(
     )  # fmt: skip
     train_set = SeriesDataset(
         train_rows, config.targets, config.n_slices, config.image_size, True, augment,
-        config.seed + fold, model.slice_targets,
+        config.seed + fold, model.slice_targets, config.neighbour_slices,
     )  # fmt: skip
     sampler = ResumableSampler(len(train_set), config.seed + fold, rank, world)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size / config.grad_accum)
@@ -590,7 +630,10 @@ def predict_series(
     """Probabilities per series (softmax per target); targets the model was not trained on
     get the training folds' best-constant prior, so the table is always a full submission."""
     model.eval()
-    dataset = SeriesDataset(rows, config.targets, config.n_slices, config.image_size, False)
+    dataset = SeriesDataset(
+        rows, config.targets, config.n_slices, config.image_size, False,
+        neighbours=config.neighbour_slices,
+    )  # fmt: skip
     loader = DataLoader(
         dataset, batch_size=max(1, config.batch_size), num_workers=config.num_workers
     )
@@ -745,6 +788,7 @@ def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[s
         "pooling": config.pooling,
         "global_pool": config.global_pool,
         "slice_targets": list(slice_targets(config)),
+        "neighbour_slices": config.neighbour_slices,
         "n_slices": config.n_slices,
         "image_size": config.image_size,
         "shape": list(config.shape),

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from kaggle_utils.classifier import TARGET_CLASSES
 from kaggle_utils.metric import TARGET_GROUPS
 from kaggle_utils.preprocess import CacheDirs, cache_path, load_metadata
+from kaggle_utils.segmentation import area_at_depth
 
 # Targets with slice-level labels in image_level_labels.csv, by their injury_name there.
 SLICE_TARGETS: dict[str, str] = {"bowel": "Bowel", "extravasation": "Active_Extravasation"}
@@ -107,6 +108,54 @@ def cached_slice_labels(
                 value = [int(hits[start:stop].any()) for start, stop in spans]
             rows[f"slices_{target}"].append(value)
     schema = {"series_id": pl.Int64} | {f"slices_{t}": pl.List(pl.Int64) for t in SLICE_TARGETS}
+    return pl.DataFrame(rows, schema=schema)
+
+
+# Targets whose slices can be weighted by the organ's visible area (notebook 06's boxes).
+VISIBILITY_TARGETS: tuple[str, ...] = ("kidney", "liver", "spleen")
+
+
+def organ_visibility_labels(
+    organs: pl.DataFrame, labels: pl.DataFrame, n_cached: int
+) -> pl.DataFrame:
+    """series_id -> `slices_<target>` for kidney, liver and spleen: per cached slice, the
+    patient's injury (0 healthy, 1 low or high grade) times the organ's area on that slice over
+    its largest area in the series (1st place's soft slice labels). `organs` is notebook 06's
+    table; its areas, on the segmentation's grid, are resampled to the `n_cached` slices as the
+    volumes were. A series where the organ was not found has unknown (null) labels if the
+    patient is injured, zeros if not.
+    """
+    injured = class_indices(labels).select(
+        "patient_id", *[(pl.col(f"{t}_class") > 0).alias(t) for t in VISIBILITY_TARGETS]
+    )
+    injured_by_patient = {row["patient_id"]: row for row in injured.to_dicts()}
+    found = organs.filter(pl.col("organ").is_in(VISIBILITY_TARGETS))
+    areas: dict[tuple[int, str], list[float] | None] = {}
+    series_patient: dict[int, int] = {}
+    for row in found.select("series_id", "patient_id", "organ", "found", "area").iter_rows():
+        series_id, patient_id, organ, is_found, area = row
+        series_patient[int(series_id)] = int(patient_id)
+        areas[(int(series_id), organ)] = list(area) if is_found and area else None
+    rows: dict[str, list[Any]] = {"series_id": []} | {f"slices_{t}": [] for t in VISIBILITY_TARGETS}
+    for series_id, patient_id in sorted(series_patient.items()):
+        patient = injured_by_patient.get(patient_id)
+        if patient is None:
+            continue
+        rows["series_id"].append(series_id)
+        for target in VISIBILITY_TARGETS:
+            area = areas.get((series_id, target))
+            value: list[float] | None
+            if not patient[target]:
+                value = [0.0] * n_cached
+            elif area is None or max(area) <= 0:
+                value = None
+            else:
+                resampled = np.clip(area_at_depth(area, n_cached), 0.0, None)
+                value = (resampled / resampled.max()).round(4).tolist()
+            rows[f"slices_{target}"].append(value)
+    schema = {"series_id": pl.Int64} | {
+        f"slices_{t}": pl.List(pl.Float64) for t in VISIBILITY_TARGETS
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -300,11 +349,26 @@ def slice_indices(
     return np.clip(np.floor(positions).astype(np.int64), 0, n_available - 1)
 
 
+def slice_stack(volume: np.ndarray, indices: np.ndarray, neighbours: int = 0) -> np.ndarray:
+    """The slices `indices` of a (slices, C, H, W) volume as (len(indices), (2k+1) C, H, W):
+    with `neighbours` k > 0 (2.5D input), each slice with the k slices on either side as extra
+    channels, ordered from the lowest slice up (repeating the edge slice at the volume's ends),
+    each neighbour's C windows together."""
+    if neighbours <= 0:
+        return np.asarray(volume[indices])
+    offsets = np.arange(-neighbours, neighbours + 1)
+    around = np.clip(indices[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    stack = np.asarray(volume[around.ravel()])  # (S * (2k+1), C, H, W)
+    return stack.reshape(len(indices), len(offsets) * volume.shape[1], *volume.shape[2:])
+
+
 class SeriesDataset(Dataset):
     """Item i: {"image": uint8 (S, C, h, w), "labels": int64 (n_targets,), "any_injury": float,
     "patient_id": int, "series_id": int}, plus "slice_labels": float (S, n_slice_targets) with
     -1 where unknown when `slice_targets` are given (the table needs their `slices_<target>`
-    columns). Random draws come from (seed, epoch, index)."""
+    columns). With `neighbours` k, each slice comes with k slices on either side as extra
+    channels (2.5D, `slice_stack`): C becomes (2k+1) x the cache's channels. Random draws come
+    from (seed, epoch, index)."""
 
     def __init__(
         self,
@@ -316,6 +380,7 @@ class SeriesDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         slice_targets: Sequence[str] = (),
+        neighbours: int = 0,
     ) -> None:
         missing = [t for t in slice_targets if f"slices_{t}" not in table.columns]
         if missing:
@@ -326,6 +391,7 @@ class SeriesDataset(Dataset):
         self.n_slices, self.image_size, self.train = n_slices, image_size, train
         self.transform = build_transform(image_size, train, augment or AugmentConfig())
         self.seed, self.epoch = seed, 0
+        self.neighbours = neighbours
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -341,7 +407,7 @@ class SeriesDataset(Dataset):
             volume = volume[:, None]
         n_available = volume.shape[0]
         indices = slice_indices(n_available, self.n_slices, rng)
-        volume = np.asarray(volume[indices])
+        volume = slice_stack(volume, indices, self.neighbours)
         n_slices, channels, height, width = volume.shape
         image = volume.reshape(n_slices * channels, height, width).transpose(1, 2, 0)
         if rng is not None:

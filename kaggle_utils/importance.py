@@ -104,6 +104,40 @@ class SeriesExplanation:
     marked: dict[str, np.ndarray]  # {slice target: (S,) bool}: slices image_level_labels marks
 
 
+def explain_input(
+    model: CNNBiLSTM,
+    images: Tensor,
+    patient_id: int,
+    series_id: int,
+    slices: np.ndarray,
+    neighbours: int = 0,
+    method: str = "auto",
+) -> SeriesExplanation:
+    """`slice_importance` and the prediction for one series' model input: uint8 (S, C, h, w)
+    as `finetune_data.SeriesDataset` evaluates it (`slices`: which cached slices those are;
+    `neighbours`: the 2.5D neighbours per side in its channels). No marked slices."""
+    from kaggle_utils.models import input_normalisation
+
+    device = next(model.parameters()).device
+    mean, std = input_normalisation(model.backbone, device)
+    normalised = (images[None].to(device).float() / 255.0 - mean) / std
+    importance = slice_importance(model, normalised, method)
+    with torch.no_grad():
+        logits = model(normalised)
+    window_channels = images.shape[1] // (2 * neighbours + 1)
+    return SeriesExplanation(
+        patient_id=int(patient_id),
+        series_id=int(series_id),
+        slices=np.asarray(slices),
+        images=images[:, neighbours * window_channels].cpu().numpy(),  # the slice itself
+        importance={t: v[0] for t, v in importance.items()},
+        probabilities={
+            t: torch.softmax(v.float(), dim=1)[0].cpu().numpy() for t, v in logits.items()
+        },
+        marked={},
+    )
+
+
 def explain_series(
     model: CNNBiLSTM,
     rows: pl.DataFrame,
@@ -111,44 +145,32 @@ def explain_series(
     image_size: int,
     method: str = "auto",
     device: torch.device | str = "cpu",
+    neighbours: int = 0,
 ) -> list[SeriesExplanation]:
     """`slice_importance` of every row of a `finetune_data.series_table` (one at a time), with
-    what the model predicted and, where the table has `slices_<target>`, the marked slices."""
+    what the model predicted and, where the table has `slices_<target>`, the marked slices
+    (`slices_<target>` > 0.5: the image-level marks, or with organ visibility the slices
+    showing over half the organ's largest area)."""
     from kaggle_utils.finetune_data import SeriesDataset, slice_indices
-    from kaggle_utils.models import input_normalisation
 
-    device = torch.device(device)
-    model = model.to(device)
-    mean, std = input_normalisation(model.backbone, device)
-    dataset = SeriesDataset(rows, model.targets, n_slices, image_size, train=False)
+    model = model.to(torch.device(device))
+    dataset = SeriesDataset(
+        rows, model.targets, n_slices, image_size, train=False, neighbours=neighbours
+    )
     explanations = []
     for index, row in enumerate(rows.to_dicts()):
-        item = dataset[index]
-        images = item["image"][None].to(device)
-        normalised = (images.float() / 255.0 - mean) / std
-        importance = slice_importance(model, normalised, method)
-        with torch.no_grad():
-            logits = model(normalised)
         n_available = int(np.load(row["path"], mmap_mode="r").shape[0])
         seen = slice_indices(n_available, n_slices)
-        marked = {
-            column.removeprefix("slices_"): np.asarray(row[column], dtype=bool)[seen]
+        explanation = explain_input(
+            model, dataset[index]["image"], row["patient_id"], row["series_id"], seen,
+            neighbours, method,
+        )  # fmt: skip
+        explanation.marked = {
+            column.removeprefix("slices_"): np.asarray(row[column], dtype=float)[seen] > 0.5
             for column in rows.columns
             if column.startswith("slices_") and row[column] is not None
         }
-        explanations.append(
-            SeriesExplanation(
-                patient_id=int(row["patient_id"]),
-                series_id=int(row["series_id"]),
-                slices=seen,
-                images=item["image"][:, 0].numpy(),
-                importance={t: v[0] for t, v in importance.items()},
-                probabilities={
-                    t: torch.softmax(v.float(), dim=1)[0].cpu().numpy() for t, v in logits.items()
-                },
-                marked=marked,
-            )
-        )
+        explanations.append(explanation)
     return explanations
 
 

@@ -18,6 +18,7 @@ series that could not be decoded; notebook 04 falls back to the whole scan).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 from tqdm.std import tqdm
 
 from kaggle_utils import runtime
@@ -40,7 +42,16 @@ from kaggle_utils.preprocess import (
     save_npy_atomic,
     write_metadata,
 )
-from kaggle_utils.segmentation import TARGET_ORGANS, Box, box_in_shape, organ_table
+from kaggle_utils.segmentation import (
+    TARGET_ORGANS,
+    Box,
+    SegmentationConfig,
+    box_in_shape,
+    load_model,
+    organ_rows,
+    organ_table,
+    predict_volume,
+)
 from kaggle_utils.volume import resample_volume
 
 CROP_SETTINGS = "crop.json"
@@ -181,6 +192,105 @@ def _is_cropped(target: Path, series_id: int, config: CropConfig) -> bool:
     if record.get("crop") != config.settings():
         return False
     return record["status"] != "ok" or cache_path(target, config.crop_shape, series_id).is_file()
+
+
+# Inside a crop model's run folder: what notebook 04 needs to cut the same crops from a test
+# scan (the segmentation model and the crop settings travel with the fold models).
+RUN_SEGMENTATION_DIR = "segmentation"
+SEGMENTATION_FILES = ("model.pt", "model.json")
+
+
+def bundle_segmentation(
+    run_dir: str | Path, crop_cache: str | Path, segmentation_dir: str | Path | None
+) -> bool:
+    """Copy a crop cache's settings (`crop.json`) and notebook 06's model (where there is one)
+    into a fine-tuning run folder, so that notebook 04 finds them beside the fold models.
+    Returns whether the model was copied.
+
+    Raises:
+        FileNotFoundError: the crop cache has no crop.json.
+    """
+    run_dir, crop_cache = Path(run_dir), Path(crop_cache)
+    settings = crop_cache / CROP_SETTINGS
+    if not settings.is_file():
+        raise FileNotFoundError(
+            f"{settings} not found: an organ-crop run trains on a crop cache "
+            "(organ_crops.cache_organ_crops)"
+        )
+    runtime.write_text_atomic(run_dir / CROP_SETTINGS, settings.read_text())
+    sources = [Path(segmentation_dir or "") / name for name in SEGMENTATION_FILES]
+    if not segmentation_dir or not all(p.is_file() for p in sources):
+        return False
+    target = run_dir / RUN_SEGMENTATION_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        tmp = target / f".{source.name}.tmp"
+        tmp.write_bytes(source.read_bytes())
+        tmp.replace(target / source.name)
+    return True
+
+
+def read_crop_config(run_dir: str | Path) -> CropConfig:
+    """A crop model's crop settings (its run folder's crop.json).
+
+    Raises:
+        FileNotFoundError: the folder has no crop.json (not an organ-crop run).
+    """
+    path = Path(run_dir) / CROP_SETTINGS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: notebook 03 writes it (with segmentation/) into an organ-crop "
+            "run; copy the whole run folder"
+        )
+    saved = json.loads(path.read_text())
+    return CropConfig(
+        saved["organ"],
+        tuple(saved["source_shape"]),  # type: ignore[arg-type]
+        tuple(saved["crop_shape"]),  # type: ignore[arg-type]
+        float(saved["margin"]),
+        int(saved["min_margin_voxels"]),
+    )
+
+
+class OrganLocator:
+    """Notebook 06's model as notebook 04 uses it: a scan (its cache shape) -> organ rows."""
+
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
+        folder = Path(folder)
+        missing = [f for f in SEGMENTATION_FILES if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: {', '.join(missing)} missing: an organ-crop run folder holds "
+                "notebook 06's model in segmentation/ (notebook 03 copies it there)"
+            )
+        settings = json.loads((folder / "model.json").read_text())
+        self.config = SegmentationConfig(**settings["config"])
+        self.model = load_model(folder, device)
+        # the same model in several runs' folders is run once per series
+        self.key = hashlib.sha1((folder / "model.pt").read_bytes()).hexdigest()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.config.shape)  # type: ignore[return-value]
+
+    def locate(self, volume: np.ndarray, series_id: int, patient_id: int) -> list[dict[str, Any]]:
+        """`segmentation.organ_rows` of a volume of `shape`."""
+        _, labels = predict_volume(self.model, volume, self.config)
+        return organ_rows(labels, series_id, patient_id)
+
+
+def crop_from_rows(
+    volume: np.ndarray, rows: Sequence[Mapping[str, Any]], config: CropConfig
+) -> tuple[np.ndarray, str | None]:
+    """A source-shape scan cut to the organ's crop, as `cache_organ_crops` cuts it; where the
+    segmentation found no such organ, the whole scan resampled to the crop shape, with why."""
+    row = next((r for r in rows if r["organ"] == config.organ), None)
+    if row is not None and row["found"]:
+        return cut_crop(volume, crop_box(row["box_fraction"], config), config.crop_shape), None
+    depth, height, width = volume.shape[0], volume.shape[-2], volume.shape[-1]
+    whole = (0, depth, 0, height, 0, width)
+    reason = f"the segmentation found no {config.organ}: the whole scan"
+    return cut_crop(volume, whole, config.crop_shape), reason
 
 
 def crop_cache_dir(output_dir: str | Path, organ: str) -> Path:

@@ -53,8 +53,8 @@ from torch import Tensor
 from tqdm.std import tqdm
 
 from kaggle_utils import paths, runtime
-from kaggle_utils.calibration import apply_calibration, read_calibration
-from kaggle_utils.classifier import CNNBiLSTM
+from kaggle_utils.calibration import Calibration, apply_calibration, read_calibration
+from kaggle_utils.classifier import ALL_TARGETS, CNNBiLSTM
 from kaggle_utils.dicom import (
     NO_DECODER,
     decoder_report,
@@ -69,7 +69,13 @@ from kaggle_utils.finetune import (
     probability_columns,
     volume_probabilities,
 )
-from kaggle_utils.finetune_data import AugmentConfig, build_transform, slice_indices
+from kaggle_utils.finetune_data import (
+    AugmentConfig,
+    build_transform,
+    label_columns,
+    slice_indices,
+    slice_stack,
+)
 from kaggle_utils.metric import (
     LABEL_COLUMNS,
     PATIENT_ID,
@@ -80,6 +86,13 @@ from kaggle_utils.metric import (
     validate_submission,
 )
 from kaggle_utils.models import input_normalisation
+from kaggle_utils.organ_crops import (
+    RUN_SEGMENTATION_DIR,
+    CropConfig,
+    OrganLocator,
+    crop_from_rows,
+    read_crop_config,
+)
 from kaggle_utils.preprocess import (
     PreprocessConfig,
     SeriesTask,
@@ -175,8 +188,11 @@ class PreparedSeries:
 
     patient_id: int
     series_id: int
-    volume: np.ndarray | None  # uint8 (S, H, W) or (S, C, H, W)
+    volume: np.ndarray | None  # uint8 (S, H, W) or (S, C, H, W), the first shape asked for
     n_slices: int = 0
+    # the other shapes asked for (organ-crop runs read the segmentation's and the crops'
+    # source shape)
+    others: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
     decode_s: float = 0.0
     preprocess_s: float = 0.0
     stage: str | None = None  # the stage that failed, None when it worked
@@ -192,6 +208,34 @@ class FoldModel:
     meta: dict[str, Any]
     mean: Tensor
     std: Tensor
+
+
+@dataclass
+class ModelRun:
+    """One notebook 03 run folder as notebook 04 uses it: its fold models, their calibration
+    and, for organ-crop models, how to cut their input from a test scan."""
+
+    run_dir: Path
+    folds: list[FoldModel]
+    predictor: EnsemblePredictor
+    calibration: Calibration | None = None
+    crop: CropConfig | None = None
+    locator: OrganLocator | None = None
+
+    @property
+    def input(self) -> str:
+        return str(self.folds[0].meta.get("input", "scan"))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.folds[0].meta["targets"])
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The cached shapes this run reads from a test series."""
+        if self.crop is None or self.locator is None:
+            return [tuple(int(v) for v in self.folds[0].meta["shape"])]
+        return [tuple(self.crop.source_shape), self.locator.shape]
 
 
 # --------------------------------------------------------------------------- paths
@@ -229,6 +273,16 @@ def resolve_model_dir(model_dir: str | Path = "") -> Path:
         f"{', '.join(str(c) for c in candidates[:2])} and, on Kaggle, the attached inputs): "
         "pass model_dir=<notebook 03's output folder>"
     )
+
+
+def resolve_model_dirs(model_dir: str | Path | Sequence[str | Path] = "") -> list[Path]:
+    """One run folder (`resolve_model_dir`) or several: e.g. a whole-scan run and organ-crop
+    runs, whose predictions `predict_test_set` combines per target."""
+    if isinstance(model_dir, (str, Path)):
+        return [resolve_model_dir(model_dir)]
+    if not model_dir:
+        raise ValueError("model_dir: an empty list; give at least one notebook 03 run folder")
+    return [resolve_model_dir(d) for d in model_dir]
 
 
 def _kaggle_input_folders(max_depth: int = 6, max_children: int = 64) -> Iterator[Path]:
@@ -322,18 +376,12 @@ def load_fold_models(model_dir: Path, device: torch.device) -> list[FoldModel]:
             model_dir, ", ".join(unfinished),
         )  # fmt: skip
     first = folds[0].meta
-    if first.get("input", "scan") != "scan":
-        raise ValueError(
-            f"{model_dir}: these models were trained on {first['input']} crops (notebook 03's "
-            "input); notebook 04 predicts from whole scans only so far: submit a model "
-            "trained with input='scan'"
-        )
     for fold in folds[1:]:
-        for key in ("shape", "in_chans"):
-            if fold.meta[key] != first[key]:
+        for key in ("shape", "in_chans", "input"):
+            if fold.meta.get(key, "scan") != first.get(key, "scan"):
                 raise ValueError(
-                    f"{model_dir}: fold{fold.fold} has {key} {fold.meta[key]}, fold"
-                    f"{folds[0].fold} {first[key]}: the folds of one submission must share it"
+                    f"{model_dir}: fold{fold.fold} has {key} {fold.meta.get(key)}, fold"
+                    f"{folds[0].fold} {first.get(key)}: the folds of one run must share it"
                 )
     return folds
 
@@ -344,13 +392,46 @@ def ensemble_prior(folds: Sequence[FoldModel]) -> dict[str, float]:
     return {c: float(np.mean([f.meta["prior"][c] for f in folds])) for c in LABEL_COLUMNS}
 
 
-def model_input(volume: np.ndarray, n_slices: int, transform: Any) -> np.ndarray:
-    """A uint8 volume (S, H, W) or (S, C, H, W) -> the model's (s, C, h, w) input, exactly as
-    `finetune_data.SeriesDataset` evaluates it: evenly spaced slices, then the centre crop of
+def load_model_runs(
+    run_dirs: Sequence[Path], device: torch.device, tta: bool = False, precision: str = "auto"
+) -> list[ModelRun]:
+    """Every run's fold models (`load_fold_models`), calibration and, for an organ-crop run
+    (notebook 03's `input` an organ), its crop settings and segmentation model.
+
+    Raises:
+        FileNotFoundError: a run without finished folds, or an organ-crop run without
+            crop.json or segmentation/ (copy the whole run folder).
+        ValueError: two runs trained on the same organ crop.
+    """
+    runs = []
+    for run_dir in run_dirs:
+        folds = load_fold_models(Path(run_dir), device)
+        run = ModelRun(
+            Path(run_dir), folds, EnsemblePredictor(folds, tta, precision),
+            read_calibration(run_dir),
+        )  # fmt: skip
+        if run.input != "scan":
+            run.crop = read_crop_config(run_dir)
+            run.locator = OrganLocator(Path(run_dir) / RUN_SEGMENTATION_DIR, device)
+            if run.crop.organ != run.input:
+                raise ValueError(
+                    f"{run_dir}: models trained on {run.input} crops, crop.json cuts "
+                    f"{run.crop.organ}"
+                )
+        runs.append(run)
+    return runs
+
+
+def model_input(
+    volume: np.ndarray, n_slices: int, transform: Any, neighbours: int = 0
+) -> np.ndarray:
+    """A uint8 volume (S, H, W) or (S, C, H, W) -> the model's (s, C', h, w) input, exactly as
+    `finetune_data.SeriesDataset` evaluates it: evenly spaced slices (with `neighbours` slices
+    on either side as channels, 2.5D), then the centre crop of
     `build_transform(image_size, train=False)` applied to all slices as one image."""
     if volume.ndim == 3:
         volume = volume[:, None]
-    volume = np.asarray(volume[slice_indices(volume.shape[0], n_slices)])
+    volume = slice_stack(volume, slice_indices(volume.shape[0], n_slices), neighbours)
     count, channels, height, width = volume.shape
     image = volume.reshape(count * channels, height, width).transpose(1, 2, 0)
     image = transform(image=np.ascontiguousarray(image))["image"]
@@ -390,13 +471,17 @@ class EnsemblePredictor:
     @torch.inference_mode()
     def predict_per_model(self, volumes: Sequence[np.ndarray]) -> dict[int, dict[str, list[float]]]:
         """{fold: {column: one probability per volume}}, every fold model's prediction."""
-        inputs: dict[tuple[int, int], Tensor] = {}
+        inputs: dict[tuple[int, int, int], Tensor] = {}
         per_model: dict[int, dict[str, list[float]]] = {}
         for fold in self.folds:
-            key = (int(fold.meta["n_slices"]), int(fold.meta["image_size"]))
+            key = (
+                int(fold.meta["n_slices"]),
+                int(fold.meta["image_size"]),
+                int(fold.meta.get("neighbour_slices", 0)),
+            )
             if key not in inputs:
                 transform = self._transforms[key[1]]
-                batch = np.stack([model_input(v, key[0], transform) for v in volumes])
+                batch = np.stack([model_input(v, key[0], transform, key[2]) for v in volumes])
                 images = torch.from_numpy(batch)
                 inputs[key] = images.pin_memory() if self.device.type == "cuda" else images
             images = inputs[key]
@@ -461,14 +546,39 @@ def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[Prepr
         except (FileNotFoundError, OSError, KeyError, json.JSONDecodeError) as error:
             logger.info("training cache %s not readable (%s): default windows", named, error)
     config = PreprocessConfig.from_params([shape], windows, body_crop)
-    if len(config.windows) != int(meta["in_chans"]):
+    slices_per_input = 2 * int(meta.get("neighbour_slices", 0)) + 1
+    if len(config.windows) * slices_per_input != int(meta["in_chans"]):
         raise ValueError(
-            f"the models take {meta['in_chans']} channels but the windows from {source} give "
-            f"{len(config.windows)}: put the training windows in {model_dir / PREPROCESS_FILE} "
+            f"the models take {meta['in_chans']} channels ({slices_per_input} slice(s) of the "
+            f"windows each) but the windows from {source} give {len(config.windows)}: put the "
+            f"training windows in {model_dir / PREPROCESS_FILE} "
             '({"windows": [[level, width], ...], "body_crop": true}; save_preprocess_settings '
             "writes it from the training cache)"
         )
     return config, source
+
+
+def shared_preprocessing(runs: Sequence[ModelRun]) -> tuple[PreprocessConfig, str]:
+    """The preprocessing of the test series for every run: the windows and body crop they
+    share (`preprocess_settings` of each), every cached shape any of them reads (the first
+    run's first), and where the settings came from.
+
+    Raises:
+        ValueError: runs trained with different windows or body crop.
+    """
+    found = [preprocess_settings(run.run_dir, run.folds[0].meta) for run in runs]
+    first, source = found[0]
+    for run, (config, _) in zip(runs[1:], found[1:], strict=True):
+        if (config.windows, config.body_crop) != (first.windows, first.body_crop):
+            raise ValueError(
+                f"{run.run_dir} was trained with windows {config.windows}, body crop "
+                f"{config.body_crop}; {runs[0].run_dir} with {first.windows}, "
+                f"{first.body_crop}: the runs of one submission must share the preprocessing"
+            )
+    shapes: list[tuple[int, ...]] = []
+    for run in runs:
+        shapes += [s for s in run.shapes if s not in shapes]
+    return dataclasses.replace(first, shapes=tuple(shapes)), source  # type: ignore[arg-type]
 
 
 def _training_cache_dirs(
@@ -506,6 +616,7 @@ def prepare_series(task: SeriesTask, config: PreprocessConfig) -> PreparedSeries
     try:
         volumes, _ = prepare_volumes(series, config)
         prepared.volume = volumes[config.shapes[0]]
+        prepared.others = {tuple(s): volumes[s] for s in config.shapes[1:]}
     except Exception as error:  # reported by the caller, see docstring
         prepared.stage, prepared.error = "preprocess", f"{type(error).__name__}: {error}"
     prepared.preprocess_s = time.perf_counter() - start
@@ -707,7 +818,7 @@ def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
 
 def predict_test_set(
     data_root: str | Path = "",
-    model_dir: str | Path = "",
+    model_dir: str | Path | Sequence[str | Path] = "",
     output_csv: str | Path = "",
     *,
     batch_size: int = 1,
@@ -724,7 +835,11 @@ def predict_test_set(
 
     Args:
         data_root: the competition folder ("": Kaggle's input, else inputs/...); read only.
-        model_dir: notebook 03's run folder ("": see `resolve_model_dir`).
+        model_dir: notebook 03's run folder ("": see `resolve_model_dir`), or a list of
+            them: e.g. a whole-scan run and organ-crop runs (`input` an organ), combined per
+            target by `combine_runs`. An organ-crop run's segmentation model (in its folder)
+            locates the organ in every test scan; where it finds none, the crop is the whole
+            scan (recorded as a problem with fallback "whole scan").
         output_csv: where to write ("": /kaggle/working/submission.csv on Kaggle, else
             outputs/submission.csv).
         batch_size: series per forward pass (all volumes share the models' shape).
@@ -753,27 +868,34 @@ def predict_test_set(
     if not 0.0 <= max_prior_share <= 1.0:
         raise ValueError(f"max_prior_share must be in [0, 1], not {max_prior_share}")
     root = paths.resolve_data_root(data_root)
-    run_dir = resolve_model_dir(model_dir)
+    run_dirs = resolve_model_dirs(model_dir)
     csv_path = resolve_output_csv(output_csv)
     sample = read_sample_submission(root)
     torch_device = resolve_device(device)
-    folds = load_fold_models(run_dir, torch_device)
+    runs = load_model_runs(run_dirs, torch_device, tta, precision)
+    folds = [fold for run in runs for fold in run.folds]
     how = aggregation or folds[0].meta.get("aggregation", "mean")
     if how not in ("mean", "max"):
         raise ValueError(f"aggregation must be 'mean' or 'max', not {how!r}")
     if tta and not all(f.meta.get("settings", {}).get("hflip_prob", 0) > 0 for f in folds):
         logger.warning("tta: the models were trained without left-right flips (hflip_prob 0)")
-    config, source = preprocess_settings(run_dir, folds[0].meta)
+    config, source = shared_preprocessing(runs)
     prior = ensemble_prior(folds)
-    calibration = read_calibration(run_dir)
-    predictor = EnsemblePredictor(folds, tta, precision)
     settings = {
-        "data_root": str(root), "model_dir": str(run_dir), "folds": [f.fold for f in folds],
-        "device": str(torch_device), "precision": predictor.precision, "tta": tta,
+        "data_root": str(root), "model_dir": ", ".join(str(d) for d in run_dirs),
+        "folds": [f.fold for f in runs[0].folds],
+        "runs": [
+            {"model_dir": str(r.run_dir), "input": r.input, "targets": list(r.targets),
+             "folds": [f.fold for f in r.folds]}
+            for r in runs
+        ],
+        "device": str(torch_device), "precision": runs[0].predictor.precision, "tta": tta,
         "aggregation": how, "batch_size": batch_size, "workers": resolve_workers(workers),
         "shape": list(config.shapes[0]), "windows": [list(w) for w in config.windows],
         "body_crop": config.body_crop, "preprocessing_from": source,
-        "calibration": dataclasses.asdict(calibration) if calibration else None,
+        "calibration": (
+            dataclasses.asdict(runs[0].calibration) if runs[0].calibration else None
+        ),
     }  # fmt: skip
     logger.info("submission settings: %s", settings)
 
@@ -788,27 +910,35 @@ def predict_test_set(
         else:
             _record_failure(prepared, problems, timings)
         if len(batch) == batch_size:
-            _predict_batch(predictor, batch, series_rows, problems, timings)
+            _predict_batch(runs, batch, series_rows, problems, timings)
             batch = []
         bar.update()
     if batch:
-        _predict_batch(predictor, batch, series_rows, problems, timings)
+        _predict_batch(runs, batch, series_rows, problems, timings)
     bar.close()
 
     series_by_model = pl.DataFrame(
         series_rows,
-        schema={"fold": pl.Int64, "patient_id": pl.Int64, "series_id": pl.Int64}
+        schema={"run": pl.Int64, "fold": pl.Int64, "patient_id": pl.Int64, "series_id": pl.Int64}
         | dict.fromkeys(PROBABILITY_COLUMNS, pl.Float64),
     )
-    # Per fold model first: the calibration was fitted on single models' out-of-fold
-    # predictions, so it is applied to each model's before the ensemble averages them.
-    per_model = aggregate_patients(series_by_model, how, by_fold=True)
-    if calibration is not None:
-        per_model = apply_calibration(per_model, calibration)
-    patients = ensemble_patients(per_model)
-    series = series_by_model.group_by(["patient_id", "series_id"], maintain_order=True).agg(
-        pl.col(c).mean() for c in PROBABILITY_COLUMNS
-    )
+    run_patients, run_series = [], []
+    for index, run in enumerate(runs):
+        rows = series_by_model.filter(pl.col("run") == index).drop("run")
+        # Per fold model first: the calibration was fitted on single models' out-of-fold
+        # predictions, so it is applied to each model's before the ensemble averages them.
+        per_model = aggregate_patients(rows, how, by_fold=True)
+        if run.calibration is not None:
+            per_model = apply_calibration(per_model, run.calibration)
+        run_patients.append(ensemble_patients(per_model))
+        run_series.append(
+            rows.group_by(["patient_id", "series_id"], maintain_order=True).agg(
+                pl.col(c).mean() for c in PROBABILITY_COLUMNS
+            )
+        )
+    run_targets = [run.targets for run in runs]
+    patients = combine_runs(run_patients, run_targets, ["patient_id"])
+    series = combine_runs(run_series, run_targets, ["patient_id", "series_id"])
     submission = _assemble(sample, patients, prior)
     problem_table = _with_fallbacks(problems, set(patients["patient_id"].to_list()))
     write_submission(submission, sample, csv_path)
@@ -907,36 +1037,126 @@ def _timing(prepared: PreparedSeries, status: str, model_s: float) -> dict[str, 
 
 
 def _predict_batch(
-    predictor: EnsemblePredictor,
+    runs: Sequence[ModelRun],
     batch: list[PreparedSeries],
     series_rows: list[dict[str, Any]],
     problems: list[dict[str, Any]],
     timings: list[dict[str, Any]],
 ) -> None:
-    """Predict a batch; if it fails, each series alone, so that one bad series costs only
-    itself (recorded at stage "predict")."""
+    """Predict a batch with every run; if it fails, each series alone, so that one bad series
+    costs only itself (recorded at stage "predict")."""
     start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    notes: list[dict[str, Any]] = []  # kept only if the batch works (a retry repeats them)
     try:
-        per_model = predictor.predict_per_model([p.volume for p in batch])  # type: ignore[misc]
+        locations: list[dict[str, list[dict[str, Any]]]] = [{} for _ in batch]
+        for run_index, run in enumerate(runs):
+            inputs = [
+                run_input(run, prepared, located, notes)
+                for prepared, located in zip(batch, locations, strict=True)
+            ]
+            per_model = run.predictor.predict_per_model(inputs)
+            for index, prepared in enumerate(batch):
+                for fold, columns in per_model.items():
+                    rows.append(
+                        {"run": run_index, "fold": fold, "patient_id": prepared.patient_id,
+                         "series_id": prepared.series_id}
+                        | {c: values[index] for c, values in columns.items()}
+                    )  # fmt: skip
     except Exception as error:  # retried per series below
         if len(batch) > 1:
             logger.info("a batch of %d series failed (%s): one by one", len(batch), error)
             for prepared in batch:
-                _predict_batch(predictor, [prepared], series_rows, problems, timings)
+                _predict_batch(runs, [prepared], series_rows, problems, timings)
             return
         _empty_cuda_cache()
         prepared = batch[0]
         prepared.stage, prepared.error = "predict", f"{type(error).__name__}: {error}"
         _record_failure(prepared, problems, timings)
         return
+    series_rows.extend(rows)
+    for note in notes:
+        logger.warning(
+            "patient %d series %d: %s", note["patient_id"], note["series_id"], note["reason"]
+        )
+    problems.extend(notes)
     seconds = (time.perf_counter() - start) / len(batch)
-    for index, prepared in enumerate(batch):
-        for fold, columns in per_model.items():
-            series_rows.append(
-                {"fold": fold, "patient_id": prepared.patient_id, "series_id": prepared.series_id}
-                | {c: values[index] for c, values in columns.items()}
-            )
+    for prepared in batch:
         timings.append(_timing(prepared, "ok", seconds))
+
+
+FALLBACK_WHOLE_SCAN = "whole scan"
+
+
+def run_input(
+    run: ModelRun,
+    prepared: PreparedSeries,
+    located: dict[str, list[dict[str, Any]]],
+    notes: list[dict[str, Any]],
+) -> np.ndarray:
+    """The volume a run's models read from a prepared test series: the scan at the run's
+    shape, or for an organ-crop run the organ's crop, located by the run's segmentation model
+    (once per series and model: `located` keeps the organ rows by model). Where the organ is
+    not found, or the segmentation fails, the crop is the whole scan, noted in `notes`."""
+    if run.crop is None or run.locator is None:
+        return _volume_at(prepared, run.shapes[0])
+    if run.locator.key not in located:
+        try:
+            located[run.locator.key] = run.locator.locate(
+                _volume_at(prepared, run.locator.shape), prepared.series_id, prepared.patient_id
+            )
+        except Exception as error:  # the crop falls back to the whole scan, noted below
+            located[run.locator.key] = []
+            notes.append(
+                _problem(prepared.patient_id, prepared.series_id, "segment",
+                         f"segmentation failed ({type(error).__name__}: {error})")
+                | {"fallback": FALLBACK_WHOLE_SCAN}
+            )  # fmt: skip
+    volume = _volume_at(prepared, run.crop.source_shape)
+    crop, reason = crop_from_rows(volume, located[run.locator.key], run.crop)
+    if reason is not None and located[run.locator.key]:
+        notes.append(
+            _problem(prepared.patient_id, prepared.series_id, "segment", reason)
+            | {"fallback": FALLBACK_WHOLE_SCAN}
+        )
+    return crop
+
+
+def _volume_at(prepared: PreparedSeries, shape: Sequence[int]) -> np.ndarray:
+    shape = tuple(int(v) for v in shape)
+    assert prepared.volume is not None
+    if shape in prepared.others:
+        return prepared.others[shape]
+    return prepared.volume
+
+
+def combine_runs(
+    tables: Sequence[pl.DataFrame], run_targets: Sequence[Sequence[str]], keys: Sequence[str]
+) -> pl.DataFrame:
+    """Several runs' probability tables (rows named by `keys`) -> one: each target's columns
+    are the mean over the runs trained on it (e.g. a liver-crop run and a whole-scan run for
+    liver) that have the row, else over all runs (their prior-filled columns)."""
+    keys = list(keys)
+    stacked = pl.concat(
+        [t.select(*keys, *PROBABILITY_COLUMNS).with_columns(pl.lit(i).alias("_run"))
+         for i, t in enumerate(tables)]
+    )  # fmt: skip
+    combined = stacked.group_by(keys).agg(pl.col(c).mean() for c in PROBABILITY_COLUMNS)
+    for target in ALL_TARGETS:
+        trained = [i for i, targets in enumerate(run_targets) if target in targets]
+        if not trained or len(trained) == len(tables):
+            continue
+        columns = label_columns(target)
+        means = (
+            stacked.filter(pl.col("_run").is_in(trained))
+            .group_by(keys)
+            .agg(pl.col(c).mean().alias(f"_{c}") for c in columns)
+        )
+        combined = combined.join(means, on=keys, how="left").with_columns(
+            pl.coalesce(f"_{c}", c).alias(c) for c in columns
+        )
+        combined = combined.drop(f"_{c}" for c in columns)
+    return combined.select(*keys, *PROBABILITY_COLUMNS).sort(keys)
 
 
 def _empty_cuda_cache() -> None:
@@ -962,6 +1182,9 @@ def _with_fallbacks(problems: list[dict[str, Any]], predicted: set[int]) -> pl.D
     """Each problem with what its patient got instead; one log line per prior fallback."""
     rows = []
     for problem in problems:
+        if "fallback" in problem:  # said when it was recorded (an organ crop's whole scan)
+            rows.append(problem)
+            continue
         if problem["stage"] == "ignored":
             fallback = "not predicted"
         elif problem["patient_id"] in predicted:

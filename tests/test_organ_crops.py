@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from kaggle_utils import organ_crops
 from kaggle_utils import segmentation as seg
-from kaggle_utils.finetune import FinetuneConfig, load_fold_model, run_cross_validation
+from kaggle_utils.finetune import FinetuneConfig
 from kaggle_utils.finetune_data import series_table
 from kaggle_utils.preprocess import cache_settings, load_cached_volume, load_metadata
-from kaggle_utils.submission import load_fold_models
 
 
 def test_crop_boxes_grow_by_the_margin_and_stay_inside() -> None:
@@ -113,30 +111,3 @@ def test_an_organ_input_trains_that_organs_head_only() -> None:
     with pytest.raises(ValueError, match="input must be"):
         FinetuneConfig(input="extravasation", targets=["extravasation"])
     assert FinetuneConfig(input="kidney", targets=["kidney"]).input == "kidney"
-
-
-@pytest.mark.slow
-def test_fine_tuning_on_liver_crops_and_notebook_04_refusing_them(
-    segmented_competition: Path, segmented_cache: Path, tmp_path: Path
-) -> None:
-    segmentation_dir = tmp_path / "segmentation"
-    segmentation_dir.mkdir()
-    _true_organs(segmented_competition, segmented_cache).write_parquet(
-        segmentation_dir / "organs.parquet"
-    )
-    crops = organ_crops.organ_crop_cache(
-        "liver", segmentation_dir, segmented_cache, tmp_path / "crops", (8, 32, 32), (4, 16, 16),
-        progress=False,
-    )  # fmt: skip
-    config = FinetuneConfig(
-        data_root=str(segmented_competition), cache_dir=str(crops), output_dir=str(tmp_path / "ft"),
-        shape=[4, 16, 16], input="liver", targets=["liver"], backbone="test_efficientnet",
-        init="random", hidden_size=8, num_layers=1, image_size=16, epochs=1, batch_size=2,
-        n_folds=2, num_workers=0,
-    )  # fmt: skip
-    result = run_cross_validation(config, progress=False)
-    assert set(result.fold_scores) == {0, 1}
-    _, meta = load_fold_model(tmp_path / "ft" / "fold0")
-    assert meta["input"] == "liver" and meta["targets"] == ["liver"]
-    with pytest.raises(ValueError, match="liver crops"):
-        load_fold_models(tmp_path / "ft", torch.device("cpu"))
