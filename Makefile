@@ -34,7 +34,7 @@ DEMO_FINETUNE ?= -y "$(DEMO_FINETUNE_PARAMS)" -p backbone $(DEMO_BACKBONE) -p in
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
 .PHONY: help install demo demo-data demo-organs test test-fast lint format notebooks benchmark clean-demo \
-	kaggle-bundle gpu-bundle gpu-check experiments
+	kaggle-bundle gpu-bundle gpu-check experiments experiments-table2
 
 help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
@@ -42,6 +42,7 @@ help:
 	@echo "make test       lint + the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without slow end-to-end runs"
 	@echo "make experiments  notebook 05's reduced grid on the demo data (outputs/experiments/)"
+	@echo "make experiments-table2  the paper's Table 2 (multi- vs single-organ) on the demo data"
 	@echo "make benchmark  decoding speed, notebook 01 per core and memory at scale, 2D vs 3D VoCo step"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
 	@echo "make kaggle-bundle  dist/kaggle-bundle/: wheels for Kaggle's offline install + metadata"
@@ -115,6 +116,25 @@ experiments: demo-data
 		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache -p experiment_dir $(EXPERIMENT_OUT) \
 		$(EXPERIMENT_GRID) -y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' \
 		-y 'finetune_params: $(DEMO_FINETUNE_PARAMS)'
+
+# `make experiments-table2`: the paper's Table 2 on the demo data (README: Notebook 05): notebook
+# 06's organ boxes, then multi- vs single-organ runs (liver, spleen, kidney crops of 16x64x64
+# cut from the 32x96x96 cache), from scratch and with 2D-VoCo. Same folder as `make experiments`.
+TABLE2_GRID ?= -y "presets: [table2]" -y "backbones: [$(DEMO_BACKBONE)]" -y "seeds: [0]" \
+	-p n_folds 3 -y "organs: [liver, spleen, kidney]" \
+	-y "crop_params: {shape: [16, 64, 64], image_size: 64}"
+experiments-table2: demo-data
+	mkdir -p $(EXPERIMENT_OUT)/notebooks
+	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(EXPERIMENT_OUT)/notebooks/01_dicom_preprocess.ipynb \
+		-p data_root $(DEMO_DATA) -p split train -p output_dir $(EXPERIMENT_OUT)/cache -p workers $(WORKERS) \
+		-y 'shapes: $(DEMO_SHAPES)'
+	$(PAPERMILL) notebooks/06_organ_segmentation.ipynb $(EXPERIMENT_OUT)/notebooks/06_organ_segmentation.ipynb \
+		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache \
+		-p output_dir $(EXPERIMENT_OUT)/segmentation -y "$(DEMO_SEGMENT_PARAMS)"
+	$(PAPERMILL) notebooks/05_experiments.ipynb $(EXPERIMENT_OUT)/notebooks/05_experiments_table2.ipynb \
+		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache -p experiment_dir $(EXPERIMENT_OUT) \
+		-p segmentation_dir $(EXPERIMENT_OUT)/segmentation $(TABLE2_GRID) \
+		-y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' -y 'finetune_params: $(DEMO_FINETUNE_PARAMS)'
 
 benchmark: install
 	$(PY) benchmarks/decode.py

@@ -11,6 +11,12 @@ Presets (`ExperimentConfig.presets`):
                       at the same fraction
     grid              every combination of `grid` (notebook 03 parameters; "pretrain.<name>"
                       for notebook 02's), per backbone and seed; baseline: the first one
+    table2            the paper's Table 2: multi-organ (one whole-scan run, every head) against
+                      single-organ (one run per organ of `organs` on that organ's crop, its
+                      head only: notebook 03's `input`), from scratch and with 2D-VoCo; each
+                      organ scored by held-out AUC and its part of the RSNA score. Needs
+                      notebook 06's `segmentation_dir`; `crop_params` set notebook 03's
+                      parameters of the single-organ runs (e.g. a smaller `shape`)
 
 Every run holds out the same patients (`holdout`, `fold_seed`), so settings are compared on
 the same folds and held-out patients; seeds vary the training only.
@@ -50,7 +56,8 @@ from kaggle_utils import paths, runtime
 from kaggle_utils.metric import SCORE_PARTS, patient_loss_terms
 from kaggle_utils.report import CV_OPTIMISM_NOTE
 
-PRESETS = ("table1", "label_efficiency", "grid")
+PRESETS = ("table1", "label_efficiency", "grid", "table2")
+TABLE2_SETTINGS = ("random", "voco")  # from scratch, 2D-VoCo
 # Initialisations of the fine-tuned backbone, as the paper's Table 1 rows.
 SETTINGS: dict[str, str] = {
     "random": "from scratch",
@@ -90,6 +97,11 @@ class ExperimentConfig(runtime.JsonConfig):
     pretrain_params: dict[str, Any] = field(default_factory=dict)  # notebook 02, every run
     finetune_params: dict[str, Any] = field(default_factory=dict)  # notebook 03, every run
     grid: dict[str, list[Any]] = field(default_factory=dict)  # for the "grid" preset
+    # table2: the organs with a single-organ run, notebook 06's run, and notebook 03
+    # parameters of the single-organ runs (over finetune_params)
+    organs: list[str] = field(default_factory=lambda: ["liver", "spleen", "kidney"])
+    segmentation_dir: str = ""
+    crop_params: dict[str, Any] = field(default_factory=dict)
     holdout: float = 0.2  # the paper's share of held-out patients
     n_folds: int = 5
     fold_seed: int = 0  # the same folds and held-out patients for every run
@@ -102,6 +114,18 @@ class ExperimentConfig(runtime.JsonConfig):
             raise ValueError(f"presets must be a non-empty subset of {PRESETS}, not {unknown}")
         if "grid" in self.presets and not self.grid:
             raise ValueError("the grid preset needs grid={parameter: [values, ...]}")
+        if "table2" in self.presets:
+            if not self.segmentation_dir:
+                raise ValueError(
+                    "the table2 preset needs segmentation_dir (notebook 06's run) for the "
+                    "organ crops"
+                )
+            unknown = sorted(set(self.organs) - {"liver", "spleen", "kidney", "bowel"})
+            if unknown or not self.organs:
+                raise ValueError(
+                    f"organs must be a non-empty subset of liver, spleen, kidney, bowel, not "
+                    f"{unknown or self.organs}"
+                )
         bad = [f for f in self.fractions if not 0.0 < f <= 1.0]
         if bad:
             raise ValueError(f"fractions must be in (0, 1], not {bad}")
@@ -111,7 +135,8 @@ class ExperimentConfig(runtime.JsonConfig):
         if not self.seeds or not self.backbones:
             raise ValueError("seeds and backbones must not be empty")
         reserved = {"output_dir", "data_root", "cache_dir", "encoder_file", "backbone"}
-        clashes = sorted(reserved & (set(self.finetune_params) | set(self.pretrain_params)))
+        given = set(self.finetune_params) | set(self.pretrain_params) | set(self.crop_params)
+        clashes = sorted(reserved & given)
         if clashes:
             raise ValueError(
                 f"{clashes} are set by the experiment itself (backbones, paths), not by *_params"
@@ -132,6 +157,7 @@ class PlannedRun:
     finetune: dict[str, Any]  # notebook 03's parameters (output paths filled at run time)
     pretrain_key: str | None = None
     pretrain: dict[str, Any] | None = None  # notebook 02's parameters
+    organ: str = ""  # table2's single-organ runs: the organ whose crop it trains on
 
 
 @dataclass
@@ -203,6 +229,7 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
     def add(
         preset: str, setting: str, label: str, backbone: str, fraction: float, seed: int,
         finetune_overrides: Mapping[str, Any], pretrain_overrides: Mapping[str, Any],
+        organ: str = "",
     ) -> None:  # fmt: skip
         pretrain_key, pretrain = None, None
         uses_voco = finetune_overrides.get("init", config.finetune_params.get("init", "voco"))
@@ -214,13 +241,25 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
             config, setting, backbone, fraction, seed, finetune_overrides, pretrain_key
         )
         runs.append(PlannedRun(preset, setting, label, backbone, fraction, seed, run_key,
-                               finetune, pretrain_key, pretrain))  # fmt: skip
+                               finetune, pretrain_key, pretrain, organ))  # fmt: skip
 
     for preset in config.presets:
         for backbone, seed in itertools.product(config.backbones, config.seeds):
             if preset == "table1":
                 for setting, label in available.items():
                     add(preset, setting, label, backbone, 1.0, seed, {}, {})
+            elif preset == "table2":
+                crop = {
+                    "segmentation_dir": config.segmentation_dir,
+                    "crop_source_shape": config.finetune_params.get("shape", [96, 256, 256]),
+                } | dict(config.crop_params)
+                for setting in TABLE2_SETTINGS:
+                    name = SETTINGS[setting]
+                    add(preset, setting, f"multi-organ, {name}", backbone, 1.0, seed, {}, {})
+                    for organ in config.organs:
+                        overrides = crop | {"input": organ, "targets": [organ]}
+                        label = f"single-organ, {name}"
+                        add(preset, setting, label, backbone, 1.0, seed, overrides, {}, organ)
             elif preset == "label_efficiency":
                 for setting in config.curve_settings:
                     if setting not in available:
@@ -318,6 +357,8 @@ def run_experiment(
         out = root / "runs" / key
         params = {"data_root": config.data_root} | shared | run.finetune
         params["output_dir"] = str(out)
+        if run.organ:  # the crop caches, shared by the runs on the same organ and shape
+            params["crops_dir"] = str(root / "crops")
         if run.pretrain_key and params.get("init") == "voco":
             params["encoder_file"] = str(root / "pretrain" / run.pretrain_key / "encoder.pt")
         jobs.append((FINETUNE_NOTEBOOK, out, params))
@@ -483,6 +524,9 @@ def experiment_report(
             "differences are computed."
         )
     for preset in config.presets:
+        if preset == "table2":
+            report["presets"][preset] = {"rows": table2_rows(results, config.organs)}
+            continue
         rows = []
         in_preset = [r for r in results if r.run.preset == preset]
         groups: dict[tuple[str, str, float], list[RunResult]] = {}
@@ -520,6 +564,62 @@ def experiment_report(
                 rows.append(row)
         report["presets"][preset] = {"rows": rows}
     return report
+
+
+def table2_rows(results: Sequence[RunResult], organs: Sequence[str]) -> list[dict[str, Any]]:
+    """The paper's Table 2: per setting (multi- or single-organ, scratch or 2D-VoCo) and
+    backbone, each organ's held-out AUC (any injury against healthy) and part of the RSNA
+    score, mean +- std over the fold models of every seed: for multi-organ from the
+    whole-scan runs, for single-organ from that organ's crop runs."""
+    rows = []
+    table2 = [r for r in results if r.run.preset == "table2"]
+    keys = sorted({(r.run.label, r.run.backbone) for r in table2}, key=lambda k: (k[1], k[0]))
+    for label, backbone in keys:
+        runs = [r for r in table2 if (r.run.label, r.run.backbone) == (label, backbone)]
+        row: dict[str, Any] = {
+            "label": label, "backbone": backbone, "organs": {},
+            "prior_rsna": float(runs[0].report["holdout_prior"]["rsna_score"]),
+        }  # fmt: skip
+        for organ in organs:
+            mine = [r for r in runs if r.run.organ in ("", organ)]
+            per_model = [m for r in mine for m in r.report["holdout_folds"].values()]
+            row["organs"][organ] = {
+                "auc": _mean_std([m.get(f"auc_{organ}", math.nan) for m in per_model]),
+                "loss": _mean_std([m.get(f"loss_{organ}", math.nan) for m in per_model]),
+                "prior_loss": float(mine[0].report["holdout_prior"].get(f"loss_{organ}", math.nan))
+                if mine
+                else math.nan,
+                "n_models": len(per_model),
+            }
+        rows.append(row)
+    return rows
+
+
+def _table2_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    organs = list(rows[0]["organs"])
+    header = (
+        "| setting | backbone | "
+        + " | ".join(f"{o} AUC" for o in organs)
+        + " | "
+        + " | ".join(f"{o} loss" for o in organs)
+        + " |"
+    )
+    lines = [header, "|---" * (2 + 2 * len(organs)) + "|"]
+    for row in rows:
+        cells = [row["label"], row["backbone"]]
+        cells += [_fmt(row["organs"][o]["auc"], 3) for o in organs]
+        cells += [_fmt(row["organs"][o]["loss"], 3) for o in organs]
+        lines.append("| " + " | ".join(cells) + " |")
+    priors = ", ".join(f"{o} {rows[0]['organs'][o]['prior_loss']:.3f}" for o in organs)
+    lines += [
+        "",
+        "Held-out AUC of each organ's injury (low or high against healthy; 0.5: chance) and "
+        "its part of the RSNA score (a loss), mean ± std over the fold models. Multi-organ: "
+        "one whole-scan run with every head; single-organ: one run per organ on its crop "
+        f"(notebook 06's boxes), its head only. Best-constant prior loss: {priors}.",
+        "",
+    ]
+    return lines
 
 
 def _row(
@@ -571,6 +671,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines += [f"## {preset}", ""]
         if not table["rows"]:
             lines += ["No finished runs.", ""]
+            continue
+        if preset == "table2":
+            lines += _table2_markdown(table["rows"])
             continue
         header = (
             "| setting | backbone | labels | models | RSNA held-out (fold models) "

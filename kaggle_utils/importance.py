@@ -212,10 +212,10 @@ def pick_examples(
     shown = []
     for explanation in picks:
         marked = [t for t, m in explanation.marked.items() if m.any()]
-        target = (
-            marked[0]
-            if marked
-            else max(explanation.probabilities, key=lambda t: 1 - explanation.probabilities[t][0])
-        )
-        shown.append((explanation, target))
+        shown.append((explanation, marked[0] if marked else most_likely_injury(explanation)))
     return shown
+
+
+def most_likely_injury(explanation: SeriesExplanation) -> str:
+    """The target the model thought most likely injured (lowest healthy probability)."""
+    return max(explanation.probabilities, key=lambda t: 1 - explanation.probabilities[t][0])

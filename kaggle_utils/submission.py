@@ -76,6 +76,7 @@ from kaggle_utils.finetune_data import (
     slice_indices,
     slice_stack,
 )
+from kaggle_utils.importance import SeriesExplanation, explain_input
 from kaggle_utils.metric import (
     LABEL_COLUMNS,
     PATIENT_ID,
@@ -1195,6 +1196,46 @@ def _with_fallbacks(problems: list[dict[str, Any]], predicted: set[int]) -> pl.D
     for patient in sorted({r["patient_id"] for r in rows if r["fallback"] == FALLBACK_PRIOR}):
         logger.warning("patient %d: no usable series, the prior is used", patient)
     return pl.DataFrame(rows, schema=PROBLEM_SCHEMA)
+
+
+# --------------------------------------------------------------------------- explaining
+
+
+def explain_test_patients(
+    data_root: str | Path,
+    model_dir: str | Path | Sequence[str | Path],
+    patient_ids: Sequence[int],
+    method: str = "auto",
+    device: str | torch.device = "auto",
+) -> list[SeriesExplanation]:
+    """Which slices drove the prediction for these test patients: every series of theirs is
+    decoded and preprocessed as `predict_test_set` does, and the first run's first fold model
+    gives each target's slice importance (`importance.explain_input`) on the input it reads
+    (the whole scan, or its organ crop). Series that cannot be read are skipped, with a warning.
+    """
+    root = paths.resolve_data_root(data_root)
+    runs = load_model_runs(resolve_model_dirs(model_dir)[:1], resolve_device(device))
+    run, fold = runs[0], runs[0].folds[0]
+    config, _ = shared_preprocessing(runs)
+    n_slices, image_size = int(fold.meta["n_slices"]), int(fold.meta["image_size"])
+    neighbours = int(fold.meta.get("neighbour_slices", 0))
+    transform = build_transform(image_size, False, AugmentConfig())
+    wanted = {int(p) for p in patient_ids}
+    explanations = []
+    for task in [t for t in list_series(root, "test") if t.patient_id in wanted]:
+        prepared = prepare_series(task, config)
+        if prepared.stage is not None:
+            logger.warning("series %d: %s failed, not explained", task.series_id, prepared.stage)
+            continue
+        volume = run_input(run, prepared, {}, [])
+        images = torch.from_numpy(model_input(volume, n_slices, transform, neighbours))
+        seen = slice_indices(volume.shape[0], n_slices)
+        explanations.append(
+            explain_input(
+                fold.model, images, task.patient_id, task.series_id, seen, neighbours, method
+            )
+        )
+    return explanations
 
 
 # --------------------------------------------------------------------------- scoring

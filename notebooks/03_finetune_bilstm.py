@@ -22,7 +22,11 @@
 # (96 × 256 × 256); a bidirectional LSTM reads the slice sequence, pooling over slices feeds one
 # head per target (bowel, extravasation: 2 classes; kidney, liver, spleen: 3). The loss is the
 # cross-entropy weighted like the competition metric, plus its any-injury term, plus (where
-# `image_level_labels.csv` marks them) a per-slice loss for bowel and extravasation.
+# `image_level_labels.csv` marks them) a per-slice loss for bowel and extravasation. With
+# `organ_visibility`, that slice loss also covers kidney, liver and spleen, with soft labels:
+# the patient's injury times the organ's area on the slice over its largest (notebook 06's
+# organ areas, as the 1st place solution did). `neighbour_slices` feeds each slice with its
+# neighbours as extra channels (2.5D); a 2D-VoCo encoder's first convolution is adapted to them.
 #
 # Folds group patients (a patient's series never straddle folds) and are stratified on injury;
 # each fold keeps its best epoch by validation RSNA score and writes out-of-fold predictions.
@@ -42,7 +46,9 @@ cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs
 output_dir: str = ""  # run folder; empty: outputs/finetune (/kaggle/working/finetune)
 shape: list = [96, 256, 256]  # cached (slices, H, W) volumes to train on (or the organ crops')
 input: str = "scan"  # "scan" (whole scan), or an organ's crop: liver, spleen, kidney, bowel
-segmentation_dir: str = ""  # notebook 06's run, for an organ input; empty: outputs/segmentation
+segmentation_dir: str = ""  # notebook 06's run (organ input, organ_visibility); empty: outputs/...
+organ_visibility: bool = False  # slice loss also on kidney/liver/spleen: injury x organ area
+neighbour_slices: int = 0  # 2.5D: neighbours on either side as channels (1: 3 adjacent slices)
 crop_source_shape: list = [96, 256, 256]  # the cached shape organ crops are cut from
 crop_margin: float = 0.1  # added on each side of an organ's box, as a share of its size
 crops_dir: str = ""  # where organ-crop caches are made; empty: outputs/crops
@@ -178,9 +184,9 @@ caches = preprocess.resolve_cache_dirs(
     cache_dir or paths.resolve_output_dir("", default_name="cache")
 )
 run_dir = paths.resolve_output_dir(output_dir, default_name="finetune")
+segmentation_run = segmentation_dir or paths.resolve_output_dir("", "segmentation")
 if input != "scan":  # the paper's single-organ setting: the organ's crops, its head only
     targets = [input]
-    segmentation_run = segmentation_dir or paths.resolve_output_dir("", "segmentation")
     crop_root = crops_dir or paths.resolve_output_dir("", "crops")
     caches = [
         organ_crop_cache(
@@ -198,7 +204,9 @@ config = FinetuneConfig(
     weights_file=weights_file,
     targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
     pooling=pooling, global_pool=global_pool, n_slices=n_slices, image_size=image_size,
-    epochs=epochs, slice_loss_weight=slice_loss_weight,
+    epochs=epochs, slice_loss_weight=slice_loss_weight, organ_visibility=organ_visibility,
+    neighbour_slices=neighbour_slices,
+    segmentation_dir=str(segmentation_run) if input != "scan" or organ_visibility else "",
     batch_size=batch_size, grad_accum=grad_accum, lr=lr, backbone_lr_factor=backbone_lr_factor,
     weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
     loss_normalisation=loss_normalisation, hflip_prob=hflip_prob, affine_prob=affine_prob,
@@ -303,8 +311,9 @@ if result.finished and (explain_patients or importance_series):
         model, _ = load_fold_model(run_dir / f"fold{fold}")
         rows = table.filter(pl.col("fold") == fold).head(max(importance_series, 1))
         explanations += explain_series(
-            model, rows, config.n_slices, config.image_size, importance_method
-        )
+            model, rows, config.n_slices, config.image_size, importance_method,
+            neighbours=config.neighbour_slices,
+        )  # fmt: skip
     ranking = {t: marked_slice_ranking(explanations, t) for t in SLICE_TARGETS}
     (run_dir / "importance.json").write_text(json.dumps(ranking, indent=1))
     display(pl.DataFrame([{"target": t, **v} for t, v in ranking.items()]))

@@ -31,13 +31,19 @@
 # logged and listed below. The table is checked against `sample_submission.csv` (columns,
 # patient order, values in [0, 1]) before it is written, atomically.
 #
+# `model_dir` may list several notebook 03 runs: a whole-scan run and organ-crop runs (the
+# paper's single-organ setting, or the crops of the top solutions). Each target is then the mean
+# of the runs trained on it. An organ-crop run carries notebook 06's segmentation model in its
+# folder; it locates the organ in every test scan and the crop is cut as in training. Where it
+# finds no such organ, the crop is the whole scan, and the problems table says so.
+#
 # The preprocessing settings come from `preprocess.json` in the model folder if there is one
 # (`submission.save_preprocess_settings` writes it after notebook 03), else from the training
 # cache named in its `config.json`, else the soft-tissue window 50/400 with body crop.
 
 # %% tags=["parameters"]
 data_root: str = ""  # competition folder; empty: Kaggle input, else inputs/rsna-2023-...
-model_dir: str = ""  # notebook 03's output_dir; empty: outputs/finetune or a Kaggle dataset
+model_dir = ""  # type: list|str  notebook 03's output_dir, or a list (scan + organ-crop runs)
 output_csv: str = ""  # empty: outputs/submission.csv (/kaggle/working/submission.csv on Kaggle)
 batch_size: int = 1  # series per forward pass
 tta: bool = False  # also predict the left-right flip; only for models trained with flips
@@ -46,6 +52,8 @@ device: str = "auto"  # "auto" (GPU if any), "cpu" or "cuda"
 workers: int = -1  # decoding processes (-1: one per core; a crash costs one series); 0: inline
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 max_prior_share: float = 1.0  # fail (after writing) if more patients got the prior; 1: never
+explain_patients = 2  # type: list|int  test patients (ids, or the first n) to explain; 0: none
+importance_method: str = "auto"  # slice importance: "auto", "attention" or "gradient"
 install_from: str = ""  # set-up: Kaggle bundle folder(s) or Colab pip spec; empty: found
 smoke: bool = False  # tiny, fast settings for tests
 
@@ -113,8 +121,9 @@ from IPython.display import display
 
 from kaggle_utils import paths
 from kaggle_utils.submission import (
+    explain_test_patients,
     predict_test_set,
-    resolve_model_dir,
+    resolve_model_dirs,
     resolve_output_csv,
     score_against_labels,
     score_table,
@@ -125,9 +134,12 @@ logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(mes
 if smoke and workers != 0:
     workers = 1  # one decoding process, started once
 root = paths.resolve_data_root(data_root)
-run_dir = resolve_model_dir(model_dir)
+run_dirs = resolve_model_dirs(model_dir)
 csv_path = resolve_output_csv(output_csv)
-print(f"test DICOMs: {root / 'test_images'}; models: {run_dir}; submission: {csv_path}")
+print(
+    f"test DICOMs: {root / 'test_images'}; models: {', '.join(map(str, run_dirs))}; "
+    f"submission: {csv_path}"
+)
 decoders, warnings = startup_report(root)
 print(decoders)
 for warning in warnings:  # a broken install shows here, before the long run
@@ -138,7 +150,7 @@ for warning in warnings:  # a broken install shows here, before the long run
 
 # %%
 result = predict_test_set(
-    root, run_dir, csv_path, batch_size=batch_size, tta=tta, aggregation=aggregation or None,
+    root, run_dirs, csv_path, batch_size=batch_size, tta=tta, aggregation=aggregation or None,
     device=device, workers=workers, precision=precision, max_prior_share=max_prior_share,
 )  # fmt: skip
 settings = result.settings
@@ -191,6 +203,35 @@ if labels_csv.is_file():
     display(score_table(scores))
 else:
     print(f"no {labels_csv.name} beside the data: nothing to score against")
+
+# %% [markdown]
+# ## Which slices drove the prediction
+#
+# For a few test patients, each slice's importance for the target the model thought most likely
+# injured (`kaggle_utils/importance.py`: the attention pooling's weight, or |gradient x input|
+# with max or mean pooling), from the first run's first fold model: the most important slices
+# and the importance over the scan. Pass patient ids in `explain_patients` to see others.
+
+# %%
+if explain_patients:
+    import matplotlib.pyplot as plt
+
+    from kaggle_utils.importance import most_likely_injury
+    from kaggle_utils.plots import importance_strip
+
+    chosen = (
+        result.submission["patient_id"].head(explain_patients).to_list()
+        if isinstance(explain_patients, int)
+        else list(explain_patients)
+    )
+    explanations = explain_test_patients(root, run_dirs, chosen, importance_method, device)
+    for explanation in explanations:
+        fig = importance_strip(explanation, most_likely_injury(explanation))
+        name = f"importance_{explanation.patient_id}_{explanation.series_id}.png"
+        fig.savefig(csv_path.parent / name, dpi=80, bbox_inches="tight")
+        plt.show()
+else:
+    print("explain_patients: none")
 
 # %% [markdown]
 # ## The submission

@@ -16,7 +16,7 @@
 # ---
 
 # %% [markdown]
-# # 05 · The paper's experiments as one batch: Table 1 and a label-efficiency curve
+# # 05 · The paper's experiments as one batch: Tables 1 and 2, a label-efficiency curve
 #
 # Each run is a papermill execution of notebook 02 (2D-VoCo pretraining) and/or notebook 03
 # (fine-tuning) into its own folder under `experiment_dir`, named by a hash of its parameters:
@@ -33,7 +33,11 @@
 # 2D-VoCo with `extra_dirs` of unlabeled CT), `label_efficiency` (`fractions` of the training
 # patients, nested subsets shared by every initialisation), and `grid` (any notebook 03
 # parameter, or notebook 02's as `pretrain.<name>`, e.g. `{"pooling": ["max", "attention"]}`).
-# `pretrain_params` and `finetune_params` set notebook 02's and 03's parameters for every run.
+# `table2` is the paper's Table 2: multi-organ (the whole scan, every head) against
+# single-organ (each of `organs` on its own crop from notebook 06's boxes, its head only), from
+# scratch and with 2D-VoCo, scored per organ by held-out AUC and its part of the RSNA score.
+# `pretrain_params` and `finetune_params` set notebook 02's and 03's parameters for every run,
+# `crop_params` those of the single-organ runs on top.
 
 # %% tags=["parameters"]
 experiment_dir: str = ""  # the batch's folder; empty: outputs/experiments
@@ -49,6 +53,9 @@ extra_dirs: list = []  # extra unlabeled CT (NIfTI, DICOM folders) for "2D-VoCo 
 pretrain_params: dict = {}  # notebook 02 parameters for every pretraining
 finetune_params: dict = {}  # notebook 03 parameters for every fine-tuning
 grid: dict = {}  # the grid preset: {parameter: [values]}; "pretrain.<name>" for notebook 02
+organs: list = ["liver", "spleen", "kidney"]  # table2: organs with a single-organ run
+segmentation_dir: str = ""  # table2: notebook 06's run (organ boxes for the crops)
+crop_params: dict = {}  # table2: notebook 03 parameters of the single-organ runs (e.g. shape)
 holdout: float = 0.2  # share of patients held out (the paper's protocol)
 n_folds: int = 5
 fold_seed: int = 0  # the folds and held-out patients, the same for every run
@@ -144,7 +151,11 @@ config = ExperimentConfig(
     fractions=[float(f) for f in fractions], curve_settings=list(curve_settings),
     weights_file=weights_file, extra_dirs=list(extra_dirs),
     pretrain_params=dict(pretrain_params), finetune_params=dict(finetune_params),
-    grid=dict(grid), holdout=holdout, n_folds=n_folds, fold_seed=fold_seed,
+    grid=dict(grid), organs=list(organs), crop_params=dict(crop_params),
+    segmentation_dir=str(
+        segmentation_dir or paths.resolve_output_dir("", default_name="segmentation")
+    ),
+    holdout=holdout, n_folds=n_folds, fold_seed=fold_seed,
     n_bootstrap=n_bootstrap, notebooks_dir=notebooks_dir,
 )  # fmt: skip
 

@@ -392,3 +392,45 @@ def test_the_held_out_split_is_scored_per_fold_model_and_as_their_ensemble() -> 
     assert calibrated["holdout"]["rsna_score"] == pytest.approx(expected)
     other_order = rsna_score(truth, apply_calibration(by_hand_ensemble(holdout_folds), calibration))
     assert other_order != pytest.approx(expected, abs=1e-6)
+
+
+def test_table2_plans_multi_and_single_organ_runs_and_reports_each_organ(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = random_labels(N_PATIENTS, seed=8)
+    labels.write_csv(data / "train.csv")
+    with pytest.raises(ValueError, match="segmentation_dir"):
+        ExperimentConfig(presets=["table2"])
+    config = ExperimentConfig(
+        experiment_dir=str(tmp_path / "exp"), data_root=str(data), seeds=[0], n_folds=3,
+        presets=["table1", "table2"], segmentation_dir="seg", organs=["liver", "kidney"],
+        finetune_params={"shape": [32, 96, 96]}, crop_params={"shape": [16, 64, 64]},
+        n_bootstrap=100, notebooks_dir=str(tmp_path),
+    )  # fmt: skip
+    plan = plan_experiment(config)
+    table2 = [r for r in plan.runs if r.preset == "table2"]
+    assert len(table2) == 2 * (1 + 2)  # scratch and 2D-VoCo: one multi-organ, two organs
+    # the multi-organ runs are table1's runs: 2 + 4 distinct fine-tunings
+    assert len(plan.unique_runs()) == 6
+    liver = next(r for r in table2 if r.organ == "liver" and r.setting == "voco")
+    assert liver.finetune["input"] == "liver" and liver.finetune["targets"] == ["liver"]
+    assert liver.finetune["shape"] == [16, 64, 64]
+    assert liver.finetune["crop_source_shape"] == [32, 96, 96]
+    assert liver.finetune["segmentation_dir"] == "seg"
+
+    result = run_experiment(config, executor=FakeNotebooks(labels), progress=False)
+    assert not result.failures
+    params = json.loads((tmp_path / "exp" / "runs" / liver.run_key / "params.json").read_text())
+    assert params["crops_dir"] == str(tmp_path / "exp" / "crops")
+    rows = {r["label"]: r for r in result.report["presets"]["table2"]["rows"]}
+    assert set(rows) == {
+        "multi-organ, from scratch", "multi-organ, 2D-VoCo",
+        "single-organ, from scratch", "single-organ, 2D-VoCo",
+    }  # fmt: skip
+    single = rows["single-organ, 2D-VoCo"]["organs"]
+    report = json.loads((tmp_path / "exp" / "runs" / liver.run_key / "report.json").read_text())
+    aucs = [m["auc_liver"] for m in report["holdout_folds"].values()]
+    assert single["liver"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert single["liver"]["n_models"] == 3 and rows["multi-organ, 2D-VoCo"]["organs"]["kidney"]
+    markdown = (tmp_path / "exp" / "report.md").read_text()
+    assert "## table2" in markdown and "liver AUC" in markdown and "single-organ" in markdown

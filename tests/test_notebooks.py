@@ -125,6 +125,7 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
         "04_submission", tmp_path, data_root=str(tiny_competition), model_dir=str(finetune),
         output_csv=str(tmp_path / "submission.csv"), smoke=True,
     )  # fmt: skip
+    assert list(tmp_path.glob("importance_*_*.png"))  # two test patients explained
     validate_submission(
         pl.read_csv(tmp_path / "submission.csv"),
         pl.read_csv(tiny_competition / "sample_submission.csv"),

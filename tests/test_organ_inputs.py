@@ -25,7 +25,12 @@ from kaggle_utils.finetune_data import (
 )
 from kaggle_utils.metric import LABEL_COLUMNS, validate_submission
 from kaggle_utils.models import build_backbone
-from kaggle_utils.submission import PROBABILITY_COLUMNS, combine_runs, predict_test_set
+from kaggle_utils.submission import (
+    PROBABILITY_COLUMNS,
+    combine_runs,
+    explain_test_patients,
+    predict_test_set,
+)
 
 # --------------------------------------------------------------------------- 2.5D
 
@@ -274,6 +279,14 @@ def test_scan_and_liver_crop_runs_make_one_submission(
             (scan["liver_high"][0] + liver["liver_high"][0]) / 2
         )
         assert row["spleen_high"] == pytest.approx(scan["spleen_high"][0])
+    patient = int(sample["patient_id"][0])
+    for run, n_slices in ((liver_run, 4), (scan_run, 8)):
+        explanations = explain_test_patients(segmented_competition, run, [patient], device="cpu")
+        assert explanations and {e.patient_id for e in explanations} == {patient}
+        for explanation in explanations:
+            assert explanation.images.shape[0] == n_slices
+            for weights in explanation.importance.values():
+                assert weights.shape == (n_slices,) and weights.sum() == pytest.approx(1.0)
     # the table the crop run trained on holds only series where the segmentation found a liver
     labels = pl.read_csv(segmented_competition / "train.csv")
     assert series_table(labels, crops, (4, 16, 16)).height > 0
