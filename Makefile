@@ -33,6 +33,11 @@ DEMO_PRETRAIN ?= -y "$(DEMO_PRETRAIN_PARAMS)" -p backbone $(DEMO_BACKBONE)
 DEMO_FINETUNE ?= -y "$(DEMO_FINETUNE_PARAMS)" -p backbone $(DEMO_BACKBONE) -p init voco -p n_folds 3
 PAPERMILL := $(PY) -m papermill --log-output --progress-bar
 
+# Notebook 01 on the demo's training series into $(1)/cache (what is cached already is skipped).
+demo_cache = $(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(1)/notebooks/01_dicom_preprocess.ipynb \
+	-p data_root $(DEMO_DATA) -p split train -p output_dir $(1)/cache -p workers $(WORKERS) \
+	-y 'shapes: $(DEMO_SHAPES)'
+
 .PHONY: help install demo demo-data demo-organs test test-fast lint format notebooks benchmark clean-demo \
 	kaggle-bundle gpu-bundle gpu-check experiments experiments-table2
 
@@ -61,9 +66,7 @@ demo-data: install
 
 demo: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
-	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(DEMO_OUT)/notebooks/01_dicom_preprocess.ipynb \
-		-p data_root $(DEMO_DATA) -p split train -p output_dir $(DEMO_OUT)/cache -p workers $(WORKERS) \
-		-y 'shapes: $(DEMO_SHAPES)'
+	$(call demo_cache,$(DEMO_OUT))
 	$(PAPERMILL) notebooks/02_voco2d_pretrain.ipynb $(DEMO_OUT)/notebooks/02_voco2d_pretrain.ipynb \
 		-p cache_dir $(DEMO_OUT)/cache -p output_dir $(DEMO_OUT)/pretrain $(DEMO_PRETRAIN)
 	$(PAPERMILL) notebooks/03_finetune_bilstm.ipynb $(DEMO_OUT)/notebooks/03_finetune_bilstm.ipynb \
@@ -77,9 +80,7 @@ demo: demo-data
 # it reads (notebook 01 reruns only what is missing).
 demo-organs: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
-	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(DEMO_OUT)/notebooks/01_dicom_preprocess.ipynb \
-		-p data_root $(DEMO_DATA) -p split train -p output_dir $(DEMO_OUT)/cache -p workers $(WORKERS) \
-		-y 'shapes: $(DEMO_SHAPES)'
+	$(call demo_cache,$(DEMO_OUT))
 	$(PAPERMILL) notebooks/06_organ_segmentation.ipynb $(DEMO_OUT)/notebooks/06_organ_segmentation.ipynb \
 		-p data_root $(DEMO_DATA) -p cache_dir $(DEMO_OUT)/cache -p output_dir $(DEMO_OUT)/segmentation \
 		-y "$(DEMO_SEGMENT_PARAMS)"
@@ -109,9 +110,7 @@ EXPERIMENT_GRID ?= -y "presets: [table1, label_efficiency]" -y "backbones: [$(DE
 	-y "extra_dirs: [$(DEMO_DATA)/test_images]"
 experiments: demo-data
 	mkdir -p $(EXPERIMENT_OUT)/notebooks
-	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(EXPERIMENT_OUT)/notebooks/01_dicom_preprocess.ipynb \
-		-p data_root $(DEMO_DATA) -p split train -p output_dir $(EXPERIMENT_OUT)/cache -p workers $(WORKERS) \
-		-y 'shapes: $(DEMO_SHAPES)'
+	$(call demo_cache,$(EXPERIMENT_OUT))
 	$(PAPERMILL) notebooks/05_experiments.ipynb $(EXPERIMENT_OUT)/notebooks/05_experiments.ipynb \
 		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache -p experiment_dir $(EXPERIMENT_OUT) \
 		$(EXPERIMENT_GRID) -y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' \
@@ -125,9 +124,7 @@ TABLE2_GRID ?= -y "presets: [table2]" -y "backbones: [$(DEMO_BACKBONE)]" -y "see
 	-y "crop_params: {shape: [16, 64, 64], image_size: 64}"
 experiments-table2: demo-data
 	mkdir -p $(EXPERIMENT_OUT)/notebooks
-	$(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(EXPERIMENT_OUT)/notebooks/01_dicom_preprocess.ipynb \
-		-p data_root $(DEMO_DATA) -p split train -p output_dir $(EXPERIMENT_OUT)/cache -p workers $(WORKERS) \
-		-y 'shapes: $(DEMO_SHAPES)'
+	$(call demo_cache,$(EXPERIMENT_OUT))
 	$(PAPERMILL) notebooks/06_organ_segmentation.ipynb $(EXPERIMENT_OUT)/notebooks/06_organ_segmentation.ipynb \
 		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache \
 		-p output_dir $(EXPERIMENT_OUT)/segmentation -y "$(DEMO_SEGMENT_PARAMS)"
