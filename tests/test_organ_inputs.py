@@ -294,3 +294,47 @@ def test_scan_and_liver_crop_runs_make_one_submission(
         series_table(labels, segmented_cache, (8, 32, 32)), ["liver"], image_size=32, neighbours=1
     )
     assert dataset[0]["image"].shape == (8, 3, 32, 32)
+
+
+class _StubLocator:
+    """Stands in for notebook 06's model: finds nothing, or fails."""
+
+    key, shape = "stub", (8, 16, 16)
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.calls = fail, 0
+
+    def locate(self, volume: np.ndarray, series_id: int, patient_id: int) -> list[dict]:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return [_organ_row(series_id, patient_id, "kidney", None)]
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["not found", "segmentation fails"])
+def test_notebook_04_crops_the_whole_scan_when_the_organ_is_not_found(fail: bool) -> None:
+    from kaggle_utils.submission import (
+        FALLBACK_WHOLE_SCAN,
+        ModelRun,
+        PreparedSeries,
+        _with_fallbacks,
+        run_input,
+    )
+
+    volume = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16), dtype=np.uint8)
+    locator = _StubLocator(fail)
+    crop = organ_crops.CropConfig("kidney", (8, 16, 16), (4, 8, 8))
+    run = ModelRun(Path("run"), [], None, crop=crop, locator=locator)  # type: ignore[arg-type]
+    prepared = PreparedSeries(7, 70, volume)
+    located: dict = {}
+    notes: list = []
+    out = run_input(run, prepared, located, notes)
+    np.testing.assert_array_equal(
+        out, organ_crops.cut_crop(volume, (0, 8, 0, 16, 0, 16), (4, 8, 8))
+    )
+    run_input(run, prepared, located, notes)  # a second run with the same model: no new call
+    assert locator.calls == 1
+    assert len(notes) == 2 if not fail else len(notes) == 1
+    assert ("segmentation failed" in notes[0]["reason"]) == fail
+    table = _with_fallbacks(notes, {7})
+    assert set(table["fallback"]) == {FALLBACK_WHOLE_SCAN} and set(table["stage"]) == {"segment"}
