@@ -51,6 +51,7 @@ aggregation: str = ""  # over a patient's series: "mean" or "max"; empty: the mo
 device: str = "auto"  # "auto" (GPU if any), "cpu" or "cuda"
 workers: int = -1  # decoding processes (-1: one per core; a crash costs one series); 0: inline
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
+combine: str = "organ"  # several runs: a target from its crop runs ("organ"), or all runs ("mean")
 max_prior_share: float = 1.0  # fail (after writing) if more patients got the prior; 1: never
 explain_patients = 2  # type: list|int  test patients (ids, or the first n) to explain; 0: none
 importance_method: str = "auto"  # slice importance: "auto", "attention" or "gradient"
@@ -152,6 +153,7 @@ for warning in warnings:  # a broken install shows here, before the long run
 result = predict_test_set(
     root, run_dirs, csv_path, batch_size=batch_size, tta=tta, aggregation=aggregation or None,
     device=device, workers=workers, precision=precision, max_prior_share=max_prior_share,
+    combine=combine,
 )  # fmt: skip
 settings = result.settings
 print(

@@ -29,6 +29,7 @@ from kaggle_utils.submission import (
     PROBABILITY_COLUMNS,
     combine_runs,
     explain_test_patients,
+    organ_run_targets,
     predict_test_set,
 )
 
@@ -190,6 +191,17 @@ def test_combined_runs_average_each_target_over_the_runs_trained_on_it() -> None
             ]
             present = [v[0] for v in values if v]
             assert row[column] == pytest.approx(sum(present) / len(present)), (patient, column)
+    # the "organ" rule: liver and spleen from their crop runs alone (the scan where missing)
+    organ_targets = organ_run_targets(targets, ["scan", "liver", "spleen"])
+    assert organ_targets[0] == ("bowel", "extravasation", "kidney")
+    by_organ = combine_runs([scan, liver, spleen], organ_targets, ["patient_id"], targets)
+    for patient, crop_run, column in ((1, liver, "liver_low"), (3, spleen, "spleen_high")):
+        expected = crop_run.filter(pl.col("patient_id") == patient)[column][0]
+        assert by_organ.filter(pl.col("patient_id") == patient)[column][0] == pytest.approx(
+            expected
+        )
+    missing = by_organ.filter(pl.col("patient_id") == 2)["liver_low"][0]
+    assert missing == pytest.approx(combined.filter(pl.col("patient_id") == 2)["liver_low"][0])
     alone = combine_runs([scan], targets[:1], ["patient_id"])
     assert alone.select(PROBABILITY_COLUMNS).equals(scan.select(PROBABILITY_COLUMNS))
 
@@ -264,11 +276,13 @@ def test_scan_and_liver_crop_runs_make_one_submission(
 
     result = predict_test_set(
         segmented_competition, [scan_run, liver_run], tmp_path / "submission.csv", workers=0,
-        progress=False,
+        combine="mean", progress=False,
     )  # fmt: skip
     sample = pl.read_csv(segmented_competition / "sample_submission.csv")
     validate_submission(pl.read_csv(result.csv_path), sample)
     assert [r["input"] for r in result.settings["runs"]] == ["scan", "liver"]
+    with pytest.raises(ValueError, match="combine must be"):
+        predict_test_set(segmented_competition, scan_run, tmp_path / "x.csv", combine="best")
     by_run = result.series_by_model.group_by("run", "series_id").agg(
         pl.col(c).mean() for c in PROBABILITY_COLUMNS
     )
