@@ -1245,11 +1245,14 @@ def explain_test_patients(
     patient_ids: Sequence[int],
     method: str = "auto",
     device: str | torch.device = "auto",
+    workers: int = -1,
 ) -> list[SeriesExplanation]:
     """Which slices drove the prediction for these test patients: every series of theirs is
     decoded and preprocessed as `predict_test_set` does, and the first run's first fold model
     gives each target's slice importance (`importance.explain_input`) on the input it reads
     (the whole scan, or its organ crop). Series that cannot be read are skipped, with a warning.
+    Decoding runs in `workers` processes as in `predict_test_set`, so that a decoder crash
+    costs the series, not the caller.
     """
     root = paths.resolve_data_root(data_root)
     runs = load_model_runs(resolve_model_dirs(model_dir)[:1], resolve_device(device))
@@ -1260,19 +1263,20 @@ def explain_test_patients(
     transform = build_transform(image_size, False, AugmentConfig())
     wanted = {int(p) for p in patient_ids}
     explanations = []
-    for task in [t for t in list_series(root, "test") if t.patient_id in wanted]:
-        prepared = prepare_series(task, config)
+    tasks = [t for t in list_series(root, "test") if t.patient_id in wanted]
+    for prepared in prefetched_series(tasks, config, workers):
         if prepared.stage is not None:
-            logger.warning("series %d: %s failed, not explained", task.series_id, prepared.stage)
+            logger.warning(
+                "series %d: %s failed, not explained", prepared.series_id, prepared.stage
+            )
             continue
         volume = run_input(run, prepared, {}, [])
         images = torch.from_numpy(model_input(volume, n_slices, transform, neighbours))
         seen = slice_indices(volume.shape[0], n_slices)
-        explanations.append(
-            explain_input(
-                fold.model, images, task.patient_id, task.series_id, seen, neighbours, method
-            )
+        explanation = explain_input(
+            fold.model, images, prepared.patient_id, prepared.series_id, seen, neighbours, method
         )
+        explanations.append(explanation)
     return explanations
 
 

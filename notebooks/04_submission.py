@@ -227,7 +227,9 @@ if explain_patients:
         else list(explain_patients)
     )
     try:
-        explanations = explain_test_patients(root, run_dirs, chosen, importance_method, device)
+        explanations = explain_test_patients(
+            root, run_dirs, chosen, importance_method, device, workers
+        )
     except Exception as error:  # the submission is written: an explanation must not fail it
         print(f"!!! slice importance failed ({type(error).__name__}: {error}); submission kept")
         explanations = []

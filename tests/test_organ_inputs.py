@@ -295,7 +295,9 @@ def test_scan_and_liver_crop_runs_make_one_submission(
         assert row["spleen_high"] == pytest.approx(scan["spleen_high"][0])
     patient = int(sample["patient_id"][0])
     for run, n_slices in ((liver_run, 4), (scan_run, 8)):
-        explanations = explain_test_patients(segmented_competition, run, [patient], device="cpu")
+        explanations = explain_test_patients(
+            segmented_competition, run, [patient], device="cpu", workers=0
+        )
         assert explanations and {e.patient_id for e in explanations} == {patient}
         for explanation in explanations:
             assert explanation.images.shape[0] == n_slices
