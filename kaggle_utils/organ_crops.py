@@ -77,6 +77,17 @@ class CropConfig:
             if len(value) != 3 or min(value) < 1:
                 raise ValueError(f"{name} must be three positive ints, not {value}")
 
+    @classmethod
+    def from_settings(cls, saved: Mapping[str, Any]) -> CropConfig:
+        """The inverse of `settings` (a crop.json)."""
+        return cls(
+            saved["organ"],
+            tuple(saved["source_shape"]),  # type: ignore[arg-type]
+            tuple(saved["crop_shape"]),  # type: ignore[arg-type]
+            float(saved["margin"]),
+            int(saved["min_margin_voxels"]),
+        )
+
     def settings(self) -> dict[str, Any]:
         return {
             "organ": self.organ,
@@ -242,14 +253,7 @@ def read_crop_config(run_dir: str | Path) -> CropConfig:
             f"{path} not found: notebook 03 writes it (with segmentation/) into an organ-crop "
             "run; copy the whole run folder"
         )
-    saved = json.loads(path.read_text())
-    return CropConfig(
-        saved["organ"],
-        tuple(saved["source_shape"]),  # type: ignore[arg-type]
-        tuple(saved["crop_shape"]),  # type: ignore[arg-type]
-        float(saved["margin"]),
-        int(saved["min_margin_voxels"]),
-    )
+    return CropConfig.from_settings(json.loads(path.read_text()))
 
 
 class OrganLocator:

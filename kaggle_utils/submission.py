@@ -402,7 +402,7 @@ def load_model_runs(
     Raises:
         FileNotFoundError: a run without finished folds, or an organ-crop run without
             crop.json or segmentation/ (copy the whole run folder).
-        ValueError: two runs trained on the same organ crop.
+        ValueError: an organ-crop run whose crop.json cuts another organ than it trained on.
     """
     runs = []
     for run_dir in run_dirs:
@@ -1242,12 +1242,13 @@ def _with_fallbacks(problems: list[dict[str, Any]], predicted: set[int]) -> pl.D
 def explain_test_patients(
     data_root: str | Path,
     model_dir: str | Path | Sequence[str | Path],
-    patient_ids: Sequence[int],
+    patients: Sequence[int] | int,
     method: str = "auto",
     device: str | torch.device = "auto",
     workers: int = -1,
 ) -> list[SeriesExplanation]:
-    """Which slices drove the prediction for these test patients: every series of theirs is
+    """Which slices drove the prediction for these test patients (ids, or the first n of
+    sample_submission.csv): every series of theirs is
     decoded and preprocessed as `predict_test_set` does, and the first run's first fold model
     gives each target's slice importance (`importance.explain_input`) on the input it reads
     (the whole scan, or its organ crop). Series that cannot be read are skipped, with a warning.
@@ -1261,7 +1262,9 @@ def explain_test_patients(
     n_slices, image_size = int(fold.meta["n_slices"]), int(fold.meta["image_size"])
     neighbours = int(fold.meta.get("neighbour_slices", 0))
     transform = build_transform(image_size, False, AugmentConfig())
-    wanted = {int(p) for p in patient_ids}
+    if isinstance(patients, int):
+        patients = read_sample_submission(root)[PATIENT_ID].head(patients).to_list()
+    wanted = {int(p) for p in patients}
     explanations = []
     tasks = [t for t in list_series(root, "test") if t.patient_id in wanted]
     for prepared in prefetched_series(tasks, config, workers):

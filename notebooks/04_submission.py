@@ -221,14 +221,9 @@ if explain_patients:
     from kaggle_utils.importance import most_likely_injury
     from kaggle_utils.plots import importance_strip
 
-    chosen = (
-        result.submission["patient_id"].head(explain_patients).to_list()
-        if isinstance(explain_patients, int)
-        else list(explain_patients)
-    )
     try:
         explanations = explain_test_patients(
-            root, run_dirs, chosen, importance_method, device, workers
+            root, run_dirs, explain_patients, importance_method, device, workers
         )
     except Exception as error:  # the submission is written: an explanation must not fail it
         print(f"!!! slice importance failed ({type(error).__name__}: {error}); submission kept")

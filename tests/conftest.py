@@ -203,3 +203,18 @@ def segmented_cache(segmented_competition: Path, tmp_path_factory: pytest.TempPa
         tasks = list_series(segmented_competition, split)
         preprocess_dataset(tasks, cache, config, workers=0, progress=False)
     return cache
+
+
+def save_encoder(folder: Path, name: str, in_chans: int, backbone: str = "test_efficientnet"):
+    """A notebook 02 encoder file (`<name>.pt` and its `<name>.json`) with random weights;
+    returns the backbone and the .pt path."""
+    import json
+
+    import torch
+
+    from kaggle_utils.models import build_backbone
+
+    encoder = build_backbone(backbone, in_chans)
+    torch.save(encoder.state_dict(), folder / f"{name}.pt")
+    (folder / f"{name}.json").write_text(json.dumps({"backbone": backbone, "in_chans": in_chans}))
+    return encoder, folder / f"{name}.pt"

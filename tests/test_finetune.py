@@ -41,7 +41,7 @@ from kaggle_utils.report import cross_validation_report, markdown_table, trainin
 from kaggle_utils.runtime import copy_previous_run
 from kaggle_utils.volume import resample_volume
 
-from conftest import run_torchrun_on_cpu
+from conftest import run_torchrun_on_cpu, save_encoder
 
 SHAPE = (8, 32, 32)
 
@@ -98,13 +98,9 @@ def test_frozen_backbone_gets_no_gradient_and_keeps_bn_statistics() -> None:
 
 
 def test_voco_init_loads_the_encoder_and_checks_its_backbone(tmp_path: Path) -> None:
-    encoder = build_backbone("test_efficientnet", 1)
-    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
-    (tmp_path / "encoder.json").write_text(
-        json.dumps({"backbone": "test_efficientnet", "in_chans": 1})
-    )
+    encoder, encoder_file = save_encoder(tmp_path, "encoder", 1)
     model = build_classifier(
-        "test_efficientnet", 1, "voco", tmp_path / "encoder.pt", hidden_size=8, num_layers=1
+        "test_efficientnet", 1, "voco", encoder_file, hidden_size=8, num_layers=1
     )
     torch.testing.assert_close(model.backbone.conv_stem.weight, encoder.conv_stem.weight)
     with pytest.raises(ValueError, match="pretrained as test_efficientnet with 1"):

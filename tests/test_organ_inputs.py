@@ -4,7 +4,6 @@ in notebook 04, and the per-target combination of whole-scan and organ-crop runs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from kaggle_utils.finetune_data import (
     slice_stack,
 )
 from kaggle_utils.metric import LABEL_COLUMNS, validate_submission
-from kaggle_utils.models import build_backbone
 from kaggle_utils.submission import (
     PROBABILITY_COLUMNS,
     combine_runs,
@@ -32,6 +30,8 @@ from kaggle_utils.submission import (
     organ_run_targets,
     predict_test_set,
 )
+
+from conftest import save_encoder
 
 # --------------------------------------------------------------------------- 2.5D
 
@@ -69,21 +69,15 @@ def test_the_adapted_first_convolution_answers_repeated_slices_as_the_pretrained
 
 
 def test_a_one_channel_encoder_starts_a_three_slice_classifier(tmp_path: Path) -> None:
-    encoder = build_backbone("test_efficientnet", 1)
-    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
-    (tmp_path / "encoder.json").write_text(
-        json.dumps({"backbone": "test_efficientnet", "in_chans": 1})
-    )
+    encoder, encoder_file = save_encoder(tmp_path, "encoder", 1)
     model = build_classifier(
-        "test_efficientnet", 3, "voco", tmp_path / "encoder.pt", hidden_size=8, num_layers=1
+        "test_efficientnet", 3, "voco", encoder_file, hidden_size=8, num_layers=1
     )
     torch.testing.assert_close(
         model.backbone.conv_stem.weight, encoder.conv_stem.weight.repeat(1, 3, 1, 1) / 3
     )
     torch.testing.assert_close(model.backbone.bn1.weight, encoder.bn1.weight)
-    two = build_backbone("test_efficientnet", 2)
-    torch.save(two.state_dict(), tmp_path / "two.pt")
-    (tmp_path / "two.json").write_text(json.dumps({"backbone": "test_efficientnet", "in_chans": 2}))
+    save_encoder(tmp_path, "two", 2)
     with pytest.raises(ValueError, match="or a multiple of it"):
         build_classifier("test_efficientnet", 3, "voco", tmp_path / "two.pt")
 
@@ -294,9 +288,10 @@ def test_scan_and_liver_crop_runs_make_one_submission(
         )
         assert row["spleen_high"] == pytest.approx(scan["spleen_high"][0])
     patient = int(sample["patient_id"][0])
-    for run, n_slices in ((liver_run, 4), (scan_run, 8)):
+    for run, n_slices, chosen in ((liver_run, 4, [patient]), (scan_run, 8, 1)):
+        # by id, or the first n patients of the sample submission
         explanations = explain_test_patients(
-            segmented_competition, run, [patient], device="cpu", workers=0
+            segmented_competition, run, chosen, device="cpu", workers=0
         )
         assert explanations and {e.patient_id for e in explanations} == {patient}
         for explanation in explanations:
