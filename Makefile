@@ -38,19 +38,22 @@ demo_cache = $(PAPERMILL) notebooks/01_dicom_preprocess.ipynb $(1)/notebooks/01_
 	-p data_root $(DEMO_DATA) -p split train -p output_dir $(1)/cache -p workers $(WORKERS) \
 	-y 'shapes: $(DEMO_SHAPES)'
 
-.PHONY: help install demo demo-data demo-organs test test-fast lint format notebooks benchmark clean-demo \
-	kaggle-bundle gpu-bundle gpu-check experiments experiments-table2
+.PHONY: help install demo demo-data demo-organs test test-fast test-kaggle-versions \
+	test-lowest-versions lint format \
+	notebooks benchmark clean-demo kaggle-bundle gpu-bundle gpu-check experiments experiments-table2
 
 help:
 	@echo "make demo       whole pipeline on the synthetic demo data (outputs/demo/)"
 	@echo "make demo-organs  after make demo: organ boxes (06), a kidney-crop run (03), 04 on both"
 	@echo "make test       lint + the test suite (what CI runs)"
 	@echo "make test-fast  the test suite without slow end-to-end runs"
+	@echo "make test-kaggle-versions  the fast suite + offline notebook 04 on Kaggle's versions"
+	@echo "make test-lowest-versions  the fast suite at pyproject.toml's lower bounds"
 	@echo "make experiments  notebook 05's reduced grid on the demo data (outputs/experiments/)"
 	@echo "make experiments-table2  the paper's Table 2 (multi- vs single-organ) on the demo data"
 	@echo "make benchmark  decoding speed, notebook 01 per core and memory at scale, 2D vs 3D VoCo step"
 	@echo "make format     ruff format + fix; make notebooks: re-pair .py -> .ipynb"
-	@echo "make kaggle-bundle  dist/kaggle-bundle/: wheels for Kaggle's offline install + metadata"
+	@echo "make kaggle-bundle  dist/kaggle-bundle/: the offline install (both Pythons) + a kernel per step"
 	@echo "make gpu-check  the short CUDA check (on a GPU machine with a gpu-bundle, see README)"
 
 install: $(VENV)/.installed
@@ -101,6 +104,27 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# The fast suite and the offline notebook-04 test on Kaggle's package versions
+# (constraints-kaggle.txt; this machine's torch linked in): .venv-kaggle/.
+KAGGLE_VENV ?= .venv-kaggle
+$(KAGGLE_VENV)/.installed: constraints-kaggle.txt requirements.txt requirements-dev.txt pyproject.toml | install
+	$(PY) tests/kaggle_image.py $(KAGGLE_VENV) -- -r requirements-dev.txt -e .
+	touch $@
+
+test-kaggle-versions: $(KAGGLE_VENV)/.installed
+	$(KAGGLE_VENV)/bin/python -m pytest -m "not slow" tests/
+	$(KAGGLE_VENV)/bin/python -m pytest tests/test_kaggle_offline.py
+
+# The fast suite at the lowest versions pyproject.toml allows (uv's lowest-direct resolution;
+# this machine's torch): the lower bounds are what the code needs, not guesses. .venv-lowest/.
+LOWEST_VENV ?= .venv-lowest
+$(LOWEST_VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | install
+	$(PY) tests/kaggle_image.py --lowest $(LOWEST_VENV) -- -r requirements-dev.txt -e .
+	touch $@
+
+test-lowest-versions: $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -m pytest -m "not slow" tests/
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -148,26 +172,30 @@ benchmark: install
 	$(PY) benchmarks/preprocess.py --long 1727
 	$(PY) benchmarks/pretrain_cost.py --bare
 
-# The offline install for Kaggle (README: Kaggle). BUNDLE_ARGS e.g. --kaggle-user <you>,
-# --python-version 3.11, --preinstalled none.
+# The offline install for Kaggle and a kernel per step (README: Kaggle): dist/kaggle-bundle/.
+# BUNDLE_ARGS e.g. --kaggle-user <you>, --shards 3, --python 3.14 (repeatable; default 3.12
+# and 3.13), --not-preinstalled <names>.
 BUNDLE_ARGS ?=
 kaggle-bundle: install
 	$(PY) -m kaggle_utils.bundle --output dist/kaggle-bundle $(BUNDLE_ARGS)
 
-# A bundle for a CUDA machine without network that has Python 3.12, torch, timm, numpy, scipy,
-# pandas, scikit-learn, matplotlib and tqdm: what `make gpu-check` installs there.
-GPU_PREINSTALLED ?= torch,torchvision,timm,numpy,scipy,pandas,scikit-learn,matplotlib,tqdm,pillow,packaging,pyyaml,typing-extensions,filelock,fsspec,jinja2,networkx,sympy,safetensors,huggingface-hub,requests,joblib,threadpoolctl
+# A bundle for the CUDA machine this project borrows (no network; Python 3.12 with torch, timm,
+# numpy, scipy, pandas, scikit-learn, matplotlib and tqdm): what `make gpu-check` installs
+# there. Versions as Kaggle's; albumentations (and its 54 MB of OpenCV) left out: the check
+# trains without augmentation, and inference never needs it.
+GPU_PREINSTALLED ?= torch,torchvision,timm,numpy,scipy,pandas,scikit-learn,matplotlib,tqdm,pillow,packaging,pyyaml,typing-extensions,filelock,fsspec,jinja2,networkx,sympy,safetensors,huggingface-hub,requests,joblib,threadpoolctl,python-dateutil,six,pytz,tzdata,contourpy,cycler,fonttools,kiwisolver,pyparsing,markupsafe,mpmath,hf-xet,certifi,charset-normalizer,idna,urllib3
 gpu-bundle: install
-	$(PY) -m kaggle_utils.bundle --output dist/gpu-bundle --python-version 3.12 \
-		--preinstalled $(GPU_PREINSTALLED) --extras notebooks --split-mb 56
+	$(PY) -m kaggle_utils.bundle --output dist/gpu-bundle --python 3.12 --no-kernels \
+		--preinstalled $(GPU_PREINSTALLED) --exclude albumentations --extras notebooks --split-mb 56
 
 # On the GPU machine: install dist/gpu-bundle offline, then notebooks 01-04 on tiny demo data
 # (fp16 and bf16 where the GPU has them, torchrun over NCCL) and the cost benchmark's CUDA
 # path; one JSON report in outputs/gpu-check/report.json.
+GPU_CHECK_OUT ?= outputs/gpu-check
 gpu-check:
-	for part in dist/gpu-bundle/wheels/part-*; do \
+	for part in dist/gpu-bundle/dataset/wheels/part-*; do \
 		python3 benchmarks/gpu_check.py --install-part $$part || exit 1; done
-	python3 benchmarks/gpu_check.py --bundle dist/gpu-bundle --output outputs/gpu-check
+	python3 benchmarks/gpu_check.py --output $(GPU_CHECK_OUT)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT)

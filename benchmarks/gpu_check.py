@@ -1,13 +1,22 @@
 """`make gpu-check`: one short, prepared run on a CUDA machine that has no network.
 
 Installs kaggle_utils from a bundle (`make gpu-bundle`: wheels of what that machine lacks, for
-its Python) with `pip install --no-index`, generates tiny synthetic demo data, runs notebooks
-01 to 04 through papermill on the GPU at every precision the GPU allows (fp16 always; bf16
-only where the GPU has it natively, compute capability >= 8), notebooks 02 and 03 under
-torchrun with one process (NCCL), then the cost benchmark's CUDA path (2D-VoCo against 3D
-VoCo, `torch.cuda.max_memory_allocated`; 3D only when MONAI is installed). Every step has a
-time-out within one budget (8 minutes by default); the JSON report is rewritten after every
-step, so a run cut short still leaves what it measured.
+its Python) with `pip install --no-index`, then runs the steps asked for (`--steps`, all by
+default):
+- device: what `device="auto"` and `precision="auto"` pick on this GPU, and torch's compiled
+  architectures (`runtime.pick_device`, `runtime.resolve_precision`);
+- shapes: the real shapes at fp16 and bf16 (`benchmarks/gpu_shapes.py`: one fine-tuning step
+  at 96 x 256 x 256, one pretraining step at 32 x 192 x 192, one test patient), with the
+  projected GPU hours of a full run;
+- notebooks: tiny synthetic demo data through notebooks 01 to 04 with papermill on the GPU at
+  every precision the GPU allows (fp16 always; bf16 only where the GPU has it natively,
+  compute capability >= 8), notebooks 02 and 03 under torchrun with one process (NCCL), 03
+  without augmentation (the GPU bundle leaves albumentations out), and notebook 01's GPU
+  resampling against its CPU reference;
+- cost: the cost benchmark's CUDA path (2D-VoCo against 3D VoCo,
+  `torch.cuda.max_memory_allocated`; 3D only when MONAI is installed).
+Every step has a time-out within one budget (8 minutes by default); the JSON report is
+rewritten after every step, so a run cut short still leaves what it measured.
 
 `--cpu` runs the same on a machine without a GPU (fp32, torchrun over gloo): a rehearsal of
 the script itself, not a measurement.
@@ -15,7 +24,9 @@ the script itself, not a measurement.
 A bundle split into `wheels/part-<k>/` (`make gpu-bundle`: the machine this project borrows
 is sent at most 64 MiB per call) is installed one part per call with `--install-part
 <folder>` (`pip install --no-deps --target .gpu-site`, a folder git ignores, so it stays on
-the machine between calls), then the check runs with `.gpu-site` on the path.
+the machine between calls), then the check runs with `.gpu-site` on the path. Part 1 holds
+everything kaggle_utils needs without its `notebooks` extra, so `--steps device shapes` can
+run in the same call as its install, and the notebooks in the call that brings part 2.
 """
 
 from __future__ import annotations
@@ -36,6 +47,16 @@ TINY = ["--train-patients", "12", "--test-patients", "4", "--image-size", "96",
         "--min-slices", "16", "--max-slices", "20"]  # fmt: skip
 SHAPE = [12, 96, 96]
 SITE = ROOT / ".gpu-site"  # wheels installed part by part (--install-part)
+STEPS = ("device", "shapes", "notebooks", "cost")
+# What the device and precision choices print (a step of its own: a child process).
+DEVICE_CHOICE = """
+import json, torch
+from kaggle_utils import runtime
+device = runtime.pick_device("auto")
+print(json.dumps({"auto_device": str(device), "auto_precision":
+    runtime.resolve_precision("auto", device).name, "arch_list": torch.cuda.get_arch_list(),
+    "unsupported": runtime.gpu_unsupported_reason(0) if torch.cuda.is_available() else "no GPU"}))
+"""
 # Two notebook 01 caches of the same series must hold volumes at most 1 level apart.
 COMPARE_CACHES = """
 import sys; from pathlib import Path; import numpy as np
@@ -103,7 +124,8 @@ def papermill(notebook: str, out: Path, parameters: dict[str, Any], tag: str = "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path, default=ROOT / "dist" / "gpu-bundle")
+    parser.add_argument("--bundle", type=Path, default=ROOT / "dist" / "gpu-bundle" / "dataset")
+    parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--output", type=Path, default=ROOT / "outputs" / "gpu-check")
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--cpu", action="store_true", help="rehearse without a GPU (fp32)")
@@ -151,6 +173,27 @@ def main() -> None:
         }  # fmt: skip
     check.report |= {"torch": torch.__version__, "precisions": precisions}
 
+    if "device" in args.steps:
+        check.run("device", [sys.executable, "-c", DEVICE_CHOICE])
+    if "shapes" in args.steps:
+        shapes = [sys.executable, str(ROOT / "benchmarks" / "gpu_shapes.py")]
+        check.run("shapes", shapes + (["--rehearse"] if not cuda else []))
+    if "notebooks" in args.steps:
+        run_notebooks(check, out, cuda, precisions)
+    if "cost" in args.steps:
+        cost = [sys.executable, str(ROOT / "benchmarks" / "pretrain_cost.py"), "--repeats", "2"]
+        if importlib.util.find_spec("monai") is None or not cuda:  # 3D on a CPU takes minutes
+            cost.append("--skip-3d")
+        check.run("pretrain_cost", cost)
+    failed = [n for n, s in check.report["steps"].items() if s["status"] != "ok"]
+    check.report["ok"] = not failed
+    check.save()
+    print(json.dumps({"ok": not failed, "failed": failed, "report": str(out / "report.json")}))
+    sys.exit(1 if failed else 0)
+
+
+def run_notebooks(check: Check, out: Path, cuda: bool, precisions: list[str]) -> None:
+    """Notebooks 01 to 04 on tiny demo data, at each precision."""
     data = out / "data"
     check.run("data", [sys.executable, "-m", "kaggle_utils.synthetic", str(data), *TINY])
     check.run("01", papermill("01_dicom_preprocess", out, {
@@ -179,21 +222,13 @@ def main() -> None:
             "init": "voco", "encoder_file": str(run / "pretrain" / "encoder.pt"),
             "hidden_size": 32, "num_layers": 1, "n_slices": 8, "image_size": 96, "epochs": 2,
             "batch_size": 4, "n_folds": 2, "num_workers": 2, "launch": "torchrun",
-            "nproc_per_node": 1, "precision": precision,
+            "nproc_per_node": 1, "precision": precision, "affine_prob": 0.0,
+            "brightness_contrast_prob": 0.0, "coarse_dropout_prob": 0.0,
         }, precision))  # fmt: skip
         check.run(f"04_{precision}", papermill("04_submission", out, {
             "data_root": str(data), "model_dir": str(run / "finetune"),
             "output_csv": str(run / "submission.csv"), "precision": precision, "workers": 2,
         }, precision))  # fmt: skip
-    cost = [sys.executable, str(ROOT / "benchmarks" / "pretrain_cost.py"), "--repeats", "2"]
-    if importlib.util.find_spec("monai") is None or not cuda:  # 3D on a CPU takes minutes
-        cost.append("--skip-3d")
-    check.run("pretrain_cost", cost)
-    failed = [n for n, s in check.report["steps"].items() if s["status"] != "ok"]
-    check.report["ok"] = not failed
-    check.save()
-    print(json.dumps({"ok": not failed, "failed": failed, "report": str(out / "report.json")}))
-    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import polars as pl
 
 from kaggle_utils import runtime
 from kaggle_utils.metric import LABEL_COLUMNS, PATIENT_ID, TARGET_GROUPS, rsna_score
+from kaggle_utils.provenance import provenance
 from kaggle_utils.report import cross_validation_report, training_prior
 
 CALIBRATION_FILE = "calibration.json"
@@ -63,7 +64,8 @@ class Calibration:
         _check_factors(self.factors, "factors")
 
     def to_json(self, path: str | Path) -> None:
-        runtime.write_text_atomic(Path(path), json.dumps(asdict(self), indent=1))
+        payload = asdict(self) | {"provenance": provenance()}
+        runtime.write_text_atomic(Path(path), json.dumps(payload, indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Calibration:

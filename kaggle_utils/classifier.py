@@ -11,6 +11,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
+from kaggle_utils import paths
 from kaggle_utils.metric import PAPER_ORGANS, TARGET_GROUPS
 from kaggle_utils.models import build_backbone, feature_dim, load_state_dict_file
 
@@ -193,7 +194,7 @@ def load_voco_encoder(
 
     A backbone that takes a multiple of the encoder's channels (2.5D input: neighbour slices
     as channels) gets the pretrained first convolution adapted by `adapt_input_conv`."""
-    encoder_file = Path(encoder_file)
+    encoder_file = paths.find_input(encoder_file, "encoder_file", "file")
     meta_file = encoder_file.with_suffix(".json")
     state = load_state_dict_file(encoder_file)
     pretrained_chans = in_chans

@@ -56,8 +56,14 @@ from kaggle_utils.finetune_data import (
 from kaggle_utils.metric import ANY_INJURY, CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
 from kaggle_utils.models import input_normalisation, warmup_cosine
 from kaggle_utils.organ_crops import bundle_segmentation
-from kaggle_utils.preprocess import cache_settings, resolve_cache_dirs
+from kaggle_utils.preprocess import (
+    cache_provenance,
+    cache_settings,
+    resolve_cache_dirs,
+    write_model_preprocessing,
+)
 from kaggle_utils.pretrain_data import ResumableSampler
+from kaggle_utils.provenance import provenance
 from kaggle_utils.report import ensemble_patients, training_prior
 from kaggle_utils.segmentation import TARGET_ORGANS, organ_table
 
@@ -319,12 +325,9 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
         config.to_json(output_dir / "config.json")
         # The windows and body crop travel with the model folder (notebook 04 on Kaggle has
         # the models but not the training cache).
-        settings = cache_settings(config.cache_dir)
-        preprocess = {
-            "windows": [list(w) for w in settings.windows],
-            "body_crop": settings.body_crop,
-        }
-        runtime.write_text_atomic(output_dir / "preprocess.json", json.dumps(preprocess, indent=1))
+        write_model_preprocessing(
+            output_dir, cache_settings(config.cache_dir), cache_provenance(config.cache_dir)
+        )
         if config.input != "scan":  # notebook 04 cuts the same crops from the test scans
             crop_cache = resolve_cache_dirs(config.cache_dir)[0]
             if not bundle_segmentation(output_dir, crop_cache, config.segmentation_dir or None):
@@ -338,7 +341,7 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     scores: dict[int, float] = {}
     for fold in fold_ids:
         # validation folds and the holdout keep every patient; only training is subset
-        subset = training_subset(folds, config.train_fraction, fold)["patient_id"].implode()
+        subset = training_subset(folds, config.train_fraction, fold)["patient_id"].to_list()
         train_rows = table.filter(pl.col("patient_id").is_in(subset))
         valid_rows = table.filter(pl.col("fold") == fold)
         score = train_fold(config, fold, train_rows, valid_rows, labels, progress, clock)
@@ -795,6 +798,7 @@ def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[s
         "aggregation": config.aggregation,
         "prior": prior,
         "settings": dataclasses.asdict(config),
+        "provenance": provenance(),
     }
     runtime.write_text_atomic(path, json.dumps(meta, indent=1))
 

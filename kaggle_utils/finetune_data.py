@@ -307,12 +307,27 @@ class AugmentConfig:
 
 
 def build_transform(image_size: int, train: bool, augment: AugmentConfig) -> Any:
-    """albumentations pipeline for an (H, W, slices * channels) uint8 image."""
+    """The crop, and in training the augmentation, of an (H, W, slices * channels) uint8
+    image: called as `transform(image=...)["image"]`, seeded with `set_random_seed`.
+
+    Evaluation (and training with every augmentation off) is a plain crop, `SquareCrop`,
+    which needs neither albumentations nor OpenCV: inference runs where they are not
+    installed (a lean GPU image). Augmented training uses albumentations."""
+    augmenting = train and any(
+        p > 0
+        for p in (
+            augment.hflip_prob,
+            augment.affine_prob,
+            augment.brightness_contrast_prob,
+            augment.coarse_dropout_prob,
+        )
+    )
+    if not augmenting:
+        return SquareCrop(image_size, random=train)
     import albumentations as A
 
-    steps: list[Any] = []
-    if train:
-        steps += [
+    return A.Compose(
+        [
             A.HorizontalFlip(p=augment.hflip_prob),
             A.Affine(
                 scale=(0.9, 1.1),
@@ -329,9 +344,34 @@ def build_transform(image_size: int, train: bool, augment: AugmentConfig) -> Any
             ),
             A.RandomCrop(image_size, image_size, pad_if_needed=True),
         ]
-    else:
-        steps.append(A.CenterCrop(image_size, image_size, pad_if_needed=True))
-    return A.Compose(steps)
+    )
+
+
+class SquareCrop:
+    """A `size` x `size` crop of an (H, W, C) image, padded with zeros (centred) where the
+    image is smaller: the centre (albumentations' `CenterCrop(pad_if_needed=True)`, tested to
+    give the same pixels), or with `random` a uniformly drawn position (its `RandomCrop`)."""
+
+    def __init__(self, size: int, random: bool = False) -> None:
+        self.size, self.random = size, random
+        self.rng = np.random.default_rng(0)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, np.ndarray]:
+        height, width = image.shape[:2]
+        pad_y, pad_x = max(self.size - height, 0), max(self.size - width, 0)
+        if pad_y or pad_x:
+            pads = [(pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2)]
+            image = np.pad(image, pads + [(0, 0)] * (image.ndim - 2))
+            height, width = image.shape[:2]
+        if self.random:
+            y0 = int(self.rng.integers(height - self.size + 1))
+            x0 = int(self.rng.integers(width - self.size + 1))
+        else:
+            y0, x0 = (height - self.size) // 2, (width - self.size) // 2
+        return {"image": image[y0 : y0 + self.size, x0 : x0 + self.size]}
 
 
 def slice_indices(

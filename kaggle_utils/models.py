@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from kaggle_utils import paths
+
 SliceMode = Literal["average", "per_slice"]
 ProjectorInput = Literal["pooled", "flatten"]
 
@@ -38,9 +40,12 @@ def build_backbone(
             try to download the weights).
     """
     if weights_file:
-        path = Path(weights_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"weights_file {path} not found (nothing is downloaded)")
+        found = [p for p in paths.find_inputs(weights_file) if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"weights_file {weights_file} not found (nothing is downloaded)"
+            )
+        path = found[0]
         return timm.create_model(
             name,
             pretrained=True,

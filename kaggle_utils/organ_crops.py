@@ -31,7 +31,7 @@ import polars as pl
 import torch
 from tqdm.std import tqdm
 
-from kaggle_utils import runtime
+from kaggle_utils import paths, runtime
 from kaggle_utils.preprocess import (
     RECORDS_DIR,
     CacheDirs,
@@ -229,6 +229,8 @@ def bundle_segmentation(
             "(organ_crops.cache_organ_crops)"
         )
     runtime.write_text_atomic(run_dir / CROP_SETTINGS, settings.read_text())
+    if segmentation_dir:
+        segmentation_dir = paths.find_input_holding(segmentation_dir, SEGMENTATION_FILES[0])
     sources = [Path(segmentation_dir or "") / name for name in SEGMENTATION_FILES]
     if not segmentation_dir or not all(p.is_file() for p in sources):
         return False

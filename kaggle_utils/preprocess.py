@@ -38,7 +38,9 @@ import numpy as np
 import polars as pl
 from tqdm.std import tqdm
 
+from kaggle_utils import paths
 from kaggle_utils.dicom import Series, load_series
+from kaggle_utils.provenance import provenance
 from kaggle_utils.volume import (
     DEFAULT_WINDOWS,
     body_bbox,
@@ -50,6 +52,7 @@ from kaggle_utils.volume import (
 PRETRAIN_SHAPE = (32, 192, 192)
 FINETUNE_SHAPE = (96, 256, 256)
 RECORDS_DIR = "records"
+MODEL_PREPROCESS_FILE = "preprocess.json"  # in a fine-tuning run folder
 METADATA_FILE = "metadata.parquet"
 KAGGLE_WORKING_LIMIT_BYTES = 20 * 10**9  # what Kaggle keeps of /kaggle/working (SPEC 10)
 NPY_HEADER_BYTES = 128  # np.save's header of a 3-D or 4-D uint8 array (format 1.0)
@@ -432,8 +435,9 @@ def write_metadata(cache_dir: Path) -> pl.DataFrame:
 
 def resolve_cache_dirs(cache_dirs: CacheDirs) -> list[Path]:
     """One cache folder or several, each possibly a glob pattern (the shards of notebook 01
-    attached on Kaggle: `/kaggle/input/voco2d-cache-*/cache`), as existing folders: in the
-    order given, a pattern's matches sorted, each folder once.
+    attached on Kaggle: `voco2d-cache-*/cache`, found in either mount layout by
+    `paths.find_inputs`), as existing folders: in the order given, a pattern's matches sorted,
+    each folder once.
 
     Raises:
         ValueError: nothing given (an empty string or list).
@@ -447,21 +451,23 @@ def resolve_cache_dirs(cache_dirs: CacheDirs) -> list[Path]:
         )
     folders: list[Path] = []
     for value in values:
-        pattern = str(Path(value).expanduser())
-        if any(char in pattern for char in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_dir())
-            if not matches:
-                raise FileNotFoundError(f"cache_dir pattern {pattern} matches no folder")
-        elif Path(pattern).is_dir():
-            matches = [Path(pattern)]
-        else:
+        matches = [p for p in paths.find_inputs(value) if p.is_dir()]
+        if not matches:
+            what = "matches no folder" if glob.has_magic(str(value)) else "does not exist"
             raise FileNotFoundError(
-                f"cache folder {pattern} does not exist: run notebook 01 (on Kaggle, attach its "
-                "output as a dataset)"
+                f"cache_dir {value} {what}{_where_kaggle_looked()}: run notebook 01 (on Kaggle, "
+                "attach its kernel's output or a dataset of it)"
             )
         known = {f.resolve() for f in folders}
         folders += [m for m in matches if m.resolve() not in known]
     return folders
+
+
+def _where_kaggle_looked() -> str:
+    if not paths.on_kaggle():
+        return ""
+    roots = ", ".join(str(r) for r in paths.kaggle_input_roots()[:6])
+    return f" (looked in every Kaggle input mount: {roots or paths.kaggle_input()})"
 
 
 def load_metadata(cache_dir: CacheDirs) -> pl.DataFrame:
@@ -547,6 +553,7 @@ def _empty_record(task: SeriesTask, config: PreprocessConfig) -> dict[str, Any]:
         "seconds": 0.0,
         "source_dir": str(task.series_dir),
         "settings": _settings(config),
+        "provenance": provenance(),
     }
 
 
@@ -713,11 +720,39 @@ def cache_settings(cache_dir: CacheDirs) -> PreprocessConfig:
 
 def _folder_settings(cache_dir: Path) -> PreprocessConfig:
     """The settings of one cache's first successful record."""
+    settings = _first_ok_record(cache_dir)["settings"]
+    return PreprocessConfig.from_params(
+        settings["shapes"], settings["windows"], settings["body_crop"]
+    )
+
+
+def write_model_preprocessing(
+    model_dir: Path, config: PreprocessConfig, cache_made_by: dict[str, str] | None
+) -> Path:
+    """`<model_dir>/preprocess.json`: the windows and body crop a model was trained on, what
+    made its training cache (`cache_made_by`, `cache_provenance`) and what wrote this file, so
+    that they travel with the model folder (notebook 04 on Kaggle has the models, not the
+    training cache)."""
+    payload = {
+        "windows": [list(w) for w in config.windows],
+        "body_crop": config.body_crop,
+        "cache_made_by": cache_made_by,
+        "provenance": provenance(),
+    }
+    path = Path(model_dir) / MODEL_PREPROCESS_FILE
+    write_json_atomic(path, payload)
+    return path
+
+
+def cache_provenance(cache_dir: CacheDirs) -> dict[str, str] | None:
+    """What made a cache (`provenance.provenance()` of notebook 01's run, from its first
+    successful record); None for a cache made before records carried it."""
+    return _first_ok_record(resolve_cache_dirs(cache_dir)[0]).get("provenance")
+
+
+def _first_ok_record(cache_dir: Path) -> dict[str, Any]:
     for record_file in sorted((Path(cache_dir) / RECORDS_DIR).glob("*.json")):
         record = json.loads(record_file.read_text())
         if record.get("status") == "ok":
-            settings = record["settings"]
-            return PreprocessConfig.from_params(
-                settings["shapes"], settings["windows"], settings["body_crop"]
-            )
+            return record
     raise FileNotFoundError(f"{cache_dir}: no cached series yet: run notebook 01 first")

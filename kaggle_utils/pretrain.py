@@ -58,6 +58,7 @@ from kaggle_utils.pretrain_data import (
     split_probe_volumes,
     volume_files,
 )
+from kaggle_utils.provenance import provenance
 from kaggle_utils.sources import ExtraVolume, cache_extra_sources, find_volume_sources
 
 LOG_COLUMNS = (
@@ -500,6 +501,7 @@ def export_encoder(
         "initial_probe": state.initial_probe,
         "chance": 1.0 / config.grid**2,
         "settings": dataclasses.asdict(config),
+        "provenance": provenance(),
     }
     runtime.write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
 

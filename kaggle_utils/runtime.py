@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kaggle_utils import paths
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,17 +30,90 @@ def init_distributed() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if usable_gpu() else "gloo"
         dist.init_process_group(backend=backend)
     return True
 
 
 def device_for(distributed: bool) -> torch.device:
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """The training loops' device: this rank's GPU when torch can run on it, else the CPU
+    (`pick_device`'s warning says why)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
+    device = pick_device("auto", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+# --------------------------------------------------------------------------- device
+
+
+def gpu_unsupported_reason(index: int = 0) -> str:
+    """'' when this torch build has kernels for GPU `index`, else why not. A GPU torch was not
+    compiled for still shows up in `torch.cuda.is_available()` (Kaggle's P100, compute
+    capability 6.0, under a torch built for 7.0 and up), and its first kernel fails with "no
+    kernel image is available": the compiled architectures (`torch.cuda.get_arch_list()`) must
+    cover it. A cubin `sm_XY` runs on the same major version with a minor of at least Y; PTX
+    (`compute_XY`) is compiled for any GPU of at least X.Y; arch-specific targets (`sm_90a`)
+    only on that GPU."""
+    major, minor = torch.cuda.get_device_capability(index)
+    arches = torch.cuda.get_arch_list()
+    for arch in arches:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if not digits.isdigit():
+            continue
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        specific = digits != number
+        if (
+            kind == "sm"
+            and arch_major == major
+            and (arch_minor == minor if specific else arch_minor <= minor)
+        ):
+            return ""
+        if kind == "compute" and not specific and (arch_major, arch_minor) <= (major, minor):
+            return ""
+    name = torch.cuda.get_device_name(index)
+    return (
+        f"{name} (compute capability {major}.{minor}) is not supported by this torch "
+        f"{torch.__version__}, which was built for {' '.join(arches) or 'no GPU'}"
+    )
+
+
+def usable_gpu(index: int = 0) -> bool:
+    return torch.cuda.is_available() and not gpu_unsupported_reason(index)
+
+
+def pick_device(device: str | torch.device = "auto", index: int = 0) -> torch.device:
+    """ "auto": GPU `index` when there is one this torch can run on, else the CPU, with a loud
+    warning when a GPU is there but unusable (on Kaggle: choose "GPU T4 x2" in the notebook's
+    settings). "cpu", "cuda" or "cuda:N" are taken as asked.
+
+    Raises:
+        ValueError: a GPU is asked for, but there is none or this torch cannot run on it.
+    """
+    if str(device) == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        reason = gpu_unsupported_reason(index)
+        if not reason:
+            return torch.device("cuda", index)
+        message = (
+            f"!!! {reason}: running on the CPU instead, many times slower. On Kaggle, choose "
+            'the accelerator "GPU T4 x2" (Settings > Accelerator; `machine_shape: '
+            '"NvidiaTeslaT4"` in kernel-metadata.json) or an L4 or RTX Pro 6000.'
+        )
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+        return torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available: use 'auto'")
+        reason = gpu_unsupported_reason(resolved.index or 0)
+        if reason:
+            raise ValueError(f"device {device!r}: {reason}; use 'auto' to fall back to the CPU")
+    return resolved
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -140,10 +215,13 @@ def copy_previous_run(
     Raises:
         FileNotFoundError: `source` is not a folder, or holds no resume point.
     """
-    source, output_dir = Path(source).expanduser(), Path(output_dir)
+    output_dir = Path(output_dir)
 
     def resume_files(folder: Path) -> set[Path]:
         return {path for pattern in resume_points for path in folder.glob(pattern)}
+
+    found = [p for p in paths.find_inputs(source) if p.is_dir()]
+    source = next((p for p in found if resume_files(p)), found[0] if found else Path(source))
 
     if not source.is_dir():
         raise FileNotFoundError(f"resume_from {source} is not a folder: give the earlier run's")

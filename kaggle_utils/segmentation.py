@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from kaggle_utils import runtime
+from kaggle_utils import paths, runtime
 from kaggle_utils.preprocess import CacheDirs, load_cached_volume, load_metadata, shape_name
 from kaggle_utils.volume import crop_to_box, resample_volume
 
@@ -653,8 +653,10 @@ def run_segmentation(config: SegmentationConfig, progress: bool = True) -> Segme
 
 
 def organ_table(output_dir: str | Path) -> pl.DataFrame:
-    """A finished run's `organs.parquet`."""
-    path = Path(output_dir) / "organs.parquet"
+    """A finished run's `organs.parquet` (the run folder found in either Kaggle mount layout)."""
+    path = (paths.find_input_holding(output_dir, "organs.parquet") or Path(output_dir)) / (
+        "organs.parquet"
+    )
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run notebook 06 (organ segmentation) first")
     return pl.read_parquet(path)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm.std import tqdm
 
+from kaggle_utils import paths
 from kaggle_utils.dicom import Series, load_series
 from kaggle_utils.preprocess import (
     PreprocessConfig,
@@ -47,6 +48,7 @@ from kaggle_utils.preprocess import (
     shape_name,
     write_json_atomic,
 )
+from kaggle_utils.provenance import provenance
 from kaggle_utils.volume import AIR_HU
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -231,8 +233,7 @@ def find_volume_sources(folders: Sequence[str | Path]) -> list[VolumeSource]:
     """
     found: list[tuple[str, Path, str]] = []  # (kind, path, base key)
     seen: set[Path] = set()
-    for folder in folders:
-        root = Path(folder)
+    for root in [p for folder in folders for p in paths.find_inputs(folder) or [Path(folder)]]:
         if root.is_file() and _is_nifti_name(root.name):
             candidates = [("nifti", root, _key("nifti", Path(_strip_nifti_suffix(root.name))))]
         elif root.is_dir():
@@ -326,6 +327,7 @@ def _process_source(
         "skipped_files": [],
         "body_bbox": [],
         "settings": _settings(config),
+        "provenance": provenance(),
     }
     try:
         series = load_source(source)

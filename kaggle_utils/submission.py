@@ -95,13 +95,17 @@ from kaggle_utils.organ_crops import (
     read_crop_config,
 )
 from kaggle_utils.preprocess import (
+    MODEL_PREPROCESS_FILE,
     PreprocessConfig,
     SeriesTask,
+    cache_provenance,
     cache_settings,
     list_series,
     prepare_volumes,
     resolve_cache_dirs,
+    write_model_preprocessing,
 )
+from kaggle_utils.provenance import provenance, same_code
 from kaggle_utils.report import ensemble_patients
 from kaggle_utils.volume import DEFAULT_WINDOWS
 
@@ -109,7 +113,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_SUBMISSION = "sample_submission.csv"
 SUBMISSION_NAME = "submission.csv"
-PREPROCESS_FILE = "preprocess.json"
+PREPROCESS_FILE = MODEL_PREPROCESS_FILE
 
 PROBLEM_SCHEMA = {
     "patient_id": pl.Int64,
@@ -252,7 +256,8 @@ def resolve_model_dir(model_dir: str | Path = "") -> Path:
         FileNotFoundError: the folder has no fold model, or none was found (says where it looked).
     """
     if str(model_dir):
-        path = Path(model_dir).expanduser()
+        found = [p for p in paths.find_inputs(model_dir) if p.is_dir()]
+        path = next((p for p in found if fold_dirs(p)), Path(model_dir).expanduser())
         if not fold_dirs(path):
             raise FileNotFoundError(
                 f"{path}: no finished fold (fold<k>/ with best.pt, model.json and done.json); "
@@ -319,17 +324,13 @@ def resolve_output_csv(output_csv: str | Path = "") -> Path:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto": the GPU when there is one, else the CPU.
+    """ "auto": the GPU when there is one this torch can run on, else the CPU
+    (`runtime.pick_device`, which warns loudly about an unusable GPU).
 
     Raises:
-        ValueError: a CUDA device is asked for but none is available.
+        ValueError: a CUDA device is asked for but none is available or usable.
     """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available: use 'auto'")
-    return resolved
+    return runtime.pick_device(device)
 
 
 def fold_dirs(model_dir: Path, finished_only: bool = True) -> list[Path]:
@@ -453,7 +454,6 @@ class EnsemblePredictor:
         self.device = folds[0].mean.device
         self._precision = runtime.resolve_precision(precision, self.device)
         sizes = {int(f.meta["image_size"]) for f in self.folds}
-        # built now, not in the first prediction: albumentations' import would count as model time
         self._transforms = {size: build_transform(size, False, AugmentConfig()) for size in sizes}
 
     @property
@@ -511,15 +511,13 @@ def save_preprocess_settings(model_dir: Path, config: PreprocessConfig | None = 
         FileNotFoundError: no `config` and the training cache cannot be read.
     """
     model_dir = Path(model_dir)
+    cache_dirs = _training_cache_dirs(model_dir)
     if config is None:
-        cache_dirs = _training_cache_dirs(model_dir)
         if cache_dirs is None:
             raise FileNotFoundError(f"{model_dir}: config.json names no training cache_dir")
         config = cache_settings(cache_dirs)
-    payload = {"windows": [list(w) for w in config.windows], "body_crop": config.body_crop}
-    path = model_dir / PREPROCESS_FILE
-    runtime.write_text_atomic(path, json.dumps(payload, indent=1))
-    return path
+    made_by = cache_provenance(cache_dirs) if cache_dirs is not None else None
+    return write_model_preprocessing(model_dir, config, made_by)
 
 
 def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[PreprocessConfig, str]:
@@ -557,6 +555,47 @@ def preprocess_settings(model_dir: Path, meta: Mapping[str, Any]) -> tuple[Prepr
             "writes it from the training cache)"
         )
     return config, source
+
+
+def preprocessing_warnings(runs: Sequence[ModelRun], source: str) -> list[str]:
+    """Why the preprocessing notebook 04 applies may not be the one the models were trained
+    on: no record of it at all (the default window is a guess), preprocess.json and the
+    training cache disagreeing, or training volumes made by other code than this (the cache's
+    provenance against this package's commit)."""
+    found = []
+    if source.startswith("default"):
+        found.append(
+            "no preprocess.json beside the models and no readable training cache: the default "
+            "soft-tissue window 50/400 with body crop is applied. If the models were trained "
+            "otherwise, every prediction is off: write the training settings with "
+            "save_preprocess_settings(<model_dir>) where the cache is, and attach that folder"
+        )
+    here = provenance()
+    for run in runs:
+        saved_file = run.run_dir / PREPROCESS_FILE
+        saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
+        cache_dirs = _training_cache_dirs(run.run_dir, run.folds[0].meta)
+        if saved and cache_dirs is not None:
+            try:
+                cached = cache_settings(cache_dirs)
+            except (FileNotFoundError, OSError, KeyError, ValueError, json.JSONDecodeError):
+                cached = None
+            kept = ([list(w) for w in saved["windows"]], bool(saved["body_crop"]))
+            if cached is not None and kept != ([list(w) for w in cached.windows], cached.body_crop):
+                found.append(
+                    f"{saved_file} says windows {kept[0]}, body crop {kept[1]}, but the training "
+                    f"cache {cache_dirs[0]} was made with {[list(w) for w in cached.windows]}, "
+                    f"{cached.body_crop}: preprocess.json's are applied"
+                )
+        made_by = saved.get("cache_made_by")
+        if same_code(made_by) is False:
+            found.append(
+                f"the training volumes of {run.run_dir.name} were made by {made_by['package']} "
+                f"at commit {made_by['git_commit'][:12]}, this is {here['package']} at "
+                f"{here['git_commit'][:12]}: if decoding or resampling changed in between, the "
+                "test volumes are not made as the training ones were"
+            )
+    return found
 
 
 def shared_preprocessing(runs: Sequence[ModelRun]) -> tuple[PreprocessConfig, str]:
@@ -903,11 +942,14 @@ def predict_test_set(
         "workers": resolve_workers(workers),
         "shape": list(config.shapes[0]), "windows": [list(w) for w in config.windows],
         "body_crop": config.body_crop, "preprocessing_from": source,
+        "preprocessing_warnings": preprocessing_warnings(runs, source),
         "calibration": (
             dataclasses.asdict(runs[0].calibration) if runs[0].calibration else None
         ),
     }  # fmt: skip
     logger.info("submission settings: %s", settings)
+    for warning in settings["preprocessing_warnings"]:
+        logger.warning("preprocessing: %s", warning)
 
     tasks, problems = _test_series(root, sample)
     series_rows: list[dict[str, Any]] = []

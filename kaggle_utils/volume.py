@@ -136,9 +136,12 @@ def check_resample_device(device: str) -> None:
     """Fail early, with what to do, when `device` cannot resample here.
 
     Raises:
-        ValueError: not "cpu" or a CUDA device, or CUDA asked for on a machine without it.
+        ValueError: not "cpu" or a CUDA device, or CUDA asked for on a machine without it (or
+            with a GPU this torch has no kernels for).
     """
     import torch
+
+    from kaggle_utils.runtime import pick_device
 
     if device == "cpu":
         return
@@ -149,6 +152,7 @@ def check_resample_device(device: str) -> None:
             f"resample_device={device!r} but torch sees no CUDA GPU here: use 'cpu' (on Kaggle, "
             "turn a GPU accelerator on in the notebook's settings)"
         )
+    pick_device(device)  # raises where this torch has no kernels for the GPU
 
 
 def square_box(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

@@ -61,6 +61,7 @@ smoke: bool = False  # tiny, fast settings for tests
 # %%
 import importlib.metadata
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -77,27 +78,49 @@ def install_kaggle_utils(install_from: str = "") -> str:
     pip = [sys.executable, "-m", "pip", "install", "--quiet"]
     if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):  # Kaggle first: its image also looks like Colab
         inputs = root / "kaggle" / "input"
-        layouts = ("*/wheels", "*/*/wheels", "datasets/*/*/wheels", "datasets/*/*/*/wheels")
-        found = {w.parent for layout in layouts for w in inputs.glob(f"{layout}/{wheel}")}
+        layouts = ("*", "*/*", "*/*/*", "*/*/*/*")  # /kaggle/input/<slug>, datasets/<owner>/<slug>
+        found = {w.parent for layout in layouts for w in inputs.glob(f"{layout}/wheels/{wheel}")}
         folders = [p for p in install_from.split(",") if p] or sorted(map(str, found))
         if not folders:
             raise FileNotFoundError(
                 f"no {wheel} under {inputs}: attach the bundle dataset that "
                 "`make kaggle-bundle` writes (README: Kaggle), or pass install_from=<its folder>"
             )
+        import json
+
+        here, running = "{}.{}".format(*sys.version_info[:2]), platform.python_version()
+        for folder in folders:  # the bundle's manifest says which Pythons it has wheels for
+            manifest = Path(folder).parent / "manifest.json"
+            pythons = json.loads(manifest.read_text())["pythons"] if manifest.is_file() else []
+            if pythons and here not in pythons:
+                raise RuntimeError(
+                    f"the bundle in {Path(folder).parent} has wheels for Python "
+                    f"{', '.join(pythons)}, but this kernel runs Python {running} (Kaggle's "
+                    f"image moved on): rebuild it with `make kaggle-bundle BUNDLE_ARGS='--python "
+                    f"{here}'` and upload it as a new version (README: Kaggle)"
+                )
         links = [arg for folder in folders for arg in ("--find-links", folder)]
-        subprocess.check_call([*pip, "--no-index", *links, package])
+        try:
+            subprocess.check_call([*pip, "--no-index", *links, package])
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(
+                f"pip could not install {package} offline from {', '.join(folders)} (its message "
+                "is above): a package the bundle left out as preinstalled is missing from this "
+                "image, or has another version. Rebuild the bundle (README: Kaggle)"
+            ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
         clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
-                "clone the repository first (!git clone <its URL> /content/voco2d), "
-                "or pass install_from=<a pip spec of it>"
+                "clone the repository first (!git clone <its URL> /content/voco2d), or set "
+                "install_from='git+<its URL>' in the first cell (README: Colab)"
             )
         subprocess.check_call([*pip, spec])
         how = f"from {spec}"
+        if not (root / "content" / "drive" / "MyDrive").is_dir():
+            how += "; Drive is not mounted, so outputs go to /content and end with the session"
     else:
         return f"{package} is not installed: run `make install` (or pip install -e <checkout>)"
     importlib.invalidate_caches()

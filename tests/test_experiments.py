@@ -159,7 +159,7 @@ def test_training_subsets_are_nested_stratified_and_keep_validation() -> None:
         assert previous <= kept  # nested
         share = len(kept & set(injured.to_list())) / len(kept)
         pool_share = np.mean(
-            folds.filter(pl.col("fold") >= 0)["patient_id"].is_in(injured.implode()).to_numpy()
+            folds.filter(pl.col("fold") >= 0)["patient_id"].is_in(injured.to_list()).to_numpy()
         )
         assert share == pytest.approx(pool_share, abs=0.15)
         held = set(folds.filter(pl.col("fold") == -1)["patient_id"].to_list())

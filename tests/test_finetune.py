@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from polars.testing import assert_frame_equal
 
 from kaggle_utils import finetune as finetune_module
 from kaggle_utils.classifier import ALL_TARGETS, TARGET_CLASSES, CNNBiLSTM, build_classifier
@@ -26,7 +25,10 @@ from kaggle_utils.finetune import (
     weighted_loss,
 )
 from kaggle_utils.finetune_data import (
+    AugmentConfig,
     SeriesDataset,
+    SquareCrop,
+    build_transform,
     cached_slice_labels,
     cached_slice_spans,
     class_indices,
@@ -572,12 +574,23 @@ def test_time_limit_stops_between_epochs_and_the_next_sessions_finish_the_same_r
         (True, [0, 1], [], [[1, 2], [1, 2]]),
     ]
     assert result.fold_scores == pytest.approx(whole.fold_scores, abs=1e-9)
-    assert_frame_equal(result.oof_patient, whole.oof_patient, abs_tol=1e-7)
+    assert_frames_close(result.oof_patient, whole.oof_patient, abs_tol=1e-7)
     for k in (0, 1):
         resumed = pl.read_csv(output / f"fold{k}" / "log.csv")
         straight = pl.read_csv(tmp_path / "whole" / f"fold{k}" / "log.csv")
-        assert_frame_equal(resumed.drop("seconds"), straight.drop("seconds"), abs_tol=1e-7)
+        assert_frames_close(resumed.drop("seconds"), straight.drop("seconds"), abs_tol=1e-7)
     assert read_cv_result(output).finished
+
+
+def assert_frames_close(left: pl.DataFrame, right: pl.DataFrame, abs_tol: float) -> None:
+    """Same columns, types and rows; floats within `abs_tol` (polars' own tolerance argument
+    changed its name in 1.32, and the suite runs on older polars too)."""
+    assert left.schema == right.schema and left.height == right.height
+    for name, dtype in left.schema.items():
+        if dtype.is_float():
+            assert np.allclose(left[name], right[name], rtol=0.0, atol=abs_tol), name
+        else:
+            assert left[name].to_list() == right[name].to_list(), name
 
 
 def test_an_unfinished_run_reads_back_as_unfinished(
@@ -620,3 +633,44 @@ def test_train_fraction_subsets_only_the_training_folds(
     assert pl.read_csv(tmp_path / "1.0" / "folds.csv").equals(
         pl.read_csv(tmp_path / "0.5" / "folds.csv")
     )
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size"),
+    [(96, 96, 64), (97, 95, 64), (50, 70, 64), (63, 64, 64), (64, 64, 64), (10, 200, 64)],
+)
+def test_the_plain_crop_is_albumentations_centre_crop_pixel_for_pixel(
+    height: int, width: int, size: int
+) -> None:
+    """Evaluation crops without albumentations (a GPU image may lack it and its OpenCV), yet
+    exactly as the models were validated before: `CenterCrop(pad_if_needed=True)`."""
+    import albumentations as A
+
+    image = np.random.default_rng(height * width).integers(0, 256, (height, width, 7), np.uint8)
+    reference = A.CenterCrop(size, size, pad_if_needed=True)(image=image)["image"]
+    ours = build_transform(size, False, AugmentConfig())(image=image)["image"]
+    assert isinstance(build_transform(size, False, AugmentConfig()), SquareCrop)
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_training_without_augmentation_crops_at_random_without_albumentations() -> None:
+    off = AugmentConfig(
+        hflip_prob=0, affine_prob=0, brightness_contrast_prob=0, coarse_dropout_prob=0
+    )
+    crop = build_transform(32, True, off)
+    assert isinstance(crop, SquareCrop)
+    image = np.arange(48 * 40 * 2, dtype=np.int32).reshape(48, 40, 2)
+    seen = set()
+    for seed in range(30):
+        crop.set_random_seed(seed)
+        out = crop(image=image)["image"]
+        assert out.shape == (32, 32, 2)
+        y0, x0 = divmod(int(out[0, 0, 0]) // 2, 40)  # where the crop starts in the image
+        np.testing.assert_array_equal(out, image[y0 : y0 + 32, x0 : x0 + 32])
+        seen.add((y0, x0))
+    assert len(seen) > 10  # uniform over the 17 x 9 positions, not the centre
+    crop.set_random_seed(3)
+    first = crop(image=image)["image"]
+    crop.set_random_seed(3)
+    np.testing.assert_array_equal(crop(image=image)["image"], first)  # seeded per item
+    assert not isinstance(build_transform(32, True, AugmentConfig()), SquareCrop)

@@ -251,7 +251,9 @@ def test_pandas_and_polars_agree_and_pandas_is_not_mutated() -> None:
     assert organ_metrics(labels_pd, predictions_pd)["mAP"] == pytest.approx(
         organ_metrics(labels, predictions)["mAP"]
     )
-    validate_submission(predictions_pd.clip(upper=1.0))
+    # probabilities clipped to [0, 1]; the ids stay as they are (pandas would clip them too)
+    probabilities = predictions_pd.columns.drop("patient_id")
+    validate_submission(predictions_pd.assign(**predictions_pd[probabilities].clip(upper=1.0)))
     pd.testing.assert_frame_equal(labels_pd, labels_copy)
     pd.testing.assert_frame_equal(predictions_pd, predictions_copy)
     submission = constant_submission([1, 2], dict.fromkeys(ALL, 0.5), frame="pandas")

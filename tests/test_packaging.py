@@ -18,7 +18,8 @@ DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow"}
 # imported by kaggle_utils but only optionally (guarded imports with a fallback)
 # Imported only inside the functions that need them; papermill (the experiment batch's runner)
 # is in the `notebooks` extra.
-OPTIONAL_IMPORTS = {"pandas", "einops", "IPython", "papermill"}
+# google.colab: Colab's secrets, read only on Colab.
+OPTIONAL_IMPORTS = {"pandas", "einops", "IPython", "papermill", "google"}
 
 
 def pyproject() -> dict:
@@ -89,3 +90,35 @@ def test_importing_the_package_never_opens_a_connection() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "attempts: []" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+# What Kaggle's image lacks: the bundle brings these (tests/test_bundle.py builds it).
+BUNDLED_FOR_KAGGLE = {
+    "dicomsdl", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "monai",
+}  # fmt: skip
+
+
+def test_lower_bounds_hold_on_kaggle_and_every_dependency_is_accounted_for() -> None:
+    """Each lower bound in pyproject.toml is met by Kaggle's version (constraints-kaggle.txt,
+    for both of its Pythons), so what the suite proves on Kaggle's versions holds there; each
+    dependency is either in Kaggle's image or brought by the bundle, so a new one forces that
+    choice. (`make test-lowest-versions` runs the suite at the bounds themselves.)"""
+    from packaging.utils import canonicalize_name
+
+    from kaggle_utils.bundle import KAGGLE_PYTHONS, never_bundled, read_constraints
+
+    project = pyproject()["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for r in project["optional-dependencies"]["notebooks"]]
+    for python in KAGGLE_PYTHONS:
+        pins = read_constraints(python_version=python)
+        missing = set()
+        for requirement in declared:
+            name = canonicalize_name(requirement.name)
+            if never_bundled(name):  # torch: the platform's own build
+                continue
+            if name in pins:
+                assert requirement.specifier.contains(pins[name]), (python, str(requirement))
+            else:
+                missing.add(name)
+        assert missing == BUNDLED_FOR_KAGGLE, (python, missing)

@@ -87,3 +87,85 @@ def test_no_loop_decides_precision_on_its_own() -> None:
     ]
     assert offenders == ["runtime.py"], offenders
     assert "is_bf16_supported(" not in (PACKAGE / "runtime.py").read_text()
+
+
+# --------------------------------------------------------------------------- the device
+
+# torch.cuda.get_arch_list() of a cu128 torch as Kaggle's 2.10: sm_70 to sm_120 (the range
+# Kaggle's docker-python gave when the P100 stopped working, 2026-07)
+KAGGLE_TORCH_ARCHES = [
+    *("sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"),
+    "compute_120",
+]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """Pretend there is one GPU of a given name and compute capability, under a torch
+    compiled for `arches` (no GPU needed: nothing here launches a kernel)."""
+
+    def install(name: str, major: int, minor: int, arches: list[str]) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arches))
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("gpu", "capability", "device", "precision"),
+    [
+        ("Tesla T4", (7, 5), "cuda", "fp16"),  # Kaggle's default GPU (x2)
+        ("NVIDIA L4", (8, 9), "cuda", "bf16"),  # no sm_89 cubin: sm_86's runs on 8.9
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", (12, 0), "cuda", "bf16"),
+        ("NVIDIA H100 80GB HBM3", (9, 0), "cuda", "bf16"),
+        ("Tesla P100-PCIE-16GB", (6, 0), "cpu", "fp32"),  # no sm_60 kernels: the CPU
+    ],
+    ids=["T4", "L4", "RTX-Pro-6000", "H100", "P100"],
+)
+def test_auto_picks_a_device_torch_has_kernels_for_and_its_precision(
+    fake_gpu, gpu: str, capability: tuple[int, int], device: str, precision: str, capsys
+) -> None:
+    fake_gpu(gpu, *capability, KAGGLE_TORCH_ARCHES)
+    picked = runtime.pick_device("auto")
+    assert picked.type == device
+    assert runtime.resolve_precision("auto", picked).name == precision
+    assert runtime.device_for(distributed=False).type == device  # the training loops' choice
+    warned = capsys.readouterr().err
+    if device == "cpu":
+        assert "!!!" in warned and gpu in warned and "sm_70" in warned and "GPU T4 x2" in warned
+    else:
+        assert warned == ""
+
+
+def test_asking_for_a_gpu_torch_cannot_use_is_an_error_not_a_crash_later(fake_gpu) -> None:
+    fake_gpu("Tesla P100-PCIE-16GB", 6, 0, KAGGLE_TORCH_ARCHES)
+    with pytest.raises(ValueError, match=r"P100.*6\.0.*not supported.*use 'auto'"):
+        runtime.pick_device("cuda")
+    from kaggle_utils.volume import check_resample_device
+
+    with pytest.raises(ValueError, match="not supported"):
+        check_resample_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("arches", "capability", "usable"),
+    [
+        (["sm_80"], (8, 6), True),  # a cubin runs on a later minor of its major
+        (["sm_86"], (8, 0), False),  # ... not an earlier one
+        (["sm_90"], (10, 0), False),  # nor another major
+        (["compute_90"], (12, 0), True),  # PTX is compiled for any later GPU
+        (["compute_90"], (8, 9), False),
+        (["sm_90a"], (9, 0), True),  # arch-specific: that GPU only
+        (["sm_90a"], (9, 1), False),
+        ([], (7, 5), False),
+    ],
+)
+def test_the_compiled_architectures_decide_what_runs(
+    fake_gpu, arches: list[str], capability: tuple[int, int], usable: bool
+) -> None:
+    fake_gpu("some GPU", *capability, arches)
+    assert (runtime.gpu_unsupported_reason(0) == "") is usable

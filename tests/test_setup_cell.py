@@ -1,11 +1,13 @@
 """The set-up cell every notebook starts with (right after its parameters): the same code in
-all four, and the right install on Kaggle, Colab and locally. The Kaggle path is run for real,
+all six, and the right install on Kaggle, Colab and locally. The Kaggle path is run for real,
 offline, in tests/test_kaggle_offline.py."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +89,63 @@ def test_colab_installs_the_clone_under_content(
     clone = tmp_path / "content" / "voco2d"
     (clone / "kaggle_utils").mkdir(parents=True)
     (clone / "kaggle_utils" / "paths.py").write_text("")
-    assert function().endswith(f"installed from {clone}")
+    said = function()
+    assert f"installed from {clone}" in said and "Drive is not mounted" in said
     assert calls[-1][-1] == str(clone) and "--no-index" not in calls[-1]
+
+
+def test_colab_installs_install_from_and_is_quiet_about_a_mounted_drive(
+    install: tuple[Any, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opened from its GitHub URL, a notebook has no clone beside it: `install_from` (a pip
+    spec, e.g. git+https://github.com/<owner>/<repo>) installs it."""
+    function, calls = install
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
+    (tmp_path / "content" / "drive" / "MyDrive").mkdir(parents=True)
+    said = function("git+https://github.com/someone/voco2d")
+    assert said.endswith("installed from git+https://github.com/someone/voco2d")
+    assert calls[-1][-1] == "git+https://github.com/someone/voco2d"
+
+
+def bundle_dataset(root: Path, pythons: list[str]) -> Path:
+    dataset = root / "kaggle/input/datasets/someone/voco2d-bundle"
+    (dataset / "wheels").mkdir(parents=True)
+    (dataset / "wheels" / "kaggle_utils_voco2d-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (dataset / "manifest.json").write_text(json.dumps({"pythons": pythons}))
+    return dataset
+
+
+def test_a_bundle_for_other_pythons_says_so_and_how_to_rebuild_it(
+    install: tuple[Any, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    function, calls = install
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    here = "{}.{}".format(*sys.version_info[:2])
+    dataset = bundle_dataset(tmp_path, ["2.6", "2.7"])
+    with pytest.raises(RuntimeError) as raised:
+        function()
+    message = str(raised.value)
+    assert "wheels for Python 2.6, 2.7" in message and f"runs Python {here}" in message
+    assert f"--python {here}" in message and calls == []  # pip never ran
+    (dataset / "manifest.json").write_text(json.dumps({"pythons": ["2.7", here]}))
+    assert "installed offline from" in function()
+
+
+def test_a_failed_offline_install_says_what_to_do(
+    install: tuple[Any, list[list[str]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    function, _ = install
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
+    bundle_dataset(tmp_path, ["{}.{}".format(*sys.version_info[:2])])
+
+    def pip_fails(command: list[str]) -> int:
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(subprocess, "check_call", pip_fails)
+    with pytest.raises(
+        RuntimeError, match=r"could not install kaggle-utils-voco2d offline.*Rebuild"
+    ):
+        function()
 
 
 def test_locally_it_installs_nothing(install: tuple[Any, list[list[str]]]) -> None:
