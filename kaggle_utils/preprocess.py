@@ -267,9 +267,9 @@ def check_cache_space(
             advice = _shard_advice(n_listed, per_series, KAGGLE_WORKING_LIMIT_BYTES, config)
             raise CacheTooLargeError(
                 f"{line}, and this shard's cache is about {_size(in_shard)} ({n_in_shard:,} "
-                f"series): use {advice}, one notebook version each; attach every output as a "
-                "dataset and give notebooks 02-04 all of them (a list, or a glob such as "
-                "/kaggle/input/voco2d-cache-*/cache)"
+                f"series): use {advice}, one kernel each (make kaggle-bundle --shards N writes "
+                "them); give notebooks 02-04 every shard's output (a list, or a glob such as "
+                "voco2d-cache-*/cache, found in either mount layout)"
             )
     return line
 
@@ -447,7 +447,8 @@ def resolve_cache_dirs(cache_dirs: CacheDirs) -> list[Path]:
     if not values or any(not str(v) for v in values):
         raise ValueError(
             f"cache_dir {cache_dirs!r} is empty: give notebook 01's cache folder, a list of "
-            "them, or a glob pattern such as /kaggle/input/voco2d-cache-*/cache"
+            "them, or a glob pattern such as voco2d-cache-*/cache (on Kaggle: found under any "
+            "input mount)"
         )
     folders: list[Path] = []
     for value in values:

@@ -28,16 +28,17 @@
 #
 # The full training set's default cache is about 35 GB, more than Kaggle keeps of a notebook's
 # output (about 20 GB). `num_shards` splits the series by patient into balanced shards, and
-# `shard_index` picks the one this run caches: on Kaggle, run `num_shards=2` twice
-# (`shard_index` 0 and 1), each output becoming one dataset, and give notebooks 02-04 all of
-# them (`cache_dir` takes a list or a glob pattern). Before decoding, the run prints what it
-# will write and stops if that does not fit, saying how many shards would.
+# `shard_index` picks the one this run caches: on Kaggle, `make kaggle-bundle` writes one kernel
+# per shard (`voco2d-cache-<k>`, its shard set in the first cell), and notebooks 02-04 read all
+# of them (`cache_dir` takes a list or a glob pattern such as `voco2d-cache-*/cache`, found in
+# either of Kaggle's mount layouts). Before decoding, the run prints what it will write and
+# stops if that does not fit, saying how many shards would.
 
 # %% tags=["parameters"]
 data_root: str = ""  # competition folder; empty: Kaggle input, else inputs/rsna-2023-...
 split: str = "train"  # "train" or "test": which <split>_images/ folder to decode
 output_dir: str = ""  # cache folder; empty: outputs/cache (/kaggle/working/cache on Kaggle)
-shard_index: int = 0  # the shard this run caches, 0..num_shards-1 (on Kaggle: one dataset each)
+shard_index: int = 0  # the shard this run caches, 0..num_shards-1 (on Kaggle: one kernel each)
 num_shards: int = 1  # split the series by patient into this many shards (Kaggle keeps ~20 GB)
 shapes: list = [[32, 192, 192], [96, 256, 256]]  # (slices, H, W) per cache: pretrain, finetune
 windows: list = [[50, 400]]  # [level, width] in HU, one per channel; or "liver", "bone", "wide"
