@@ -188,9 +188,12 @@ gpu-bundle: install
 	$(PY) -m kaggle_utils.bundle --output dist/gpu-bundle --python 3.12 --no-kernels \
 		--preinstalled $(GPU_PREINSTALLED) --exclude albumentations --extras notebooks --split-mb 56
 
-# On the GPU machine: install dist/gpu-bundle offline, then notebooks 01-04 on tiny demo data
-# (fp16 and bf16 where the GPU has them, torchrun over NCCL) and the cost benchmark's CUDA
-# path; one JSON report in outputs/gpu-check/report.json.
+# On the GPU machine: install dist/gpu-bundle offline, then the device choice, the real shapes
+# (benchmarks/gpu_shapes.py), notebooks 01-04 on tiny demo data (fp16 and bf16 where the GPU has
+# them, torchrun over NCCL) and the cost benchmark's CUDA path; one JSON report in
+# $(GPU_CHECK_OUT)/report.json. Where each transfer is capped (64 MiB), send one part per call:
+# `python3 benchmarks/gpu_check.py --install-part <part-1> && python3 benchmarks/gpu_check.py
+# --steps device shapes`, then part 2 with `--steps notebooks cost` (docs/kaggle-and-colab.md).
 GPU_CHECK_OUT ?= outputs/gpu-check
 gpu-check:
 	for part in dist/gpu-bundle/dataset/wheels/part-*; do \

@@ -52,7 +52,7 @@ from kaggle_utils.volume import (
 PRETRAIN_SHAPE = (32, 192, 192)
 FINETUNE_SHAPE = (96, 256, 256)
 RECORDS_DIR = "records"
-MODEL_PREPROCESS_FILE = "preprocess.json"  # in a fine-tuning run folder
+PREPROCESS_FILE = "preprocess.json"  # in a fine-tuning run folder
 METADATA_FILE = "metadata.parquet"
 KAGGLE_WORKING_LIMIT_BYTES = 20 * 10**9  # what Kaggle keeps of /kaggle/working (SPEC 10)
 NPY_HEADER_BYTES = 128  # np.save's header of a 3-D or 4-D uint8 array (format 1.0)
@@ -740,7 +740,7 @@ def write_model_preprocessing(
         "cache_made_by": cache_made_by,
         "provenance": provenance(),
     }
-    path = Path(model_dir) / MODEL_PREPROCESS_FILE
+    path = Path(model_dir) / PREPROCESS_FILE
     write_json_atomic(path, payload)
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -80,6 +81,13 @@ def gpu_unsupported_reason(index: int = 0) -> str:
     )
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Loud (the log and stderr), once per process: every fold asks for the device."""
+    logger.warning(message)
+    print(message, file=sys.stderr, flush=True)
+
+
 def usable_gpu(index: int = 0) -> bool:
     return torch.cuda.is_available() and not gpu_unsupported_reason(index)
 
@@ -98,13 +106,11 @@ def pick_device(device: str | torch.device = "auto", index: int = 0) -> torch.de
         reason = gpu_unsupported_reason(index)
         if not reason:
             return torch.device("cuda", index)
-        message = (
+        _warn_once(
             f"!!! {reason}: running on the CPU instead, many times slower. On Kaggle, choose "
             'the accelerator "GPU T4 x2" (Settings > Accelerator; `machine_shape: '
             '"NvidiaTeslaT4"` in kernel-metadata.json) or an L4 or RTX Pro 6000.'
         )
-        logger.warning(message)
-        print(message, file=sys.stderr, flush=True)
         return torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda":

@@ -95,7 +95,7 @@ from kaggle_utils.organ_crops import (
     read_crop_config,
 )
 from kaggle_utils.preprocess import (
-    MODEL_PREPROCESS_FILE,
+    PREPROCESS_FILE,
     PreprocessConfig,
     SeriesTask,
     cache_provenance,
@@ -113,7 +113,6 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_SUBMISSION = "sample_submission.csv"
 SUBMISSION_NAME = "submission.csv"
-PREPROCESS_FILE = MODEL_PREPROCESS_FILE
 
 PROBLEM_SCHEMA = {
     "patient_id": pl.Int64,

@@ -19,6 +19,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from kaggle_utils import bundle
 from kaggle_utils.paths import COMPETITION_NAME
+from kaggle_utils.provenance import git_commit
 
 from conftest import pydicom_test_file
 
@@ -172,6 +173,11 @@ def test_the_kaggle_bundle_is_lean_and_complete_for_both_pythons(kaggle_bundle: 
     print(f"Kaggle bundle: {len(wheels)} wheels, {size_mb:.1f} MB, Python {manifest['pythons']}")
     assert size_mb < 25
     assert manifest["pythons"] == ["3.12", "3.13"]
+    # the project's wheel knows the commit it was built from (provenance on Kaggle)
+    (project,) = (kaggle_bundle / "dataset" / "wheels").glob("kaggle_utils_voco2d-*.whl")
+    with zipfile.ZipFile(project) as archive:
+        built_from = archive.read("kaggle_utils/BUILD_COMMIT").decode().strip()
+    assert built_from == manifest["git_commit"] == git_commit(ROOT)
     # the dataset's licence follows its wheels: pylibjpeg-libjpeg is GPL-3.0
     dataset = json.loads((kaggle_bundle / "dataset" / "dataset-metadata.json").read_text())
     assert dataset["id"] == "me/voco2d-bundle"
@@ -216,7 +222,7 @@ def test_each_pythons_wheels_install_and_decode_there(
         pytest.skip(f"no Python {python} on this machine")
     venv = tmp_path / "venv"
     subprocess.run([str(executable), "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
     versions = bundle.read_constraints(python_version=python)
     subprocess.run(
         [*pip, f"numpy=={versions['numpy']}", f"pydicom=={versions['pydicom']}"], check=True

@@ -111,6 +111,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arches))
         monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        runtime._warn_once.cache_clear()  # each test sees its own warning
 
     return install
 
