@@ -62,15 +62,10 @@ def on_colab() -> bool:
 
 
 def kaggle_input_folders(name: str) -> Iterator[Path]:
-    """Where Kaggle may mount an input called `name`: `/kaggle/input/<name>` (the classic
-    layout), and `/kaggle/input/{competitions,datasets/<owner>,notebooks/<owner>}/<name>`
-    (the layout of newer sessions). Only folders that exist."""
-    root = kaggle_input()
-    candidates = [root / name, root / "competitions" / name]
-    for kind in ("datasets", "notebooks"):
-        if (root / kind).is_dir():
-            candidates += sorted((root / kind).glob(f"*/{name}"))
-    yield from (p for p in candidates if p.is_dir())
+    """Where Kaggle may mount an input called `name`: under each of `kaggle_input_roots` (the
+    classic `/kaggle/input/<name>` and the newer sessions' competitions/, datasets/<owner>/,
+    notebooks/<owner>/ and models/<owner>/). Only folders that exist."""
+    yield from (root / name for root in kaggle_input_roots() if (root / name).is_dir())
 
 
 def kaggle_input_roots() -> list[Path]:
@@ -84,6 +79,14 @@ def kaggle_input_roots() -> list[Path]:
         if (root / kind).is_dir():
             roots += sorted(p for p in (root / kind).iterdir() if p.is_dir())
     return [r for r in roots if r.is_dir()]
+
+
+def where_kaggle_looked() -> str:
+    """For error messages: on Kaggle, the input mounts a path was looked for under; else ''."""
+    if not on_kaggle():
+        return ""
+    roots = ", ".join(str(r) for r in kaggle_input_roots()[:6]) or str(kaggle_input())
+    return f" (looked under every Kaggle input mount: {roots})"
 
 
 def _under_kaggle_input(text: str) -> str | None:
@@ -150,14 +153,10 @@ def find_input(value: str | Path, parameter: str, kind: Literal["file", "dir"]) 
     if matches:
         listed = ", ".join(map(str, matches[:5]))
         raise FileNotFoundError(f"{parameter}={value}: several matches ({listed}): name one")
-    where = (
-        " (also looked for it under every Kaggle input mount: "
-        f"{', '.join(str(r) for r in kaggle_input_roots()[:6]) or kaggle_input()})"
-        if on_kaggle()
-        else ""
-    )
     noun = "folder" if kind == "dir" else "file"
-    raise FileNotFoundError(f"{parameter}={value} does not exist or is not a {noun}{where}")
+    raise FileNotFoundError(
+        f"{parameter}={value} does not exist or is not a {noun}{where_kaggle_looked()}"
+    )
 
 
 def project_root() -> Path:

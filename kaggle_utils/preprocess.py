@@ -455,20 +455,14 @@ def resolve_cache_dirs(cache_dirs: CacheDirs) -> list[Path]:
         matches = [p for p in paths.find_inputs(value) if p.is_dir()]
         if not matches:
             what = "matches no folder" if glob.has_magic(str(value)) else "does not exist"
+            looked = paths.where_kaggle_looked()
             raise FileNotFoundError(
-                f"cache_dir {value} {what}{_where_kaggle_looked()}: run notebook 01 (on Kaggle, "
-                "attach its kernel's output or a dataset of it)"
+                f"cache_dir {value} {what}{looked}: run notebook 01 (on Kaggle, attach its "
+                "kernel's output or a dataset of it)"
             )
         known = {f.resolve() for f in folders}
         folders += [m for m in matches if m.resolve() not in known]
     return folders
-
-
-def _where_kaggle_looked() -> str:
-    if not paths.on_kaggle():
-        return ""
-    roots = ", ".join(str(r) for r in paths.kaggle_input_roots()[:6])
-    return f" (looked in every Kaggle input mount: {roots or paths.kaggle_input()})"
 
 
 def load_metadata(cache_dir: CacheDirs) -> pl.DataFrame:

@@ -322,16 +322,6 @@ def resolve_output_csv(output_csv: str | Path = "") -> Path:
     return paths.default_output_root() / SUBMISSION_NAME
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto": the GPU when there is one this torch can run on, else the CPU
-    (`runtime.pick_device`, which warns loudly about an unusable GPU).
-
-    Raises:
-        ValueError: a CUDA device is asked for but none is available or usable.
-    """
-    return runtime.pick_device(device)
-
-
 def fold_dirs(model_dir: Path, finished_only: bool = True) -> list[Path]:
     """`fold<k>/` folders with `best.pt` and `model.json`, in fold order; by default only
     those whose training finished (`done.json`): a fold that notebook 03 stopped at its time
@@ -918,7 +908,7 @@ def predict_test_set(
     run_dirs = resolve_model_dirs(model_dir)
     csv_path = resolve_output_csv(output_csv)
     sample = read_sample_submission(root)
-    torch_device = resolve_device(device)
+    torch_device = runtime.pick_device(device)
     runs = load_model_runs(run_dirs, torch_device, tta, precision)
     folds = [fold for run in runs for fold in run.folds]
     how = aggregation or folds[0].meta.get("aggregation", "mean")
@@ -1297,7 +1287,7 @@ def explain_test_patients(
     costs the series, not the caller.
     """
     root = paths.resolve_data_root(data_root)
-    runs = load_model_runs(resolve_model_dirs(model_dir)[:1], resolve_device(device))
+    runs = load_model_runs(resolve_model_dirs(model_dir)[:1], runtime.pick_device(device))
     run, fold = runs[0], runs[0].folds[0]
     config, _ = shared_preprocessing(runs)
     n_slices, image_size = int(fold.meta["n_slices"]), int(fold.meta["image_size"])
