@@ -1,7 +1,7 @@
 """Realistic CT series for the benchmarks: real anatomy written as competition-like DICOM files.
 
 Shared by `decode.py` and `preprocess.py` (both put this folder first on `sys.path` by being
-run as scripts). The anatomy is the real series in `../shared/data/real-ct` (20 slices of
+run as scripts). The anatomy is the real series in `tests/data/real-ct` (20 slices of
 512x512), repeated along z to the length asked for, or a synthetic phantom where that is absent.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-REAL_SERIES = Path(__file__).resolve().parents[2] / "shared/data/real-ct/dicom-series-20-j2k"
+REAL_SERIES = Path(__file__).resolve().parents[1] / "tests/data/real-ct/dicom-series-20-j2k"
 SYNTAXES = {"uncompressed": ExplicitVRLittleEndian, "rle": RLELossless}
 
 

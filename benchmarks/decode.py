@@ -4,7 +4,7 @@
 
 Builds, in a temporary folder, 512x512 CT series in two transfer syntaxes (uncompressed
 explicit VR little endian and RLE Lossless, the syntax of the visible test files) from real
-anatomy (`../shared/data/real-ct`, or a synthetic phantom where that is absent; `ct_series.py`).
+anatomy (`tests/data/real-ct`; `ct_series.py`).
 Then:
 
 1. per slice: the baseline `pydicom.dcmread` + `pixel_array` + rescale (with the pylibjpeg

@@ -4,7 +4,7 @@
                                     [--syntaxes rle,uncompressed] [--stage-slices N] [--quick]
 
 Builds, in a temporary folder, series of real anatomy (`ct_series.py`: the real CT of
-`../shared/data/real-ct` repeated along z, else a synthetic phantom) with `--slices` slices of
+`tests/data/real-ct` repeated along z, else a synthetic phantom) with `--slices` slices of
 `--size` x `--size` each, once per transfer syntax: RLE Lossless (every competition file) and
 uncompressed explicit VR little endian for comparison. Stored values are 12 bits in a 16-bit
 container with RescaleIntercept -1024, alternately unsigned (PixelRepresentation 0) and signed

@@ -9,9 +9,14 @@ either decoder, so the two can never disagree on the pitfalls of this data set:
   are zero (a naive int16 read turns -1000 HU into +3096 in the latter case).
 - JPEG 2000 codestreams whose signedness disagrees with the header: the header wins, as in
   pydicom (masking to `BitsStored` bits and sign-extending makes the decoder's view irrelevant).
-- `RescaleSlope` / `RescaleIntercept` are always applied (missing ones mean 1 and 0).
-- `MONOCHROME1`: stored values are inverted within their bit range before the rescale, so that
-  denser tissue always has the larger value, as in `MONOCHROME2`.
+- `RescaleSlope` / `RescaleIntercept` are always applied (missing ones mean 1 and 0), to the
+  stored values whatever the PhotometricInterpretation: `MONOCHROME1` only says how to *display*
+  them (PS3.3 C.7.6.3.1.2), the Modality LUT gives HU from the stored values as they are.
+- Enhanced (multi-frame) CT: one file, many frames, each placed by its Per-Frame Functional
+  Groups; `load_series` reads it into the same volume as a folder of single-frame slices.
+- Slices without ImagePositionPatient are ordered by SliceLocation, then by InstanceNumber
+  (`Series.ordered_by` says which); DICOMDIRs, structured reports and localizers in a series
+  folder are skipped with what they are.
 
 dicomsdl crashes the whole process (segfault) on a truncated file, so it only ever sees files
 whose pixel data element is complete on disk (`_dicomsdl_can_decode`); everything else goes to
@@ -67,6 +72,7 @@ _ENCAPSULATED_SYNTAXES = DICOMSDL_SYNTAXES - {_IMPLICIT_VR_LITTLE_ENDIAN, "1.2.8
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _TRANSFER_SYNTAX_TAG = b"\x02\x00\x10\x00UI"
+_MEDIA_STORAGE_SOP_CLASS_TAG = b"\x02\x00\x02\x00UI"
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
 _SEQUENCE_DELIMITER_TAG = b"\xfe\xff\xdd\xe0"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -91,6 +97,9 @@ class DicomSlice:
     pixel_spacing: tuple[float, float] | None  # (row spacing = y, column spacing = x), mm
     slice_thickness: float | None
     decoder: str  # "dicomsdl" or "pydicom"
+    slice_location: float | None = None  # SliceLocation, mm along the stored slice normal
+    localizer: bool = False  # ImageType (or FrameType) says LOCALIZER: a scout, not a slice
+    frame: int | None = None  # 1-based frame number in a multi-frame file, None otherwise
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,9 @@ class Series:
     path: Path
     skipped: list[SkippedFile] = field(default_factory=list)
     z_positions: np.ndarray | None = None  # (slices,) mm along the slice normal, None if unknown
-    ordered_by: str = "position"  # "position", or "instance_number" when positions are missing
+    # "position" (ImagePositionPatient), "slice_location" (SliceLocation, when positions are
+    # missing), or "instance_number" (neither: InstanceNumber, or the frame order)
+    ordered_by: str = "position"
     decoder_counts: dict[str, int] = field(default_factory=dict)
     geometry: SeriesGeometry = field(default_factory=SeriesGeometry)
     n_decoded: int | None = None  # slices decoded into the volume (None: hu.shape[0])
@@ -194,12 +205,30 @@ def read_hu(path: str | Path, decoder: Decoder = "auto") -> np.ndarray:
 def read_slice(
     path: str | Path, decoder: Decoder = "auto", out: np.ndarray | None = None
 ) -> DicomSlice:
-    """Decode one DICOM file to HU plus the header fields that place it in its series.
+    """Decode one single-frame DICOM file to HU plus the header fields that place it in its
+    series (a multi-frame file raises `DicomReadError`: `read_frames` reads it).
 
     `decoder="auto"` uses dicomsdl where it is known to be right (`_dicomsdl_can_decode`: a
     verified transfer syntax and pixel format, complete pixel data) and pydicom otherwise or
     when dicomsdl fails. `out`, a float32 (H, W) array, receives the HU when the slice has
     that size (`load_series` decodes straight into its volume); otherwise a new array does.
+    """
+    frames = read_frames(path, decoder, out)
+    if len(frames) != 1:
+        raise DicomReadError(
+            f"{path}: {len(frames)} frames (an enhanced multi-frame image): read it with "
+            "read_frames, or its folder with load_series"
+        )
+    return frames[0]
+
+
+def read_frames(
+    path: str | Path, decoder: Decoder = "auto", out: np.ndarray | None = None
+) -> list[DicomSlice]:
+    """Decode one DICOM file to its frames: one `DicomSlice` for a single-frame file, one per
+    frame (in the order stored, each with its own position, orientation, spacing and rescale
+    from the functional groups) for an enhanced multi-frame image. `decoder` and `out` as in
+    `read_slice`; `out` is only used for a single frame.
     """
     path = Path(path)
     try:
@@ -214,7 +243,7 @@ def read_slice(
         usable, why_not = _dicomsdl_can_decode(data)
         if usable:
             try:
-                return _read_with_dicomsdl(data, out)
+                return [_read_with_dicomsdl(data, out)]
             except _NotVerifiedForDicomsdl as error:
                 why_not = str(error)
             except Exception as error:
@@ -231,14 +260,13 @@ def stored_to_hu(
     signed: bool,
     slope: float = 1.0,
     intercept: float = 0.0,
-    monochrome1: bool = False,
     in_place: bool = False,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Stored pixel values to float32 HU, whatever the decoder did with the unused high bits.
 
     Keeps the low `bits_stored` bits, sign-extends them when `signed` (PixelRepresentation 1),
-    inverts them within their range for MONOCHROME1, then applies the rescale. `in_place`
+    then applies the rescale (for MONOCHROME1 too: see the module's docstring). `in_place`
     lets it overwrite `stored` (a scratch buffer) instead of copying it; `out` (float32, the
     shape of `stored`) receives the HU instead of a new array (a slot of the series volume).
     """
@@ -259,8 +287,6 @@ def stored_to_hu(
         else:
             values = values << shift
         values >>= shift
-    if monochrome1:
-        values = ~values if signed else ((1 << bits_stored) - 1) - values
     if out is None:
         hu = values.astype(np.float32)
     else:
@@ -287,10 +313,13 @@ def load_series(
     ascending patient z (feet to head), rows from anterior to posterior and columns from the
     patient's right to left: what [1,0,0,0,1,0] stores, and what `sources.load_nifti_series`
     gives for NIfTI. Slices are ordered by ImagePositionPatient projected on the slice normal
-    (never by file name or InstanceNumber; by InstanceNumber only when positions are missing),
-    transposed and flipped in plane as the orientation requires (`Series.geometry` records
-    it). Two slices at one position keep the first (by InstanceNumber); the other is skipped as
-    a duplicate. Non-uniform gaps (a missing slice) are resampled by position onto a uniform grid
+    (never by file name or InstanceNumber; when positions are missing by SliceLocation, taken
+    as the position along the stored normal, and by InstanceNumber only when that is missing
+    too: `Series.ordered_by` says which), transposed and flipped in plane as the orientation
+    requires (`Series.geometry` records it). An enhanced multi-frame file gives one slice per
+    frame, placed by its functional groups. Localizers (ImageType LOCALIZER) are skipped.
+    Two slices at one position keep the first (by InstanceNumber); the other is skipped as a
+    duplicate. Non-uniform gaps (a missing slice) are resampled by position onto a uniform grid
     at the median gap, each resampled slice keeping the InstanceNumber of its nearest source.
 
     Unreadable or truncated files, and slices whose size or orientation differs from the
@@ -327,11 +356,15 @@ def load_series(
     for file in files:
         slot = None if volume is None else volume[len(slices)]
         try:
-            dicom_slice = read_slice(file, decoder, out=slot)
+            frames = read_frames(file, decoder, out=slot)
         except DicomReadError as error:
             reason = str(error).removeprefix(f"{file}: ")
             skipped.append(SkippedFile(file.name, reason))
             continue
+        if len(frames) > 1:  # an enhanced multi-frame image: its frames keep their own arrays
+            slices.extend((f"{file.name}#{s.frame}", s, None) for s in frames)
+            continue
+        dicom_slice = frames[0]
         if volume is None:
             shape = (len(files), *dicom_slice.hu.shape)
             volume = _reusable_volume(shape) if reuse_memory else np.empty(shape, np.float32)
@@ -345,13 +378,14 @@ def load_series(
         raise SeriesReadError(
             f"{series_dir}: no readable DICOM slices ({len(files)} files: {summary})"
         )
-    assert volume is not None
 
+    slices, localizers = _drop_localizers(slices)
+    skipped.extend(localizers)
     slices, off_geometry = _keep_majority_geometry(slices)
     skipped.extend(off_geometry)
     orientation = slices[0][1].orientation
     layout = _axial_layout(orientation, max_tilt_degrees, series_dir)
-    order, z_positions, ordered_by = _slice_order([s for _, s, _ in slices], layout.normal)
+    order, z_positions, ordered_by = _slice_order([s for _, s, _ in slices], layout)
     order, duplicates = _drop_duplicates(order, z_positions, [name for name, _, _ in slices])
     skipped.extend(duplicates)
     if z_positions is not None:
@@ -365,9 +399,9 @@ def load_series(
             f"(more than max_tilt_degrees={max_tilt_degrees:g})"
         )
 
-    if all(index is not None for _, _, index in ordered):
+    if volume is not None and all(index is not None for _, _, index in ordered):
         hu = _gather_in_place(volume, [index for _, _, index in ordered])  # type: ignore[misc]
-    else:  # the majority's size is not the first slice's: the slower, simpler way
+    else:  # enhanced frames, or the majority's size is not the first slice's: the simple way
         hu = np.stack([s.hu for _, s, _ in ordered])
     del volume
     hu = _to_patient_layout(hu, layout)
@@ -437,9 +471,11 @@ NO_DECODER = "NO DECODER"  # what `SyntaxSupport.readers` says when nothing here
 REPORTED_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2.5": "RLE Lossless (every competition file)",
     "1.2.840.10008.1.2.1": "Explicit VR Little Endian (uncompressed)",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless (SV1)",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless (process 14)",
     "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
     "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.201": "HTJ2K Lossless",
     "1.2.840.10008.1.2.4.50": "JPEG Baseline (8 bit)",
 }
 
@@ -526,20 +562,31 @@ def decoder_report(syntaxes: dict[str, str] | None = None) -> tuple[str, list[st
     return "\n".join(lines), warnings_
 
 
-def series_transfer_syntax(series_dir: str | Path) -> str | None:
-    """The transfer syntax of a series, read from the header of its first file (cheap: one
-    small read), or None for an empty folder or a file without a Part 10 header."""
-    files = sorted(Path(series_dir).glob("*.dcm"), key=_natural_key)
-    if not files:
-        return None
-    try:
-        with open(files[0], "rb") as handle:
-            head = handle.read(132 + 4096)
-    except OSError:
-        return None
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    return _transfer_syntax(head)
+def series_transfer_syntax(series_dir: str | Path, max_files: int = 16) -> str | None:
+    """The transfer syntax of a series, from the header of its first image file (cheap: one
+    small read per file tried), or None when none of its first `max_files` files is a Part 10
+    image (an empty folder, or only DICOMDIRs and reports).
+
+    Files of any name count (`IM000001` beside a DICOMDIR, as many archives write them);
+    files whose MediaStorageSOPClassUID is not an image (DICOMDIR, structured reports) do not.
+    """
+    files = sorted(
+        (p for p in Path(series_dir).iterdir() if p.is_file() and not p.name.startswith(".")),
+        key=_natural_key,
+    )
+    for file in files[:max_files]:
+        try:
+            with open(file, "rb") as handle:
+                head = handle.read(132 + 4096)
+        except OSError:
+            continue
+        if len(head) < 132 or head[128:132] != b"DICM":
+            continue
+        sop_class = _meta_value(head, _MEDIA_STORAGE_SOP_CLASS_TAG)
+        if sop_class and not _is_image_class(sop_class):
+            continue
+        return _transfer_syntax(head)
+    return None
 
 
 def _pydicom_version() -> str:
@@ -553,6 +600,8 @@ def _dicomsdl_can_decode(data: bytes) -> tuple[bool, str]:
     whose pixel data element is complete (dicomsdl segfaults on truncated files)."""
     if len(data) < 132 or data[128:132] != b"DICM":
         return False, "no DICOM Part 10 header"
+    if not _is_image_class(_meta_value(data, _MEDIA_STORAGE_SOP_CLASS_TAG) or ""):
+        return False, "not an image storage class"
     syntax = _transfer_syntax(data)
     if syntax not in DICOMSDL_SYNTAXES:
         return False, f"transfer syntax {syntax or 'missing'} not verified for dicomsdl"
@@ -563,7 +612,12 @@ def _dicomsdl_can_decode(data: bytes) -> tuple[bool, str]:
 
 def _transfer_syntax(data: bytes) -> str | None:
     """The TransferSyntaxUID of the file meta group (always explicit VR little endian)."""
-    pos = data.find(_TRANSFER_SYNTAX_TAG, 132, 132 + 4096)
+    return _meta_value(data, _TRANSFER_SYNTAX_TAG)
+
+
+def _meta_value(data: bytes, tag_and_vr: bytes) -> str | None:
+    """A UI value of the file meta group (explicit VR little endian, in the first 4 KB)."""
+    pos = data.find(tag_and_vr, 132, 132 + 4096)
     if pos < 0:
         return None
     length = int.from_bytes(data[pos + 6 : pos + 8], "little")
@@ -571,21 +625,103 @@ def _transfer_syntax(data: bytes) -> str | None:
 
 
 def _pixel_element(data: bytes, syntax: str) -> tuple[int, int] | None:
-    """(declared length, offset of the value) of the (7FE0,0010) element, or None.
+    """(declared length, offset of the value) of the top-level (7FE0,0010) element, or None.
 
-    The first hit of the tag bytes is almost always the element (it ends the header); hits
-    inside other values whose VR bytes do not fit are skipped. A false match only sends the
-    file to pydicom.
+    Found by walking the data set's top-level elements, stepping over sequences, so that the
+    pixel data of an Icon Image Sequence (or any nested item) before it is never taken for the
+    image's. None also for a header this walk cannot follow: that only sends the file to pydicom.
     """
-    explicit_vr = syntax != _IMPLICIT_VR_LITTLE_ENDIAN
-    pos = data.find(_PIXEL_DATA_TAG, 132)
-    while explicit_vr and pos >= 0 and data[pos + 4 : pos + 6] not in (b"OB", b"OW"):
-        pos = data.find(_PIXEL_DATA_TAG, pos + 1)
-    if pos < 0:
+    last = getattr(_thread_local, "pixel_element", None)
+    if last is not None and last[0] is data and last[1] == syntax:  # the checks ask twice
+        return last[2]
+    start = _dataset_start(data)
+    found = None
+    if start is not None:
+        found = _walk_to_pixel_data(data, start, syntax != _IMPLICIT_VR_LITTLE_ENDIAN)
+    _thread_local.pixel_element = (data, syntax, found)
+    return found
+
+
+# Explicit VRs whose length is a 4-byte field after two reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# Tags as one little-endian 32-bit number: group | element << 16.
+_PIXEL_DATA = 0x00107FE0
+_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xE000FFFE, 0xE00DFFFE, 0xE0DDFFFE
+_TAG_AND_LENGTH = struct.Struct("<II")
+_TAG_VR_SHORT_LENGTH = struct.Struct("<I2sH")
+
+
+def _dataset_start(data: bytes) -> int | None:
+    """Offset of the first element after the file meta group (explicit VR little endian)."""
+    pos = 132
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        if data[pos + 4 : pos + 6] in _LONG_VRS:
+            pos += 12 + int.from_bytes(data[pos + 8 : pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(data[pos + 6 : pos + 8], "little")
+    return pos if pos <= len(data) else None
+
+
+def _element_header(data: bytes, pos: int, explicit_vr: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR or b"", value length, value offset) of the element at `pos`."""
+    tag, length = _TAG_AND_LENGTH.unpack_from(data, pos)
+    if not explicit_vr or tag & 0xFFFF == 0xFFFE:  # item and delimiter tags carry no VR
+        return tag, b"", length, pos + 8
+    tag, vr, short_length = _TAG_VR_SHORT_LENGTH.unpack_from(data, pos)
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            return tag, vr, _UNDEFINED_LENGTH, len(data)
+        return tag, vr, int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
+    return tag, vr, short_length, pos + 8
+
+
+def _walk_to_pixel_data(data: bytes, pos: int, explicit_vr: bool) -> tuple[int, int] | None:
+    while pos + 8 <= len(data):
+        tag, vr, length, value = _element_header(data, pos, explicit_vr)
+        if tag == _PIXEL_DATA:
+            return length, value
+        if length != _UNDEFINED_LENGTH:
+            pos = value + length
+            continue
+        # A sequence of undefined length (UN's contents are implicit VR, PS3.5 6.2.2).
+        end = _skip_items(data, value, explicit_vr and vr != b"UN")
+        if end is None:
+            return None
+        pos = end
+    return None
+
+
+def _skip_items(data: bytes, pos: int, explicit_vr: bool, depth: int = 0) -> int | None:
+    """Offset after the delimiter of the undefined-length sequence whose items start at `pos`."""
+    if depth > 16:
         return None
-    if explicit_vr:
-        return int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
-    return int.from_bytes(data[pos + 4 : pos + 8], "little"), pos + 8
+    while pos + 8 <= len(data):
+        tag, length = _TAG_AND_LENGTH.unpack_from(data, pos)
+        if tag == _SEQUENCE_DELIMITER:
+            return pos + 8
+        if tag != _ITEM:
+            return None
+        if length != _UNDEFINED_LENGTH:
+            pos += 8 + length
+            continue
+        pos += 8
+        while pos + 8 <= len(data):  # the item's elements, up to its delimiter
+            tag, vr, length, value = _element_header(data, pos, explicit_vr)
+            if tag == _ITEM_DELIMITER:
+                pos += 8
+                break
+            if length != _UNDEFINED_LENGTH:
+                pos = value + length
+                continue
+            end = _skip_items(data, value, explicit_vr and vr != b"UN", depth + 1)
+            if end is None:
+                return None
+            pos = end
+        else:
+            return None
+    return None
 
 
 def _pixel_data_complete(data: bytes, syntax: str) -> bool:
@@ -735,6 +871,10 @@ def _read_with_dicomsdl(data: bytes, out: np.ndarray | None = None) -> DicomSlic
     dataset = _dicomsdl().open_memory(data, copy_data=False)
     info = dataset.getPixelDataInfo()
     _check_dicomsdl_verified(info, dataset.HighBit, data)
+    if dataset.PerFrameFunctionalGroupsSequence is not None:
+        raise _NotVerifiedForDicomsdl("an enhanced image (functional groups) goes to pydicom")
+    if dataset.ModalityLUTSequence is not None:
+        raise _NotVerifiedForDicomsdl("a Modality LUT Sequence goes to pydicom")
     # Decode into a reused buffer and convert it in place: fresh 0.5 MB arrays per slice
     # cost more in page faults than the decode itself.
     stored = _frame_buffer((info["Rows"], info["Cols"]), np.dtype(info["dtype"]))
@@ -745,7 +885,6 @@ def _read_with_dicomsdl(data: bytes, out: np.ndarray | None = None) -> DicomSlic
         signed=bool(info["PixelRepresentation"]),
         slope=_float_or(info["RescaleSlope"], 1.0),
         intercept=_float_or(info["RescaleIntercept"], 0.0),
-        monochrome1=str(info["PhotometricInterpretation"]).strip() == "MONOCHROME1",
         in_place=True,
         out=_fitting(out, stored.shape),
     )
@@ -757,10 +896,12 @@ def _read_with_dicomsdl(data: bytes, out: np.ndarray | None = None) -> DicomSlic
         pixel_spacing=_floats(dataset.PixelSpacing, 2),
         slice_thickness=_float_or(dataset.SliceThickness, None),
         decoder="dicomsdl",
+        slice_location=_float_or(dataset.SliceLocation, None),
+        localizer=_is_localizer(dataset.ImageType),
     )
 
 
-def _read_with_pydicom(data: bytes, path: Path, out: np.ndarray | None = None) -> DicomSlice:
+def _read_with_pydicom(data: bytes, path: Path, out: np.ndarray | None = None) -> list[DicomSlice]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -768,51 +909,146 @@ def _read_with_pydicom(data: bytes, path: Path, out: np.ndarray | None = None) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = pydicom.dcmread(io.BytesIO(data))
-            if "PixelData" not in dataset:
-                raise DicomReadError(f"{path}: no pixel data element (truncated file?)")
-            _check_single_grayscale_frame(
-                int(dataset.get("SamplesPerPixel", 1)), int(dataset.get("NumberOfFrames", 1) or 1)
-            )
+            if "PixelData" not in dataset or not _is_image_class(_sop_class(dataset)):
+                raise DicomReadError(f"{path}: {_why_not_an_image(dataset)}")
+            samples_per_pixel = int(dataset.get("SamplesPerPixel", 1))
+            if samples_per_pixel != 1:
+                raise DicomReadError(
+                    f"{path}: {samples_per_pixel} samples per pixel; CT slices have 1"
+                )
+            n_frames = int(dataset.get("NumberOfFrames", 1) or 1)
+            enhanced = "PerFrameFunctionalGroupsSequence" in dataset
+            if n_frames > 1 and not enhanced:
+                raise DicomReadError(
+                    f"{path}: {n_frames} frames without Per-Frame Functional Groups to place "
+                    "them (not an enhanced CT image)"
+                )
             stored = dataset.pixel_array
-            if stored.ndim != 2:  # pixel data longer than one frame: pydicom infers several
-                raise DicomReadError(f"{path}: pixels of shape {stored.shape}, not one 2-D frame")
+            if stored.ndim != (3 if n_frames > 1 else 2):  # pydicom infers frames from length
+                raise DicomReadError(
+                    f"{path}: pixels of shape {stored.shape} for {n_frames} frame(s)"
+                )
     except DicomReadError:
         raise
     except InvalidDicomError as error:
-        raise DicomReadError(f"{path}: not a DICOM file ({error})") from error
+        raise DicomReadError(
+            f"{path}: not a DICOM Part 10 file (no 'DICM' after the 128-byte preamble; {error})"
+        ) from error
     except Exception as error:
         reason = "truncated or corrupt" if _looks_truncated(error) else "cannot decode pixels"
         raise DicomReadError(f"{path}: {reason} ({type(error).__name__}: {error})") from error
-    hu = stored_to_hu(
-        stored,
-        bits_stored=int(dataset.get("BitsStored", stored.dtype.itemsize * 8)),
-        signed=int(dataset.get("PixelRepresentation", 0)) == 1,
-        slope=_float_or(dataset.get("RescaleSlope"), 1.0),
-        intercept=_float_or(dataset.get("RescaleIntercept"), 0.0),
-        monochrome1=str(dataset.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1",
-        out=_fitting(out, stored.shape),
-    )
+    bits_stored = int(dataset.get("BitsStored", stored.dtype.itemsize * 8))
+    signed = int(dataset.get("PixelRepresentation", 0)) == 1
+    if enhanced:
+        return [
+            _enhanced_frame(dataset, k, stored[k] if n_frames > 1 else stored, bits_stored, signed)
+            for k in range(n_frames)
+        ]
+    if "ModalityLUTSequence" in dataset:  # a lookup table instead of the rescale (not CT's)
+        from pydicom.pixels import apply_modality_lut
+
+        hu = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
+    else:
+        hu = stored_to_hu(
+            stored,
+            bits_stored=bits_stored,
+            signed=signed,
+            slope=_float_or(dataset.get("RescaleSlope"), 1.0),
+            intercept=_float_or(dataset.get("RescaleIntercept"), 0.0),
+            out=_fitting(out, stored.shape),
+        )
+    return [
+        DicomSlice(
+            hu=hu,
+            instance_number=_int_or_none(dataset.get("InstanceNumber")),
+            position=_floats(dataset.get("ImagePositionPatient"), 3),
+            orientation=_floats(dataset.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(dataset.get("PixelSpacing"), 2),
+            slice_thickness=_float_or(dataset.get("SliceThickness"), None),
+            decoder="pydicom",
+            slice_location=_float_or(dataset.get("SliceLocation"), None),
+            localizer=_is_localizer(dataset.get("ImageType")),
+        )
+    ]
+
+
+def _enhanced_frame(
+    dataset: Any, index: int, stored: np.ndarray, bits_stored: int, signed: bool
+) -> DicomSlice:
+    """Frame `index` (0-based) of an enhanced multi-frame image, placed and rescaled by its
+    Per-Frame Functional Groups, else the Shared ones, else the top-level attributes."""
+
+    def value(sequence: str, keyword: str) -> Any:
+        per_frame = dataset.PerFrameFunctionalGroupsSequence
+        groups = [per_frame[index]] if index < len(per_frame) else []
+        groups += list(dataset.get("SharedFunctionalGroupsSequence") or [])[:1]
+        for group in groups:
+            items = group.get(sequence)
+            if items and keyword in items[0]:
+                return items[0].get(keyword)
+        return dataset.get(keyword)
+
     return DicomSlice(
-        hu=hu,
-        instance_number=_int_or_none(dataset.get("InstanceNumber")),
-        position=_floats(dataset.get("ImagePositionPatient"), 3),
-        orientation=_floats(dataset.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(dataset.get("PixelSpacing"), 2),
-        slice_thickness=_float_or(dataset.get("SliceThickness"), None),
+        hu=stored_to_hu(
+            stored,
+            bits_stored=bits_stored,
+            signed=signed,
+            slope=_float_or(value("PixelValueTransformationSequence", "RescaleSlope"), 1.0),
+            intercept=_float_or(value("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+        ),
+        instance_number=index + 1,
+        position=_floats(value("PlanePositionSequence", "ImagePositionPatient"), 3),
+        orientation=_floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(value("PixelMeasuresSequence", "PixelSpacing"), 2),
+        slice_thickness=_float_or(value("PixelMeasuresSequence", "SliceThickness"), None),
         decoder="pydicom",
+        localizer=_is_localizer(value("CTImageFrameTypeSequence", "FrameType")),
+        frame=index + 1,
     )
+
+
+def _sop_class(dataset: Any) -> str:
+    """SOPClassUID, else the file meta's MediaStorageSOPClassUID (a DICOMDIR has only that)."""
+    meta = getattr(dataset, "file_meta", None)
+    return str(dataset.get("SOPClassUID") or (meta or {}).get("MediaStorageSOPClassUID") or "")
+
+
+def _why_not_an_image(dataset: Any) -> str:
+    """The skip reason of a file that is not an image to decode: what it is when its SOP class
+    is not an image (a DICOMDIR, a dose report, a segmentation), else a truncated image."""
+    from pydicom.uid import UID
+
+    sop_class = _sop_class(dataset)
+    if not _is_image_class(sop_class):
+        kind = " (a DICOMDIR)" if sop_class == MEDIA_STORAGE_DIRECTORY else ""
+        return f"not an image: {UID(sop_class).name}{kind}"
+    return "no pixel data element (truncated file?)"
+
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+
+
+@functools.lru_cache(maxsize=64)
+def _is_image_class(sop_class: str) -> bool:
+    """Whether a SOP class UID stores images (missing, unknown and private ones count as
+    images; segmentations, dose grids and reports do not)."""
+    from pydicom.uid import UID
+
+    name = UID(sop_class).name if sop_class else ""
+    return not sop_class or name == sop_class or "Image Storage" in name
+
+
+def _is_localizer(image_type: object) -> bool:
+    """Whether ImageType / FrameType (a multi-valued CS) marks a localizer (scout)."""
+    if image_type is None:
+        return False
+    values = image_type.split("\\") if isinstance(image_type, str) else list(image_type)  # type: ignore[call-overload]
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
 
 
 def _fitting(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """`out` when a decoded frame of `shape` fits it, else None (decode into a new array)."""
     return out if out is not None and out.shape == shape else None
-
-
-def _check_single_grayscale_frame(samples_per_pixel: int, frames: int) -> None:
-    if samples_per_pixel != 1:
-        raise DicomReadError(f"{samples_per_pixel} samples per pixel; CT slices have 1")
-    if frames != 1:
-        raise DicomReadError(f"{frames} frames; only single-frame CT slices are supported")
 
 
 def _looks_truncated(error: Exception) -> bool:
@@ -908,21 +1144,43 @@ def _axial_layout(
 
 
 def _slice_order(
-    slices: list[DicomSlice], normal: np.ndarray | None
+    slices: list[DicomSlice], layout: _AxialLayout
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Indices that sort the slices by ascending position along `normal` (pointing to the head),
-    and the sorted positions.
+    """Indices that sort the slices from feet to head, the sorted positions along the
+    head-pointing normal (mm, None when unknown), and what they were ordered by.
 
-    Falls back to InstanceNumber when any slice lacks ImagePositionPatient or the orientation
-    is unknown; ties are broken by InstanceNumber.
+    ImagePositionPatient projected on the normal when every slice has it and the orientation
+    is known; else SliceLocation, the position along the stored normal (row x column cosines:
+    negated when that points to the feet; taken as z without an orientation); else
+    InstanceNumber. Ties are broken by InstanceNumber.
     """
     instance = np.array(
         [s.instance_number if s.instance_number is not None else 0 for s in slices], dtype=float
     )
-    if normal is None or any(s.position is None for s in slices):
-        return np.lexsort((np.arange(len(slices)), instance)), None, "instance_number"
-    z = np.array([np.dot(s.position, normal) for s in slices])  # type: ignore[arg-type]
-    return np.lexsort((instance, z)), z, "position"
+    if layout.normal is not None and all(s.position is not None for s in slices):
+        z = np.array([np.dot(s.position, layout.normal) for s in slices])  # type: ignore[arg-type]
+        return np.lexsort((instance, z)), z, "position"
+    if all(s.slice_location is not None for s in slices):
+        sign = -1.0 if layout.normal_to_feet else 1.0
+        z = sign * np.array([s.slice_location for s in slices], dtype=float)
+        return np.lexsort((instance, z)), z, "slice_location"
+    return np.lexsort((np.arange(len(slices)), instance)), None, "instance_number"
+
+
+def _drop_localizers(
+    slices: list[tuple[str, DicomSlice, int | None]],
+) -> tuple[list[tuple[str, DicomSlice, int | None]], list[SkippedFile]]:
+    """The slices without the localizers (scouts) among them, and those as skipped; a folder
+    of nothing but localizers keeps them (the geometry checks then say what is wrong)."""
+    kept = [entry for entry in slices if not entry[1].localizer]
+    if not kept:
+        return slices, []
+    dropped = [
+        SkippedFile(name, "a localizer (ImageType LOCALIZER), not a slice of the series")
+        for name, s, _ in slices
+        if s.localizer
+    ]
+    return kept, dropped
 
 
 def _drop_duplicates(

@@ -80,7 +80,7 @@ class OrganMask:
 
 
 # TotalSegmentator's (v2) ids of the same organs, e.g. for public masks or
-# ../shared/data/real-ct: 1 spleen, 2 right kidney, 3 left kidney, 5 liver, 18-20 small bowel,
+# tests/data/real-ct: 1 spleen, 2 right kidney, 3 left kidney, 5 liver, 18-20 small bowel,
 # duodenum and colon.
 TOTALSEGMENTATOR_TO_COMPETITION: dict[int, int] = {5: 1, 1: 2, 3: 3, 2: 4, 18: 5, 19: 5, 20: 5}
 

@@ -832,8 +832,8 @@ def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
     lines = [text, "test series by transfer syntax:"]
     for row in preflight.to_dicts():
         lines.append(
-            f"  {row['transfer_syntax']}: {row['n_series']} series of {row['n_patients']} "
-            f"patients, read by {row['readers']}"
+            f"  {_syntax_name(row['transfer_syntax'])}: {row['n_series']} series of "
+            f"{row['n_patients']} patients, read by {row['readers']}"
         )
         if row["readers"] == NO_DECODER:
             problems.append(
@@ -843,6 +843,14 @@ def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
                 "Fix the install (the bundle's wheels) before the scoring run."
             )
     return "\n".join(lines), problems
+
+
+def _syntax_name(uid: str) -> str:
+    """ "1.2.840.10008.1.2.5 (RLE Lossless)", or the text as it is when it is not a known UID."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name if uid[:1].isdigit() else uid
+    return uid if name == uid else f"{uid} ({name})"
 
 
 def predict_test_set(

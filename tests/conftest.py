@@ -1,4 +1,4 @@
-"""Shared fixtures: real CT data (skipped cleanly where absent) and a builder of DICOM files
+"""Shared fixtures: real CT data (committed under tests/data) and a builder of DICOM files
 with exactly the header a test needs."""
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-SHARED_REAL_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-ct"
+REAL_CT = Path(__file__).resolve().parent / "data" / "real-ct"
 
 
 @pytest.fixture(scope="session")
 def real_ct_dir() -> Path:
-    """`../shared/data/real-ct` (a developer checkout has it; a user's clone does not)."""
-    if not SHARED_REAL_CT.is_dir():
-        pytest.skip(f"{SHARED_REAL_CT} not present")
-    return SHARED_REAL_CT
+    """Real CT scans committed with the tests (see its README): never skipped."""
+    assert REAL_CT.is_dir(), f"{REAL_CT} is missing: it is part of the repository"
+    return REAL_CT
 
 
 @pytest.fixture(scope="session")

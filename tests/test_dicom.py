@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from kaggle_utils.dicom import (
@@ -83,7 +84,7 @@ def test_big_endian_goes_to_pydicom() -> None:
 
 
 def slow_stored_to_hu(
-    stored: np.ndarray, bits: int, signed: bool, slope: float, intercept: float, mono1: bool
+    stored: np.ndarray, bits: int, signed: bool, slope: float, intercept: float
 ) -> np.ndarray:
     """Per-pixel reference written from the DICOM standard's definitions."""
     out = np.empty(stored.shape, dtype=np.float64)
@@ -91,26 +92,21 @@ def slow_stored_to_hu(
         field = int(value) % (1 << bits)  # the BitsStored low bits, as an unsigned number
         if signed and field >= 1 << (bits - 1):
             field -= 1 << bits  # two's complement
-        if mono1:
-            field = (-field - 1) if signed else ((1 << bits) - 1 - field)
         out[index] = field * slope + intercept
     return out
 
 
 @pytest.mark.parametrize("bits", [8, 10, 12, 13, 14, 15, 16])
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("mono1", [False, True])
 @pytest.mark.parametrize("container", [np.uint16, np.int16])
-def test_stored_to_hu_matches_slow_reference(
-    bits: int, signed: bool, mono1: bool, container: type
-) -> None:
+def test_stored_to_hu_matches_slow_reference(bits: int, signed: bool, container: type) -> None:
     rng = np.random.default_rng(bits)
     raw = rng.integers(0, 1 << 16, size=(9, 11), dtype=np.uint16)
     raw[0, :4] = [0, 0xFFFF, 1 << (bits - 1), (1 << bits) - 1]
     stored = raw.view(container)
     slope, intercept = 0.5, -8192.0
-    expected = slow_stored_to_hu(stored, bits, signed, slope, intercept, mono1)
-    actual = stored_to_hu(stored, bits, signed, slope, intercept, mono1)
+    expected = slow_stored_to_hu(stored, bits, signed, slope, intercept)
+    actual = stored_to_hu(stored, bits, signed, slope, intercept)
     np.testing.assert_array_equal(actual, expected.astype(np.float32))
 
 
@@ -177,22 +173,21 @@ def test_missing_rescale_means_identity(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pixel_representation", [0, 1])
-def test_monochrome1_is_inverted_to_monochrome2_hu(
+def test_monochrome1_is_rescaled_as_stored_like_pydicom(
     tmp_path: Path, pixel_representation: int
 ) -> None:
-    bits = 12
+    """MONOCHROME1 only says how to display: the Modality LUT gives HU from the stored values,
+    so air stays at -1024 + 0 and nothing is inverted (PS3.3 C.7.6.3.1.2)."""
     values = np.array([[0, 100, 2047, 1500]], dtype=np.int16)
-    mono2 = write_ct_dicom(
-        tmp_path / "m2.dcm", values, bits_stored=bits,
-        pixel_representation=pixel_representation, intercept=-1024,
-    )  # fmt: skip
-    inverted = (~values.view(np.uint16)) & np.uint16((1 << bits) - 1)
     mono1 = write_ct_dicom(
-        tmp_path / "m1.dcm", inverted, bits_stored=bits,
+        tmp_path / "m1.dcm", values, bits_stored=12,
         pixel_representation=pixel_representation, intercept=-1024, photometric="MONOCHROME1",
     )  # fmt: skip
+    dataset = pydicom.dcmread(mono1)
+    reference = apply_modality_lut(dataset.pixel_array, dataset)
+    np.testing.assert_array_equal(reference, [[-1024, -924, 1023, 476]])
     for decoder in ("dicomsdl", "pydicom"):
-        np.testing.assert_array_equal(read_hu(mono1, decoder), read_hu(mono2, decoder))
+        np.testing.assert_array_equal(read_hu(mono1, decoder), reference)
 
 
 def test_unreadable_inputs_raise_dicom_read_error(tmp_path: Path) -> None:
@@ -315,6 +310,96 @@ def test_load_series_without_positions_falls_back_to_instance_number(tmp_path: P
     assert series.ordered_by == "instance_number"
     np.testing.assert_array_equal(series.hu[:, 0, 0], [10, 20, 30])
     assert series.spacing[0] == pytest.approx(2.5)  # SliceThickness
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["normal_to_head", "normal_to_feet"])
+def test_load_series_without_positions_orders_by_slice_location(
+    tmp_path: Path, flipped: bool
+) -> None:
+    """SliceLocation is the position along the stored normal (row x column cosines): ascending
+    z from it whatever InstanceNumber says, and when the normal points to the feet (rows
+    flipped) its sign turns. The values are 10 * the height, so the order shows."""
+    orientation = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0) if flipped else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    heights = [4.0, 0.0, 8.0, 2.0, 6.0]
+    for k, height in enumerate(heights):
+        path = write_ct_dicom(
+            tmp_path / f"{k}.dcm", np.full((8, 8), int(10 * height), dtype=np.int16),
+            instance_number=100 - int(height), position=None, orientation=orientation,
+        )  # fmt: skip
+        dataset = pydicom.dcmread(path)
+        dataset.SliceLocation = -height if flipped else height
+        dataset.save_as(path)
+    series = load_series(tmp_path)
+    assert series.ordered_by == "slice_location"
+    np.testing.assert_array_equal(series.hu[:, 0, 0], [0, 20, 40, 60, 80])
+    np.testing.assert_allclose(series.z_positions, [0, 2, 4, 6, 8])
+    assert series.spacing[0] == pytest.approx(2.0)
+
+
+def test_a_file_without_the_dicom_preamble_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A bare data set (no 128-byte preamble and 'DICM'), as some old exports write."""
+    from kaggle_utils.dicom import _dataset_start
+
+    data = pydicom_test_file("CT_small.dcm").read_bytes()
+    (tmp_path / "bare.dcm").write_bytes(data[_dataset_start(data) :])  # no preamble, no meta
+    with pytest.raises(DicomReadError, match=r"not a DICOM Part 10 file.*DICM"):
+        read_hu(tmp_path / "bare.dcm")
+
+
+def test_multi_frame_files_read_frames_and_read_slice_says_so() -> None:
+    from kaggle_utils.dicom import read_frames
+
+    path = pydicom_test_file("eCT_Supplemental.dcm")  # Enhanced CT Image Storage, 2 frames
+    dataset = pydicom.dcmread(path)
+    frames = read_frames(path)
+    assert [f.frame for f in frames] == [1, 2]
+    for frame, group in zip(frames, dataset.PerFrameFunctionalGroupsSequence, strict=True):
+        position = group.PlanePositionSequence[0].ImagePositionPatient
+        assert frame.position == pytest.approx([float(v) for v in position])
+        assert frame.orientation is not None and frame.pixel_spacing is not None
+    with pytest.raises(DicomReadError, match="2 frames \\(an enhanced multi-frame image\\)"):
+        read_slice(path)
+    # Several frames and nothing to place them by: refused with the reason.
+    with pytest.raises(DicomReadError, match="10 frames without Per-Frame Functional Groups"):
+        read_frames(pydicom_test_file("emri_small.dcm"))
+    # Pixel data that is not an image (a segmentation) is not read as slices.
+    with pytest.raises(DicomReadError, match="not an image: Segmentation Storage"):
+        read_frames(pydicom_test_file("liver.dcm"))
+
+
+def test_the_pixel_data_found_is_the_top_level_element() -> None:
+    """Before dicomsdl sees a file its (7FE0,0010) is found by walking the top-level elements:
+    its declared length is pydicom's, on every pydicom test file in a dicomsdl syntax, those
+    whose overlay or private data holds the tag's bytes earlier included."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    from kaggle_utils.dicom import _pixel_element, _transfer_syntax
+
+    undefined = 0xFFFFFFFF
+    checked = 0
+    for file in map(Path, get_testdata_files()):
+        data = file.read_bytes() if file.is_file() else b""
+        syntax = _transfer_syntax(data) if data[128:132] == b"DICM" else None
+        if syntax not in DICOMSDL_SYNTAXES:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                dataset = pydicom.dcmread(file)
+            except Exception:
+                continue
+        element = _pixel_element(data, syntax)
+        if "PixelData" not in dataset:  # none, or too short for pydicom to show it
+            continue
+        assert element is not None, file.name
+        raw = dataset["PixelData"]
+        expected = undefined if raw.is_undefined_length else len(raw.value)
+        truncated = element[0] != undefined and element[1] + element[0] > len(data)
+        assert element[0] == expected or truncated, file.name
+        checked += 1
+    assert checked > 100
 
 
 def test_load_series_errors_name_the_folder(tmp_path: Path) -> None:

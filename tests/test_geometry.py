@@ -1,6 +1,6 @@
 """The patient-based layout of `load_series`, whatever orientation the files were written in.
 
-Real slices (../shared/data/real-ct, pydicom-data) are re-written in every in-plane layout a
+Real slices (tests/data/real-ct, pydicom-data) are re-written in every in-plane layout a
 scanner can store (rows or columns reversed, rows and columns swapped, and so the normal to the
 feet), in shuffled file order, and must decode to the identical volume, spacing and positions;
 NIfTI files of the same voxels must agree exactly. Then the stacks that are not a clean

@@ -1,7 +1,7 @@
 """Loaded at start-up by every Python process whose PYTHONPATH holds this folder (the tests
 put it there): reading a file named `segfault.dcm` then kills the process with SIGSEGV, the way a
-native decoder crash does. It patches `kaggle_utils.dicom.read_slice` when that module is first
-imported, so no production code knows about it."""
+native decoder crash does. It patches `kaggle_utils.dicom.read_frames` (what `load_series` reads
+each file with) when that module is first imported, so no production code knows about it."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ class _PatchDicomOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: Any) -> None:
             execute(module)
-            read_slice = module.read_slice
+            read_frames = module.read_frames
 
-            def crashing_read_slice(file: Any, *args: Any, **kwargs: Any) -> Any:
+            def crashing_read_frames(file: Any, *args: Any, **kwargs: Any) -> Any:
                 if Path(file).name == CRASHING_FILE:
                     os.kill(os.getpid(), signal.SIGSEGV)
-                return read_slice(file, *args, **kwargs)
+                return read_frames(file, *args, **kwargs)
 
-            module.read_slice = crashing_read_slice
+            module.read_frames = crashing_read_frames
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
