@@ -181,6 +181,7 @@ class Series:
 
     @property
     def n_files(self) -> int:
+        """The images read (each frame of a multi-frame file counts) and the files skipped."""
         decoded = int(self.hu.shape[0]) if self.n_decoded is None else self.n_decoded
         return decoded + len(self.skipped)
 
