@@ -241,15 +241,17 @@ def read_frames(
     if decoder == "auto" and not dicomsdl_available():
         decoder = "pydicom"
     if decoder != "pydicom":
-        usable, why_not = _dicomsdl_can_decode(data)
-        if usable:
-            try:
+        try:
+            usable, why_not = _dicomsdl_can_decode(data)
+            if usable:
                 return [_read_with_dicomsdl(data, out)]
-            except _NotVerifiedForDicomsdl as error:
-                why_not = str(error)
-            except Exception as error:
-                if decoder == "dicomsdl":
-                    raise DicomReadError(f"{path}: dicomsdl failed ({error})") from error
+        except _NotVerifiedForDicomsdl as error:
+            why_not = str(error)
+        except Exception as error:
+            if decoder == "dicomsdl":
+                raise DicomReadError(f"{path}: dicomsdl failed ({error})") from error
+        finally:
+            _thread_local.pixel_element = None  # the checks' memo: let go of the file's bytes
         if decoder == "dicomsdl" and why_not:
             raise DicomReadError(f"{path}: not decoded with dicomsdl: {why_not}")
     return _read_with_pydicom(data, path, out)
@@ -352,10 +354,11 @@ def load_series(
     # Decode straight into one (files, H, W) volume (H, W of the first slice), then reorder it
     # in place: a list of slices stacked at the end would hold every slice twice.
     volume: np.ndarray | None = None
+    slots_used = 0  # single-frame slices decoded into `volume` (at most one per file)
     slices: list[tuple[str, DicomSlice, int | None]] = []  # name, slice, index in `volume`
     skipped: list[SkippedFile] = []
     for file in files:
-        slot = None if volume is None else volume[len(slices)]
+        slot = None if volume is None else volume[slots_used]
         try:
             frames = read_frames(file, decoder, out=slot)
         except DicomReadError as error:
@@ -372,7 +375,11 @@ def load_series(
             slot = volume[0]
             slot[...] = dicom_slice.hu
             dicom_slice = dataclasses.replace(dicom_slice, hu=slot)
-        slices.append((file.name, dicom_slice, len(slices) if dicom_slice.hu is slot else None))
+        if dicom_slice.hu is slot:
+            slices.append((file.name, dicom_slice, slots_used))
+            slots_used += 1
+        else:  # another size than the first slice's: its own array
+            slices.append((file.name, dicom_slice, None))
     if not slices:
         reasons = Counter(s.reason.split(" (")[0] for s in skipped)
         summary = ", ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
@@ -737,6 +744,8 @@ def _pixel_data_complete(data: bytes, syntax: str) -> bool:
     length, start = element
     if length != _UNDEFINED_LENGTH:
         return syntax not in _ENCAPSULATED_SYNTAXES and 0 < length and start + length <= len(data)
+    if syntax not in _ENCAPSULATED_SYNTAXES:  # native pixel data always has a defined length
+        return False
     offset = start
     while offset + 8 <= len(data):
         tag = data[offset : offset + 4]
@@ -997,13 +1006,20 @@ def _enhanced_frame(
             slope=_float_or(value("PixelValueTransformationSequence", "RescaleSlope"), 1.0),
             intercept=_float_or(value("PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
         ),
-        instance_number=index + 1,
+        # a single-frame enhanced file is one slice among others: its own InstanceNumber
+        instance_number=(
+            _int_or_none(dataset.get("InstanceNumber"))
+            if len(dataset.PerFrameFunctionalGroupsSequence) == 1
+            else index + 1
+        ),
         position=_floats(value("PlanePositionSequence", "ImagePositionPatient"), 3),
         orientation=_floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
         pixel_spacing=_floats(value("PixelMeasuresSequence", "PixelSpacing"), 2),
         slice_thickness=_float_or(value("PixelMeasuresSequence", "SliceThickness"), None),
         decoder="pydicom",
-        localizer=_is_localizer(value("CTImageFrameTypeSequence", "FrameType")),
+        localizer=_is_localizer(
+            value("CTImageFrameTypeSequence", "FrameType") or dataset.get("ImageType")
+        ),
         frame=index + 1,
     )
 
@@ -1020,23 +1036,36 @@ def _why_not_an_image(dataset: Any) -> str:
     from pydicom.uid import UID
 
     sop_class = _sop_class(dataset)
+    name = UID(sop_class).name if sop_class else ""
     if not _is_image_class(sop_class):
         kind = " (a DICOMDIR)" if sop_class == MEDIA_STORAGE_DIRECTORY else ""
-        return f"not an image: {UID(sop_class).name}{kind}"
+        return f"not an image: {name}{kind}"
+    if sop_class and name == sop_class:  # a private or unknown class: which, we cannot say
+        return f"no pixel data element (SOP class {sop_class}: not an image, or truncated?)"
     return "no pixel data element (truncated file?)"
 
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
 
+_SEGMENTATION_CLASSES = "1.2.840.10008.5.1.4.1.1.66"  # Segmentation, Label Map, Heightmap...
+
+
 @functools.lru_cache(maxsize=64)
 def _is_image_class(sop_class: str) -> bool:
-    """Whether a SOP class UID stores images (missing, unknown and private ones count as
-    images; segmentations, dose grids and reports do not)."""
+    """Whether a SOP class UID stores images: a standard class named "... Image Storage", or
+    a missing or private one (which only the pixel data can tell). Segmentations (also those
+    newer than this pydicom), dose grids, reports and directories do not."""
     from pydicom.uid import UID
 
-    name = UID(sop_class).name if sop_class else ""
-    return not sop_class or name == sop_class or "Image Storage" in name
+    if not sop_class:
+        return True
+    if sop_class.startswith(_SEGMENTATION_CLASSES):
+        return False
+    with warnings.catch_warnings():  # a malformed UID warns
+        warnings.simplefilter("ignore")
+        name = UID(sop_class).name
+    return name == sop_class or "Image Storage" in name
 
 
 def _is_localizer(image_type: object) -> bool:
@@ -1150,20 +1179,25 @@ def _slice_order(
     """Indices that sort the slices from feet to head, the sorted positions along the
     head-pointing normal (mm, None when unknown), and what they were ordered by.
 
-    ImagePositionPatient projected on the normal when every slice has it and the orientation
-    is known; else SliceLocation, the position along the stored normal (row x column cosines:
-    negated when that points to the feet; taken as z without an orientation); else
-    InstanceNumber. Ties are broken by InstanceNumber.
+    ImagePositionPatient projected on the normal (z without an orientation) when every slice
+    has it; else SliceLocation when every slice has a distinct one (constant or coarsely
+    rounded values would merge slices as duplicates), taken as the position along the stored
+    normal (row x column cosines: negated when that points to the feet; taken as z without an
+    orientation). The standard leaves SliceLocation's reference and direction to the
+    implementation (PS3.3 C.7.6.2.1.2); for the usual orientations this reading is patient z,
+    as vendors write it. Else InstanceNumber. Ties are broken by InstanceNumber.
     """
     instance = np.array(
         [s.instance_number if s.instance_number is not None else 0 for s in slices], dtype=float
     )
-    if layout.normal is not None and all(s.position is not None for s in slices):
-        z = np.array([np.dot(s.position, layout.normal) for s in slices])  # type: ignore[arg-type]
+    if all(s.position is not None for s in slices):
+        normal = np.array([0.0, 0.0, 1.0]) if layout.normal is None else layout.normal
+        z = np.array([np.dot(s.position, normal) for s in slices])  # type: ignore[arg-type]
         return np.lexsort((instance, z)), z, "position"
-    if all(s.slice_location is not None for s in slices):
+    locations = [s.slice_location for s in slices]
+    if None not in locations and len(np.unique(np.round(locations, 2))) == len(slices):
         sign = -1.0 if layout.normal_to_feet else 1.0
-        z = sign * np.array([s.slice_location for s in slices], dtype=float)
+        z = sign * np.array(locations, dtype=float)
         return np.lexsort((instance, z)), z, "slice_location"
     return np.lexsort((np.arange(len(slices)), instance)), None, "instance_number"
 

@@ -293,7 +293,8 @@ def _pixel_padding(ds: Dataset, stored: np.ndarray) -> None:
 
 def _icon(ds: Dataset, stored: np.ndarray) -> None:
     """An Icon Image Sequence (a 16 x 16 8-bit thumbnail with its own (7FE0,0010)) before the
-    image's pixel data; encapsulated like the image when the syntax is (PS3.5 8.2)."""
+    image's pixel data, the sequence and its item of undefined length (as most writers do);
+    in an RLE file the icon is RLE too, encapsulated (PS3.5 8.2)."""
     icon = Dataset()
     icon.SamplesPerPixel = 1
     icon.PhotometricInterpretation = "MONOCHROME2"
@@ -308,7 +309,9 @@ def _icon(ds: Dataset, stored: np.ndarray) -> None:
     else:
         icon.PixelData = thumbnail.tobytes()
         icon["PixelData"].VR = "OB"
+    icon.is_undefined_length_sequence_item = True
     ds.IconImageSequence = Sequence([icon])
+    ds["IconImageSequence"].is_undefined_length = True
 
 
 def _enhanced_case(
@@ -353,6 +356,9 @@ def _enhanced_case(
         content.InStackPositionNumber = int(k) + 1
         content.StackID = "1"
         group.FrameContentSequence = Sequence([content])
+        frame_type = Dataset()
+        frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+        group.CTImageFrameTypeSequence = Sequence([frame_type])
         if per_frame_rescale:
             group.PixelValueTransformationSequence = Sequence([rescale])
         elif index == 0:

@@ -336,6 +336,48 @@ def test_load_series_without_positions_orders_by_slice_location(
     assert series.spacing[0] == pytest.approx(2.0)
 
 
+def test_constant_slice_locations_fall_back_to_instance_number(tmp_path: Path) -> None:
+    """A SliceLocation that does not tell the slices apart (constant, or rounded coarser than
+    the spacing) would merge them as duplicates: InstanceNumber orders them instead."""
+    for number in (3, 1, 2):
+        path = write_ct_dicom(
+            tmp_path / f"{number}.dcm", np.full((8, 8), 10 * number, dtype=np.int16),
+            instance_number=number, position=None,
+        )  # fmt: skip
+        dataset = pydicom.dcmread(path)
+        dataset.SliceLocation = 0.0
+        dataset.save_as(path)
+    series = load_series(tmp_path)
+    assert series.ordered_by == "instance_number" and series.skipped == []
+    np.testing.assert_array_equal(series.hu[:, 0, 0], [10, 20, 30])
+
+
+def test_native_pixel_data_of_undefined_length_never_reaches_dicomsdl(tmp_path: Path) -> None:
+    """Encapsulated (undefined-length) pixel data under a native transfer syntax: a corrupt
+    file dicomsdl must not see."""
+    from kaggle_utils.dicom import _dicomsdl_can_decode
+
+    rle = write_ct_dicom(
+        tmp_path / "rle.dcm", np.zeros((8, 8), np.int16), transfer_syntax=RLELossless
+    )
+    data = rle.read_bytes().replace(b"1.2.840.10008.1.2.5\x00", b"1.2.840.10008.1.2.1\x00")
+    assert _dicomsdl_can_decode(rle.read_bytes()) == (True, "")
+    assert _dicomsdl_can_decode(data)[0] is False
+
+
+def test_segmentations_are_not_images_even_when_pydicom_does_not_know_the_class() -> None:
+    from kaggle_utils.dicom import _is_image_class
+
+    assert _is_image_class("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+    assert _is_image_class("1.2.840.10008.5.1.4.1.1.2.1")  # Enhanced CT Image Storage
+    assert _is_image_class("")  # no class: the pixel data decides
+    assert _is_image_class("1.3.12.2.1107.5.9.1.99")  # private: the pixel data decides
+    assert not _is_image_class("1.2.840.10008.5.1.4.1.1.66.4")  # Segmentation Storage
+    assert not _is_image_class("1.2.840.10008.5.1.4.1.1.66.7")  # Label Map Segmentation
+    assert not _is_image_class("1.2.840.10008.5.1.4.1.1.481.2")  # RT Dose Storage
+    assert not _is_image_class("1.2.840.10008.1.3.10")  # a DICOMDIR
+
+
 def test_a_file_without_the_dicom_preamble_is_refused_with_the_reason(tmp_path: Path) -> None:
     """A bare data set (no 128-byte preamble and 'DICM'), as some old exports write."""
     from kaggle_utils.dicom import _dataset_start

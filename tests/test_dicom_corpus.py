@@ -39,6 +39,16 @@ CORPUS_CASES = [
     "archive_folder_with_non_images",
 ]  # fmt: skip
 
+# What "auto" must decode with dicomsdl (the fast path): the verified syntaxes and pixel
+# formats, an icon sequence before the pixel data included; the rest goes to pydicom.
+DICOMSDL_CASES = {
+    "explicit_le_signed_16", "implicit_le_unsigned_12", "rle_lossless", "jpeg_lossless_sv1",
+    "jpeg_ls_lossless", "jpeg_ls_fragmented", "jpeg_2000_lossless", "sixteen_bit_unsigned",
+    "signed_12_bit", "slope_and_fractional_intercept", "pixel_padding_value", "monochrome1",
+    "icon_image_sequence", "icon_image_sequence_rle", "no_position_slice_location",
+    "no_position_no_location", "archive_folder_with_non_images",
+}  # fmt: skip
+
 CHILD = textwrap.dedent(
     """
     import json, sys
@@ -114,8 +124,29 @@ def test_each_case_decodes_to_pydicoms_hu_feet_to_head(
     assert set(skipped) == set(case.skip)
     for file, word in case.skip.items():
         assert word in skipped[file], skipped[file]
-    if reader == "pydicom":
-        assert outcome["decoder"] == "pydicom"
+    expected_decoder = "dicomsdl" if reader == "auto" and name in DICOMSDL_CASES else "pydicom"
+    assert outcome["decoder"] == expected_decoder
+
+
+def test_a_folder_mixing_an_enhanced_file_and_single_slices(corpus: Path, tmp_path: Path) -> None:
+    """Single-frame slices before and after a multi-frame file: one volume by position, the
+    slices at a frame's position dropped as duplicates."""
+    from kaggle_utils.dicom import load_series
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    singles = sorted((corpus / "explicit_le_signed_16").iterdir())
+    (folder / "1.dcm").write_bytes(singles[0].read_bytes())
+    (folder / "2.dcm").write_bytes(
+        (corpus / "enhanced_ct_frames_ascending" / "enhanced.dcm").read_bytes()
+    )
+    (folder / "3.dcm").write_bytes(singles[1].read_bytes())
+    series = load_series(folder)
+    case = read_cases(corpus)["enhanced_ct_frames_ascending"]
+    expected = reference_volume(corpus / "enhanced_ct_frames_ascending", case)
+    assert series.hu.shape == expected.shape
+    assert float(np.abs(series.hu - expected).max()) <= TOLERANCE_HU
+    assert len(series.skipped) == 2 and all("duplicate" in s.reason for s in series.skipped)
 
 
 def test_the_preflight_reads_an_archive_folders_syntax(corpus: Path) -> None:
