@@ -573,11 +573,13 @@ def decoder_report(syntaxes: dict[str, str] | None = None) -> tuple[str, list[st
 def series_transfer_syntax(series_dir: str | Path, max_files: int = 16) -> str | None:
     """The transfer syntax of a series, from the header of its first image file (cheap: one
     small read per file tried), or None when none of its first `max_files` files is a Part 10
-    image (an empty folder, or only DICOMDIRs and reports).
+    image (a missing or empty folder, or only DICOMDIRs and reports).
 
     Files of any name count (`IM000001` beside a DICOMDIR, as many archives write them);
     files whose MediaStorageSOPClassUID is not an image (DICOMDIR, structured reports) do not.
     """
+    if not Path(series_dir).is_dir():  # a series the meta CSV names but the disk lacks
+        return None
     files = sorted(
         (p for p in Path(series_dir).iterdir() if p.is_file() and not p.name.startswith(".")),
         key=_natural_key,

@@ -798,12 +798,15 @@ PREFLIGHT_SCHEMA = {
 }
 
 
+NO_IMAGE_FILE = "no image file"  # the preflight's row for series without a readable header
+
+
 def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.DataFrame:
     """Before a long run: the transfer syntax of every series (one header read each) and
     what will decode it here. A syntax with reader "NO DECODER" means those series fail and
     their patients get the prior, unless the patient has another series: fix the install
     (the bundle's wheels) before the scoring run. Series with no readable first file count
-    under "unreadable"."""
+    under NO_IMAGE_FILE (a data problem, not an install one)."""
     root = paths.resolve_data_root(data_root)
     try:
         tasks = list_series(root, split)
@@ -811,11 +814,11 @@ def decoding_preflight(data_root: str | Path = "", split: str = "test") -> pl.Da
         tasks = []
     by_syntax: dict[str, list[SeriesTask]] = {}
     for task in tasks:
-        syntax = series_transfer_syntax(task.series_dir) or "unreadable"
+        syntax = series_transfer_syntax(task.series_dir) or NO_IMAGE_FILE
         by_syntax.setdefault(syntax, []).append(task)
     rows = []
     for syntax, members in sorted(by_syntax.items(), key=lambda kv: -len(kv[1])):
-        readers = NO_DECODER if syntax == "unreadable" else syntax_support(syntax).readers
+        readers = "nothing to read" if syntax == NO_IMAGE_FILE else syntax_support(syntax).readers
         rows.append(
             {"transfer_syntax": syntax, "n_series": len(members),
              "n_patients": len({t.patient_id for t in members}), "readers": readers}
@@ -835,7 +838,14 @@ def startup_report(data_root: str | Path = "") -> tuple[str, list[str]]:
             f"  {_syntax_name(row['transfer_syntax'])}: {row['n_series']} series of "
             f"{row['n_patients']} patients, read by {row['readers']}"
         )
-        if row["readers"] == NO_DECODER:
+        if row["transfer_syntax"] == NO_IMAGE_FILE:
+            problems.append(
+                f"{row['n_series']} test series of {row['n_patients']} patients have no DICOM "
+                "image file (a missing or empty folder, or no file with a DICOM header among "
+                "the first ones): those patients get the prior unless another of their series "
+                "works. Check the data folder."
+            )
+        elif row["readers"] == NO_DECODER:
             problems.append(
                 f"{row['n_series']} test series of {row['n_patients']} patients "
                 f"({row['transfer_syntax']}) cannot be decoded here: those patients get the "

@@ -24,6 +24,7 @@ from kaggle_utils.dicom import series_transfer_syntax
 from kaggle_utils.metric import validate_submission
 
 from dicom_corpus import SPACING_MM, Case, read_cases, reference_volume, write_corpus
+from submission_checks import assert_no_notebook_warnings, notebook_output_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE_HU = 1.0
@@ -189,17 +190,5 @@ def test_notebook_04_predicts_every_corpus_series_with_the_model(
     submission = pl.read_csv(output_csv)
     validate_submission(submission, pl.read_csv(data / "sample_submission.csv"))
     assert sorted(submission["patient_id"].to_list()) == sorted(patients)
-    printed = notebook_output(executed)
-    assert "!!! WARNING" not in printed, printed
-    assert "NO DECODER" not in printed and "got the prior" not in printed
-
-
-def notebook_output(executed: Path) -> str:
-    """Everything an executed notebook printed (stream and text outputs), not its source."""
-    notebook = json.loads(executed.read_text())
-    texts = []
-    for cell in notebook["cells"]:
-        for output in cell.get("outputs", []):
-            text = output.get("text") or output.get("data", {}).get("text/plain", "")
-            texts.append("".join(text) if isinstance(text, list) else text)
-    return "\n".join(texts)
+    assert_no_notebook_warnings(executed)
+    assert "NO DECODER" not in "\n".join(notebook_output_lines(executed))

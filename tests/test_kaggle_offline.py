@@ -14,14 +14,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import polars as pl
 import pytest
 from packaging.utils import canonicalize_name
 
 from kaggle_utils import bundle, paths
-from kaggle_utils.metric import validate_submission
+from kaggle_utils.submission import predict_test_set
 
 from kaggle_image import build as build_kaggle_image
+from submission_checks import assert_no_notebook_warnings, assert_same_submission
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the bundle must bring: never part of the fake image, or the test proves nothing.
@@ -102,16 +102,25 @@ def test_notebook_04_installs_offline_from_the_bundle_and_submits(
     executed = tmp_path / "executed_04.ipynb"
     papermill = [
         str(python), "-m", "papermill", str(kernel_dir / "04_submission.ipynb"),
-        str(executed), "-p", "smoke", "True", "--cwd", str(working), "--kernel", "python3",
-        "--no-progress-bar",
+        str(executed), "-p", "smoke", "True", "-p", "max_prior_share", "0", "--cwd",
+        str(working), "--kernel", "python3", "--no-progress-bar",
     ]  # fmt: skip
     offline = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *papermill]
     run = subprocess.run(offline, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
 
-    submission = working / "submission.csv"
-    sample = pl.read_csv(inputs / "competitions" / paths.COMPETITION_NAME / "sample_submission.csv")
-    validate_submission(pl.read_csv(submission), sample)
+    # what this environment's predict_test_set makes of the same test set and models: Kaggle's
+    # versions of numpy, polars, timm, albumentations and the bundle's decoders must not move
+    # a probability (and no patient may get the prior, there or here)
+    direct = predict_test_set(
+        tiny_competition, model_dir, tmp_path / "direct" / "submission.csv", workers=0,
+        max_prior_share=0, progress=False,
+    )  # fmt: skip
+    assert_same_submission(
+        working / "submission.csv", direct,
+        inputs / "competitions" / paths.COMPETITION_NAME / "sample_submission.csv",
+    )  # fmt: skip
+    assert_no_notebook_warnings(executed)
     text = executed.read_text()
     assert "installed offline from" in text  # the set-up cell did the install
     assert "dicomsdl" in text and "NO DECODER" not in text  # the decoders came with it

@@ -8,6 +8,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd  # requirements-dev.txt: the pandas input is tested, never skipped
 import polars as pl
 import pytest
 from sklearn.metrics import log_loss
@@ -238,7 +239,6 @@ def test_mapping_input_and_no_mutation() -> None:
 
 
 def test_pandas_and_polars_agree_and_pandas_is_not_mutated() -> None:
-    pd = pytest.importorskip("pandas")
     labels = random_labels(80, 15)
     predictions = random_predictions(labels["patient_id"].to_list(), 16)
     labels_pd = pd.DataFrame(labels.to_dict(as_series=False))

@@ -57,6 +57,11 @@ from kaggle_utils.submission import (
 )
 
 from conftest import TINY_MODEL_IMAGE_SIZE, TINY_MODEL_SHAPE, TINY_MODEL_SLICES
+from submission_checks import (
+    assert_no_notebook_warnings,
+    assert_same_submission,
+    differs_from_the_prior,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE, N_SLICES, IMAGE_SIZE = TINY_MODEL_SHAPE, TINY_MODEL_SLICES, TINY_MODEL_IMAGE_SIZE
@@ -66,9 +71,12 @@ SHAPE, N_SLICES, IMAGE_SIZE = TINY_MODEL_SHAPE, TINY_MODEL_SLICES, TINY_MODEL_IM
 def clean(
     tiny_competition: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> SubmissionResult:
-    """The submission of the untouched tiny test set, decoded in this thread."""
+    """The submission of the untouched tiny test set, decoded in this thread; a patient that
+    gets the prior fails it (`max_prior_share=0`)."""
     output = tmp_path_factory.mktemp("sub_clean") / "submission.csv"
-    return predict_test_set(tiny_competition, model_dir, output, workers=0, progress=False)
+    return predict_test_set(
+        tiny_competition, model_dir, output, workers=0, max_prior_share=0, progress=False
+    )
 
 
 def copy_model_dir(model_dir: Path, tmp_path: Path) -> Path:
@@ -92,6 +100,9 @@ def test_the_csv_follows_the_sample_and_is_valid(
     validate_submission(written, sample)
     np.testing.assert_allclose(values, clean.submission.select(LABEL_COLUMNS).to_numpy())
     assert clean.problems.height == 0
+    # every patient from the models: no row is the prior (a join that lost the patients would
+    # fill them all with it without recording a problem)
+    assert differs_from_the_prior(written, clean.prior) == sample["patient_id"].to_list()
     assert clean.timings.height == len(list_series(tiny_competition, "test"))
     assert clean.timings["status"].to_list() == ["ok"] * clean.timings.height
     assert (clean.timings["decode_s"] > 0).all() and (clean.timings["model_s"] > 0).all()
@@ -173,7 +184,7 @@ def test_without_worker_processes_a_thread_decodes_and_gives_the_same_file(
     with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
         result = predict_test_set(
             tiny_competition, model_dir, tmp_path / "sub.csv", workers=1, batch_size=2,
-            progress=False,
+            max_prior_share=0, progress=False,
         )  # fmt: skip
     assert any("would end the run" in m for m in caplog.messages)
     assert submitted == [t.series_id for t in list_series(tiny_competition, "test")]
@@ -338,6 +349,23 @@ def test_preflight_names_each_syntax_and_what_reads_it(
     broken = submission_module.decoding_preflight(tiny_competition)
     rle = broken.filter(pl.col("transfer_syntax") == "1.2.840.10008.1.2.5")
     assert rle["readers"].to_list() == ["NO DECODER"]
+
+
+def test_the_preflight_names_missing_series_folders_as_a_data_problem(
+    tiny_competition: Path, tmp_path: Path
+) -> None:
+    """A series the meta CSV lists but the disk lacks, and one whose folder holds only a
+    DICOMDIR: the preflight runs on (no exception) and says to check the data, not the install."""
+    data = corrupt_copy(tiny_competition, tmp_path)
+    tasks = list_series(data, "test")
+    shutil.rmtree(tasks[0].series_dir)
+    for file in tasks[1].series_dir.iterdir():
+        file.unlink()
+    (tasks[1].series_dir / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    text, problems = submission_module.startup_report(data)
+    assert "no image file: 2 series" in text
+    assert len(problems) == 1 and "Check the data folder" in problems[0]
+    assert "Fix the install" not in problems[0]
 
 
 def test_a_series_the_model_fails_on_costs_only_itself(
@@ -628,8 +656,9 @@ def test_worker_processes_give_the_same_file(
     tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
 ) -> None:
     result = predict_test_set(
-        tiny_competition, model_dir, tmp_path / "sub.csv", workers=2, progress=False
-    )
+        tiny_competition, model_dir, tmp_path / "sub.csv", workers=2, max_prior_share=0,
+        progress=False,
+    )  # fmt: skip
     assert result.problems.height == 0
     np.testing.assert_allclose(
         result.submission.select(LABEL_COLUMNS).to_numpy(),
@@ -640,8 +669,11 @@ def test_worker_processes_give_the_same_file(
 
 @pytest.mark.slow
 def test_notebook_04_writes_a_valid_submission(
-    tiny_competition: Path, model_dir: Path, tmp_path: Path
+    tiny_competition: Path, model_dir: Path, clean: SubmissionResult, tmp_path: Path
 ) -> None:
+    """The notebook (smoke: one decoding process) fails if a patient gets the prior, and
+    writes what `predict_test_set` called here on the same inputs writes (`clean`), with no
+    warning from its decoder preflight."""
     output_csv = tmp_path / "submission.csv"
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "04_submission.ipynb"),
@@ -650,14 +682,18 @@ def test_notebook_04_writes_a_valid_submission(
             "data_root": str(tiny_competition),
             "model_dir": str(model_dir),
             "output_csv": str(output_csv),
+            "max_prior_share": 0,
             "smoke": True,
         },
         kernel_name="python3",
         cwd=str(ROOT),
         progress_bar=False,
     )
-    sample = pl.read_csv(tiny_competition / "sample_submission.csv")
-    validate_submission(pl.read_csv(output_csv), sample)
+    sample_csv = tiny_competition / "sample_submission.csv"
+    assert_same_submission(output_csv, clean, sample_csv)
+    written = pl.read_csv(output_csv)
+    assert differs_from_the_prior(written, clean.prior) == written["patient_id"].to_list()
+    assert_no_notebook_warnings(tmp_path / "executed_04_submission.ipynb")
     executed = (tmp_path / "executed_04_submission.ipynb").read_text()
     assert "rsna_score" in executed and "per_study_s" in executed
 
@@ -674,12 +710,26 @@ def with_crashing_series(tiny_competition: Path, tmp_path: Path) -> Path:
     return data
 
 
-def test_a_series_that_kills_its_decoding_process_costs_only_that_series(
-    tiny_competition: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(scope="module")
+def crashing(
+    tiny_competition: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, SubmissionResult]:
+    """`with_crashing_series` and its submission from two decoding processes; every patient
+    still has a series that works, so none may get the prior (`max_prior_share=0`)."""
+    tmp_path = tmp_path_factory.mktemp("sub_crash")
     data = with_crashing_series(tiny_competition, tmp_path)
-    monkeypatch.setenv("PYTHONPATH", str(CRASH_HOOK))  # read by the spawned workers
-    result = predict_test_set(data, model_dir, tmp_path / "sub.csv", workers=2, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(CRASH_HOOK))  # read by the spawned workers
+        result = predict_test_set(
+            data, model_dir, tmp_path / "sub.csv", workers=2, max_prior_share=0, progress=False
+        )
+    return data, result
+
+
+def test_a_series_that_kills_its_decoding_process_costs_only_that_series(
+    crashing: tuple[Path, SubmissionResult],
+) -> None:
+    data, result = crashing
     validate_submission(pl.read_csv(result.csv_path), pl.read_csv(data / "sample_submission.csv"))
     problems = result.problems.to_dicts()
     assert [(p["patient_id"], p["series_id"]) for p in problems] == [(13084, 23900)]
@@ -690,18 +740,24 @@ def test_a_series_that_kills_its_decoding_process_costs_only_that_series(
 
 @pytest.mark.slow
 def test_notebook_04_survives_a_decoder_crash_by_default(
-    tiny_competition: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path,
+    crashing: tuple[Path, SubmissionResult],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Notebook 04 with its default `workers` (no smoke: smoke also keeps them): the kernel
-    survives the series that kills its decoding process and writes a valid file."""
-    data = with_crashing_series(tiny_competition, tmp_path)
+    survives the series that kills its decoding process and writes what `predict_test_set`
+    writes on the same data, no patient getting the prior."""
+    data, direct = crashing
     monkeypatch.setenv("PYTHONPATH", str(CRASH_HOOK))  # the kernel and the workers
     csv = tmp_path / "submission.csv"
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "04_submission.ipynb"),
         str(tmp_path / "executed.ipynb"),
-        parameters={"data_root": str(data), "model_dir": str(model_dir), "output_csv": str(csv)},
+        parameters={"data_root": str(data), "model_dir": str(model_dir), "output_csv": str(csv),
+                    "max_prior_share": 0},
         kernel_name="python3", cwd=str(ROOT), progress_bar=False,
     )  # fmt: skip
-    validate_submission(pl.read_csv(csv), pl.read_csv(data / "sample_submission.csv"))
+    assert_same_submission(csv, direct, data / "sample_submission.csv")
+    assert_no_notebook_warnings(tmp_path / "executed.ipynb")
     assert "worker process died" in (tmp_path / "executed.ipynb").read_text()
