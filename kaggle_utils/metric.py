@@ -397,6 +397,31 @@ def score_from_terms(losses: np.ndarray, weights: np.ndarray) -> float:
     return float(np.mean(losses.sum(axis=0) / weights.sum(axis=0)))
 
 
+class ScoreOfVariants:
+    """`rsna_score(labels, predictions)` for many variants of one prediction table (the same
+    patients in the same row order, other values), without re-reading and re-aligning the
+    tables for each: a calibration search scores hundreds of them.
+
+    `score(values)` takes {column: float64 array in the predictions' row order} for the 13
+    columns and gives exactly what `rsna_score` gives on a table of those values (the same
+    operations in the same order); the values are not checked again.
+    """
+
+    def __init__(self, labels: Frame, predictions: Frame, *, eps: float = EPS) -> None:
+        label_ids, self.y = _labels(labels)
+        self.ids, self.values = _read(predictions, LABEL_COLUMNS, "predictions")
+        self.order = _align(label_ids, self.ids)
+        self.eps = eps
+
+    def score(self, values: Mapping[str, np.ndarray]) -> float:
+        p = {
+            group: _normalised_group(values, group, self.ids, "predictions")[self.order]
+            for group in TARGET_GROUPS
+        }
+        p[ANY_INJURY] = _any_injury(p[group][:, 0] for group in TARGET_GROUPS)
+        return float(np.mean(list(_parts(self.y, p, self.eps).values())))
+
+
 # --------------------------------------------------------------------------- constant submissions
 
 

@@ -706,3 +706,25 @@ def test_group_auc_matches_slow_reference() -> None:
         assert aucs[group] == pytest.approx(slow_auc(injured, score.tolist()), abs=1e-12)
     any_truth = (labels["any_injury"] == 1).to_list()
     assert aucs["any_injury"] == pytest.approx(slow_auc(any_truth, any_score.tolist()), abs=1e-12)
+
+
+def test_score_of_variants_is_rsna_score_of_each_calibrated_table() -> None:
+    """The calibration search scores arrays (`ScoreOfVariants`, `_calibrated_values`): each
+    score is exactly `rsna_score` of the table `apply_calibration` writes, shuffled patient
+    order and unnormalised predictions included."""
+    from kaggle_utils.calibration import Calibration, _calibrated_values, apply_calibration
+    from kaggle_utils.metric import ScoreOfVariants, prior_prediction
+
+    labels = random_labels(60, 21)
+    predictions = random_predictions(labels["patient_id"].shuffle(seed=3).to_list(), 22)
+    scorer = ScoreOfVariants(labels, predictions)
+    assert scorer.score(scorer.values) == rsna_score(labels, predictions)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        calibration = Calibration(
+            prior=prior_prediction(labels),
+            model_weight={t: float(rng.choice([0.0, 0.3, 1.0])) for t in GROUPS},
+            factors={c: float(rng.uniform(0.5, 2.0)) for c in ALL if rng.random() < 0.5},
+        )
+        expected = rsna_score(labels, apply_calibration(predictions, calibration))
+        assert scorer.score(_calibrated_values(scorer.values, calibration)) == expected
