@@ -152,7 +152,7 @@ def _calibrated_values(
     values: Mapping[str, np.ndarray], calibration: Calibration
 ) -> dict[str, np.ndarray]:
     """`apply_calibration` on arrays: the same operations in the same order, so a calibration
-    search scores exactly what the calibrated table scores."""
+    search scores what the calibrated table scores (to the last bits)."""
     calibrated: dict[str, np.ndarray] = {}
     for target, columns in TARGET_GROUPS.items():
         w = float(calibration.model_weight.get(target, 1.0))

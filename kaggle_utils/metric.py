@@ -403,8 +403,8 @@ class ScoreOfVariants:
     tables for each: a calibration search scores hundreds of them.
 
     `score(values)` takes {column: float64 array in the predictions' row order} for the 13
-    columns and gives exactly what `rsna_score` gives on a table of those values (the same
-    operations in the same order); the values are not checked again.
+    columns and gives what `rsna_score` gives on a table of those values (the same operations
+    in the same order: equal to the last bits); the values are not checked again.
     """
 
     def __init__(self, labels: Frame, predictions: Frame, *, eps: float = EPS) -> None:
