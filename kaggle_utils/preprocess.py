@@ -662,14 +662,17 @@ def problems_report(metadata: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]
 
 def geometry_report(metadata: pl.DataFrame) -> pl.DataFrame:
     """The cached series whose geometry was not a plain uniform axial stack: reoriented
-    (`flips`), tilted or sheared, with duplicates, or resampled for non-uniform gaps."""
+    (`flips`), tilted or sheared, with duplicates, resampled for non-uniform gaps, or ordered
+    without ImagePositionPatient (`ordered_by`: by SliceLocation, or by InstanceNumber, which
+    is upside down when the scanner numbered head to feet)."""
     if "flips" not in metadata.columns:  # a cache made before these columns existed
         return metadata.head(0).select("patient_id", "series_id")
-    columns = ["patient_id", "series_id", *GEOMETRY_FIELDS]
+    columns = ["patient_id", "series_id", "ordered_by", *GEOMETRY_FIELDS]
     return metadata.filter(
         (pl.col("status") == "ok")
         & (
-            (pl.col("flips") != "none")
+            (pl.col("ordered_by") != "position")
+            | (pl.col("flips") != "none")
             | (pl.col("tilt_degrees") > 0)
             | (pl.col("shear_degrees") > 0.5)
             | (pl.col("n_duplicates") > 0)

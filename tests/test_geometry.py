@@ -308,7 +308,12 @@ def test_the_metadata_records_what_was_done_and_the_report_lists_it(tmp_path: Pa
     config = preprocess.PreprocessConfig(shapes=((4, 8, 8),))
     write_oriented_series(tmp_path / "images" / "1" / "10", ramp(4, 16), (True, False, True))
     write_oriented_series(tmp_path / "images" / "1" / "11", ramp(4, 16), (False, False, False))
-    for series_id in (10, 11):
+    for k in range(4):  # series 12: no positions, so ordered by InstanceNumber
+        write_ct_dicom(
+            tmp_path / "images" / "1" / "12" / f"{k}.dcm", np.full((16, 16), 10 * k, np.int16),
+            instance_number=k + 1, position=None,
+        )  # fmt: skip
+    for series_id in (10, 11, 12):
         task = preprocess.SeriesTask(1, series_id, tmp_path / "images" / "1" / str(series_id))
         preprocess.process_series(task, tmp_path / "cache", config)
     metadata = preprocess.write_metadata(tmp_path / "cache")
@@ -316,7 +321,8 @@ def test_the_metadata_records_what_was_done_and_the_report_lists_it(tmp_path: Pa
     assert row["flips"] == "transposed+flipped_columns" and not row["normal_to_feet"]
     assert row["orientation"] == [0.0, 1.0, 0.0, -1.0, 0.0, 0.0]
     report = preprocess.geometry_report(metadata)
-    assert report["series_id"].to_list() == [10]
+    assert report["series_id"].to_list() == [10, 12]
+    assert report["ordered_by"].to_list() == ["position", "instance_number"]
 
 
 def test_gaps_too_large_to_fill_are_refused(tmp_path: Path) -> None:
