@@ -122,3 +122,16 @@ def test_lower_bounds_hold_on_kaggle_and_every_dependency_is_accounted_for() -> 
             else:
                 missing.add(name)
         assert missing == BUNDLED_FOR_KAGGLE, (python, missing)
+
+
+def test_license_and_citation_agree_with_the_package() -> None:
+    """A fork on Kaggle needs a licence; a paper using the toolkit needs the citation: the
+    LICENSE text, pyproject's SPDX expression and CITATION.cff say the same, for this version."""
+    import yaml
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert project["license"] == citation["license"] == "Apache-2.0"
+    assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
+    assert citation["version"] == project["version"]
+    assert "arXiv:2601.14593" in str(citation["preferred-citation"]["identifiers"])
