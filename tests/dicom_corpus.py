@@ -43,6 +43,7 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
     generate_uid,
 )
@@ -323,9 +324,10 @@ def _enhanced_case(
     encoding: Encoding,
     frame_order: np.ndarray,
     per_frame_rescale: bool,
+    sop_class: str = EnhancedCTImageStorage,
 ) -> Case:
-    """One Enhanced CT Image Storage file holding every slice, frames in `frame_order`."""
-    ds = _base_dataset(EnhancedCTImageStorage, encoding.syntax)
+    """One enhanced (multi-frame) CT file holding every slice, frames in `frame_order`."""
+    ds = _base_dataset(sop_class, encoding.syntax)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.InstanceNumber = 1
     shared = Dataset()
@@ -475,10 +477,11 @@ def write_corpus(root: Path) -> dict[str, Case]:
         root, "enhanced_ct_frames_ascending", "Enhanced CT, one file, frames feet to head",
         hu, z, Encoding(), ascending, per_frame_rescale=False,
     )  # fmt: skip
-    cases["enhanced_ct_frames_descending"] = _enhanced_case(
-        root, "enhanced_ct_frames_descending",
-        "Enhanced CT in RLE, frames head to feet, a rescale per frame",
+    cases["legacy_enhanced_ct_frames_descending"] = _enhanced_case(
+        root, "legacy_enhanced_ct_frames_descending",
+        "Legacy Converted Enhanced CT in RLE, frames head to feet, a rescale per frame",
         hu, z, Encoding(RLELossless, **u12), descending, per_frame_rescale=True,
+        sop_class=LegacyConvertedEnhancedCTImageStorage,
     )  # fmt: skip
     cases["archive_folder_with_non_images"] = _archive_case(root, hu, z)
     (root / "cases.json").write_text(

@@ -36,8 +36,8 @@ CORPUS_CASES = [
     "eight_bit_unsigned", "sixteen_bit_unsigned", "signed_12_bit",
     "slope_and_fractional_intercept", "pixel_padding_value", "monochrome1",
     "icon_image_sequence", "icon_image_sequence_rle", "no_position_slice_location",
-    "no_position_no_location", "enhanced_ct_frames_ascending", "enhanced_ct_frames_descending",
-    "archive_folder_with_non_images",
+    "no_position_no_location", "enhanced_ct_frames_ascending",
+    "legacy_enhanced_ct_frames_descending", "archive_folder_with_non_images",
 ]  # fmt: skip
 
 # What "auto" must decode with dicomsdl (the fast path): the verified syntaxes and pixel
