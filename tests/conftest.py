@@ -108,12 +108,17 @@ def write_ct_dicom(
     return path
 
 
-def pydicom_reference_hu(path: Path) -> np.ndarray:
-    """pydicom's own decoding and rescale: the reference `read_hu` must agree with."""
-    from pydicom.pixels import apply_rescale
+def pydicom_reference_hu(path: Path | str) -> np.ndarray:
+    """Plain pydicom, none of this project's code: `pixel_array` through its own Modality LUT
+    (the rescale, or a Modality LUT Sequence). The reference `read_hu` must agree with."""
+    import warnings
 
-    dataset = pydicom.dcmread(path)
-    return apply_rescale(dataset.pixel_array, dataset).astype(np.float64)
+    from pydicom.pixels import apply_modality_lut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = pydicom.dcmread(path)
+        return np.asarray(apply_modality_lut(dataset.pixel_array, dataset), dtype=np.float64)
 
 
 @pytest.fixture(scope="session")

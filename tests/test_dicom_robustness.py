@@ -47,6 +47,8 @@ def _child(path: str, decoder: str, out: Path) -> None:
 
     from kaggle_utils.dicom import DicomReadError, read_slice
 
+    from conftest import pydicom_reference_hu
+
     with open(out / "stderr.txt", "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -54,7 +56,7 @@ def _child(path: str, decoder: str, out: Path) -> None:
     result: dict[str, object]
     try:
         if decoder == REFERENCE:
-            np.save(out / "hu.npy", _pydicom_hu(path))
+            np.save(out / "hu.npy", pydicom_reference_hu(path))
             result = {"outcome": "ok", "decoder": "plain pydicom"}
         else:
             first = read_slice(path, decoder)
@@ -70,19 +72,6 @@ def _child(path: str, decoder: str, out: Path) -> None:
     (out / "result.json").write_text(json.dumps(result))
     _walk_heap()
     os._exit(0)
-
-
-def _pydicom_hu(path: str) -> np.ndarray:
-    """The reference: pydicom's stored values through its own Modality LUT (the rescale)."""
-    import warnings
-
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = pydicom.dcmread(path)
-        return np.asarray(apply_modality_lut(dataset.pixel_array, dataset), dtype=np.float64)
 
 
 def _walk_heap() -> None:
@@ -130,6 +119,8 @@ def drive(files: list[str], work: Path) -> list[dict[str, object]]:
     import kaggle_utils.dicom as dicom
 
     dicom.dicomsdl_available()  # imports dicomsdl once, before the forks
+    import conftest  # noqa: F401  the reference, imported once too
+
     for module in ("pydicom.pixels", "pylibjpeg", "libjpeg", "openjpeg", "rle"):
         try:
             __import__(module)
