@@ -65,7 +65,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 demo-data: install
-	$(PY) -m kaggle_utils.synthetic $(DEMO_DATA) $(DEMO_SYNTHETIC)
+	$(PY) -m kaggle_utils.demo $(DEMO_DATA) $(DEMO_SYNTHETIC)
 
 demo: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
@@ -77,7 +77,7 @@ demo: demo-data
 		-p encoder_file $(DEMO_OUT)/pretrain/encoder.pt $(DEMO_FINETUNE)
 	$(PAPERMILL) notebooks/04_submission.ipynb $(DEMO_OUT)/notebooks/04_submission.ipynb \
 		-p data_root $(DEMO_DATA) -p model_dir $(DEMO_OUT)/finetune -p output_csv $(DEMO_OUT)/submission.csv
-	$(PY) -m kaggle_utils.demo $(DEMO_OUT) $(DEMO_DATA)
+	$(PY) -m kaggle_utils.demo.summary $(DEMO_OUT) $(DEMO_DATA)
 
 # The organs on the demo, after `make demo` (its cache, encoder and whole-scan models): notebook
 # 06's boxes, a kidney-crop run of notebook 03 (16x64x64 crops of the 32x96x96 cache, the

@@ -19,11 +19,11 @@ SYNTAXES = {"uncompressed": ExplicitVRLittleEndian, "rle": RLELossless}
 
 def source_slices() -> tuple[np.ndarray, str]:
     """(n, 512, 512) HU of real anatomy, or a synthetic phantom where the real data is absent."""
-    from kaggle_utils.dicom import load_series
+    from kaggle_utils.cache.dicom import load_series
 
     if REAL_SERIES.is_dir():
         return load_series(REAL_SERIES).hu, f"real CT ({REAL_SERIES.name})"
-    from kaggle_utils.synthetic import PatientLabels, make_phantom
+    from kaggle_utils.demo.generator import PatientLabels, make_phantom
 
     phantom = make_phantom(np.random.default_rng(0), PatientLabels(), 20, 512)
     return phantom.hu, "synthetic phantom"

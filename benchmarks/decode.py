@@ -31,8 +31,8 @@ import numpy as np
 import pydicom
 from ct_series import SYNTAXES, source_slices, write_series
 
-from kaggle_utils.dicom import read_hu
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.cache.dicom import read_hu
+from kaggle_utils.cache.preprocess import PreprocessConfig, list_series, preprocess_dataset
 
 
 def pydicom_baseline(path: Path) -> np.ndarray:

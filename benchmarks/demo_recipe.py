@@ -26,7 +26,7 @@ import polars as pl
 import torch
 import yaml
 
-from kaggle_utils.finetune import FinetuneConfig, read_labels, run_cross_validation
+from kaggle_utils.finetune.train import FinetuneConfig, read_labels, run_cross_validation
 from kaggle_utils.metric import group_auc
 
 BEFORE_ISSUE_11 = {

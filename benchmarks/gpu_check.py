@@ -51,7 +51,7 @@ STEPS = ("device", "shapes", "notebooks", "cost")
 # What the device and precision choices print (a step of its own: a child process).
 DEVICE_CHOICE = """
 import json, torch
-from kaggle_utils import runtime
+from kaggle_utils.common import runtime
 device = runtime.pick_device("auto")
 print(json.dumps({"auto_device": str(device), "auto_precision":
     runtime.resolve_precision("auto", device).name, "arch_list": torch.cuda.get_arch_list(),
@@ -195,7 +195,7 @@ def main() -> None:
 def run_notebooks(check: Check, out: Path, cuda: bool, precisions: list[str]) -> None:
     """Notebooks 01 to 04 on tiny demo data, at each precision."""
     data = out / "data"
-    check.run("data", [sys.executable, "-m", "kaggle_utils.synthetic", str(data), *TINY])
+    check.run("data", [sys.executable, "-m", "kaggle_utils.demo", str(data), *TINY])
     check.run("01", papermill("01_dicom_preprocess", out, {
         "data_root": str(data), "output_dir": str(out / "cache"), "shapes": [SHAPE],
         "workers": 2,

@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kaggle_utils.classifier import ALL_TARGETS, build_classifier
-from kaggle_utils.crops import cut_crops, sample_voco_crops
-from kaggle_utils.finetune import slice_loss, weighted_loss
-from kaggle_utils.metric import CLASS_WEIGHTS
-from kaggle_utils.models import input_normalisation
-from kaggle_utils.pretrain import PretrainConfig, _forward, build_voco
-from kaggle_utils.runtime import Precision, resolve_precision
-from kaggle_utils.volume import apply_window, crop_and_resample
+from kaggle_utils.cache.volume import apply_window, crop_and_resample
+from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.runtime import Precision, resolve_precision
+from kaggle_utils.finetune.losses import slice_loss, weighted_loss
+from kaggle_utils.finetune.model import build_classifier
+from kaggle_utils.metric import ALL_TARGETS, CLASS_WEIGHTS
+from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
+from kaggle_utils.pretrain.train import PretrainConfig, _forward, build_voco
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ container with RescaleIntercept -1024, alternately unsigned (PixelRepresentation
 (PixelRepresentation 1) from one series to the next, as in the competition. `--long N` adds one
 RLE series of N slices (1,727 is about the longest of the competition) for the memory check.
 
-Each series is then processed by `kaggle_utils.preprocess.process_series` (decode, HU, body
+Each series is then processed by `kaggle_utils.cache.preprocess.process_series` (decode, HU, body
 crop, resample to every shape of the default `PreprocessConfig`, i.e. 32x192x192 and
 96x256x256, window, atomic `.npy` writes and the record), one after the other in one fresh
 interpreter per syntax, smallest first, with one torch thread, as one worker of notebook 01's
@@ -102,7 +102,7 @@ def worker_setup() -> None:
     import torch
     from ct_series import SYNTAXES, write_series
 
-    from kaggle_utils.preprocess import PreprocessConfig, SeriesTask, process_series
+    from kaggle_utils.cache.preprocess import PreprocessConfig, SeriesTask, process_series
 
     torch.set_num_threads(1)
     yy, xx = np.mgrid[:512, :512]  # the real size: some first-call costs grow with it
@@ -116,7 +116,7 @@ def worker_setup() -> None:
 def child_process(series_dirs: list[Path], cache_dir: Path) -> list[dict[str, Any]]:
     """Series through `process_series` one after another, as one pool worker does them, each
     timed, with this process' peak memory so far."""
-    from kaggle_utils.preprocess import PreprocessConfig, SeriesTask, process_series
+    from kaggle_utils.cache.preprocess import PreprocessConfig, SeriesTask, process_series
 
     worker_setup()
     baseline_rss, baseline_peak = current_rss_mb(), peak_rss_mb()
@@ -149,9 +149,14 @@ def child_process(series_dirs: list[Path], cache_dir: Path) -> list[dict[str, An
 def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
     """The stages of `process_series`, one public function at a time, then `load_series`'s
     parts (each file's `read_slice`, dicomsdl's bare decode)."""
-    from kaggle_utils.dicom import load_series, read_slice
-    from kaggle_utils.preprocess import PreprocessConfig, cache_path, save_npy_atomic, shape_name
-    from kaggle_utils.volume import body_bbox, crop_and_resample, window_volume
+    from kaggle_utils.cache.dicom import load_series, read_slice
+    from kaggle_utils.cache.preprocess import (
+        PreprocessConfig,
+        cache_path,
+        save_npy_atomic,
+        shape_name,
+    )
+    from kaggle_utils.cache.volume import body_bbox, crop_and_resample, window_volume
 
     worker_setup()
     config = PreprocessConfig()
@@ -288,7 +293,7 @@ def main() -> None:
         args.slices, args.size, args.long = [40], 256, 0
     from ct_series import SYNTAXES, source_slices, write_series
 
-    from kaggle_utils.preprocess import PreprocessConfig, shape_name
+    from kaggle_utils.cache.preprocess import PreprocessConfig, shape_name
 
     syntaxes = [s.strip() for s in args.syntaxes.split(",") if s.strip()]
     if unknown := set(syntaxes) - set(SYNTAXES):

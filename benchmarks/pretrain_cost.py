@@ -9,7 +9,7 @@ not fit in 24 GB). This measures the time and peak memory of ONE training step o
 (batch 1): forward of student and teacher, loss, backward, optimizer step, EMA teacher update.
 Data loading and crop cutting are done before the clock starts, as a DataLoader would.
 
-2d: this project's pretraining step (`kaggle_utils.pretrain._forward`, then backward, gradient
+2d: this project's pretraining step (`kaggle_utils.pretrain.train._forward`, then backward, gradient
     clipping at 1.0, AdamW lr 1e-4 wd 1e-2, `update_teacher(0.9)`) with `PretrainConfig`'s
     defaults: `efficientnetv2_rw_t` (timm, random init, in_chans 1) in `CropEncoder` (projector
     input the flattened feature map, `projector_input="flatten"` as the official code since
@@ -78,17 +78,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kaggle_utils.crops import cut_crops, sample_voco_crops
-from kaggle_utils.losses import intra_loss, regularization_loss, similarity
-from kaggle_utils.models import (
-    ProjectionHead,
-    build_backbone,
-    input_normalisation,
-    update_momentum,
-)
-from kaggle_utils.pretrain import PretrainConfig, _forward, build_voco
-from kaggle_utils.pretrain_data import load_volume
-from kaggle_utils.runtime import PRECISIONS, Precision, resolve_precision
+from kaggle_utils.common.backbone import build_backbone, input_normalisation
+from kaggle_utils.common.runtime import PRECISIONS, Precision, resolve_precision
+from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
+from kaggle_utils.pretrain.data import load_volume
+from kaggle_utils.pretrain.losses import intra_loss, regularization_loss, similarity
+from kaggle_utils.pretrain.model import ProjectionHead, update_momentum
+from kaggle_utils.pretrain.train import PretrainConfig, _forward, build_voco
 
 CASES = ("2d", "3d")
 BARE_CASES = ("2d-backbone", "3d-encoder")

@@ -1,22 +1,21 @@
 """2D-VoCo for RSNA 2023 abdominal trauma CT: everything the notebooks call.
 
-Modules, in pipeline order:
-    dicom       DICOM files and series -> Hounsfield units (`read_hu`, `load_series`)
-    volume      windowing, body crop, resampling of (slices, H, W) volumes
-    preprocess  competition folder -> cached uint8 volumes + metadata table (notebook 01)
-    sources     extra unlabeled CT (NIfTI, DICOM folders) for pretraining
-    crops, losses, models, pretrain_data, pretrain
-                2D-VoCo pretraining (notebook 02)
-    metric      the RSNA score, submission validation, the paper's metrics
-    classifier, finetune_data, finetune, report
-                CNN-BiLSTM cross-validation (notebook 03)
-    submission  test DICOMs -> validated submission.csv (notebook 04)
-    synthetic   a miniature competition folder for the demo and the tests
-    runtime     DDP, RNG state, atomic writes;  paths  Kaggle / Colab / local paths
-    plots       figures the notebooks show;  demo  the summary of `make demo`
+One sub-package per stage, in pipeline order, each with one entry point its notebook calls:
+    cache         01  DICOM series -> cached, windowed volumes (`preprocess.preprocess_dataset`)
+    pretrain      02  2D-VoCo self-supervised pretraining (`train.pretrain`)
+    finetune      03  CNN-BiLSTM cross-validation (`train.run_cross_validation`)
+    submission    04  test DICOMs -> validated submission.csv (`inference.predict_test_set`)
+    experiments   05  the paper's comparisons as one batch (`runner.run_experiment`)
+    segmentation  06  organ segmentation, boxes and organ crops (`train.run_segmentation`)
+and around them:
+    metric        the RSNA score, submission validation, the paper's metrics
+    common        paths, runtime, atomic io, configs, the training engine, backbone, plots
+    demo          the synthetic demo data and the `make demo` summary (tools)
+    bundle        the offline Kaggle bundle builder (a tool)
 
-Submodules are imported explicitly (`from kaggle_utils.dicom import read_hu`) so that importing
-one step never pulls in the heavy dependencies of another.
+A stage imports `common`, `metric` and the stages before it, never one after it. Modules are
+imported explicitly (`from kaggle_utils.cache.dicom import read_hu`) so that importing one step
+never pulls in the heavy dependencies of another.
 """
 
 import os

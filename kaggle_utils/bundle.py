@@ -54,8 +54,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-from kaggle_utils.paths import COMPETITION_NAME
-from kaggle_utils.provenance import BUILD_COMMIT, git_commit
+from kaggle_utils.common.paths import COMPETITION_NAME
+from kaggle_utils.common.provenance import BUILD_COMMIT, git_commit
 
 PROJECT_NAME = "kaggle-utils-voco2d"
 CONSTRAINTS_FILE = "constraints-kaggle.txt"

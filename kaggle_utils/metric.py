@@ -43,6 +43,13 @@ SUBMISSION_COLUMNS: tuple[str, ...] = (PATIENT_ID, *LABEL_COLUMNS)
 # The six parts of the score, in the order the official code averages them.
 SCORE_PARTS: tuple[str, ...] = (*TARGET_GROUPS, ANY_INJURY)
 PAPER_ORGANS: tuple[str, ...] = ("kidney", "liver", "spleen")
+# Classes per target, in train.csv's column order (derived from the metric's column groups).
+TARGET_CLASSES: dict[str, tuple[str, ...]] = {
+    target: tuple(column.removeprefix(f"{target}_") for column in columns)
+    for target, columns in TARGET_GROUPS.items()
+}
+ALL_TARGETS: tuple[str, ...] = tuple(TARGET_CLASSES)
+PAPER_TARGETS: tuple[str, ...] = PAPER_ORGANS
 
 # Sample weight by true class (the official `create_training_solution`).
 CLASS_WEIGHTS: dict[str, tuple[float, ...]] = {

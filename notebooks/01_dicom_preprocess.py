@@ -111,7 +111,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -136,10 +136,11 @@ import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
-from kaggle_utils import paths, preprocess
-from kaggle_utils.dicom import decoder_report
-from kaggle_utils.plots import volume_montage
-from kaggle_utils.volume import parse_windows
+from kaggle_utils.cache import preprocess
+from kaggle_utils.cache.dicom import decoder_report
+from kaggle_utils.cache.volume import parse_windows
+from kaggle_utils.common import paths
+from kaggle_utils.common.plots import volume_montage
 
 if smoke:
     shapes, limit = [[8, 32, 32]], limit or 3

@@ -138,7 +138,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -163,16 +163,17 @@ import json
 import matplotlib.pyplot as plt
 import numpy as np
 
-from kaggle_utils import paths, preprocess, runtime
-from kaggle_utils.crops import sample_voco_crops
-from kaggle_utils.plots import crop_layout, pretraining_curves
-from kaggle_utils.pretrain import (
+from kaggle_utils.cache import preprocess
+from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.plots import crop_layout, pretraining_curves
+from kaggle_utils.pretrain.crops import sample_voco_crops
+from kaggle_utils.pretrain.data import load_volume, volume_files
+from kaggle_utils.pretrain.train import (
     PretrainConfig,
     launch_torchrun,
     pretrain,
     pretraining_volume_dirs,
 )
-from kaggle_utils.pretrain_data import load_volume, volume_files
 
 if smoke:
     backbone, hidden_dim, out_dim, steps, batch_size = "test_efficientnet", 64, 64, 3, 2

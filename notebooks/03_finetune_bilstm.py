@@ -158,7 +158,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -184,21 +184,22 @@ import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import Markdown, display
 
-from kaggle_utils import paths, preprocess, runtime
-from kaggle_utils.calibration import CALIBRATION_FILE, calibrate_cross_validation
-from kaggle_utils.finetune import (
+from kaggle_utils.cache import preprocess
+from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.plots import confusion_matrices, importance_strip, precision_recall_curves
+from kaggle_utils.finetune.calibration import CALIBRATION_FILE, calibrate_cross_validation
+from kaggle_utils.finetune.data import SLICE_TARGETS, series_table
+from kaggle_utils.finetune.importance import explain_series, marked_slice_ranking, pick_examples
+from kaggle_utils.finetune.predict import load_fold_model
+from kaggle_utils.finetune.report import HEADLINE, cross_validation_report, markdown_table
+from kaggle_utils.finetune.train import (
     FinetuneConfig,
     launch_torchrun,
-    load_fold_model,
     read_labels,
     run_cross_validation,
     stopped_message,
 )
-from kaggle_utils.finetune_data import SLICE_TARGETS, series_table
-from kaggle_utils.importance import explain_series, marked_slice_ranking, pick_examples
-from kaggle_utils.organ_crops import organ_crop_cache
-from kaggle_utils.plots import confusion_matrices, importance_strip, precision_recall_curves
-from kaggle_utils.report import HEADLINE, cross_validation_report, markdown_table
+from kaggle_utils.segmentation.organ_crops import organ_crop_cache
 
 if smoke:
     epochs, batch_size, n_folds, num_workers, hidden_size, num_layers = 1, 2, 2, 0, 16, 1
@@ -314,8 +315,8 @@ else:
 # %% [markdown]
 # ## Which slices drove the predictions
 #
-# Per target, each slice's importance for the prediction (`kaggle_utils/importance.py`): the
-# attention pooling's weight, or with max or mean pooling |gradient x input| of the target's
+# Per target, each slice's importance for the prediction (`kaggle_utils/finetune/importance.py`):
+# the attention pooling's weight, or with max or mean pooling |gradient x input| of the target's
 # injury log-odds on each slice's feature. Each fold model explains its own validation
 # series. Where `image_level_labels.csv` marks the slices that show a bowel injury or
 # extravasation, the measure is how much higher those rank: the AUC of importance against

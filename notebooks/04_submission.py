@@ -118,7 +118,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -143,8 +143,8 @@ import logging
 import polars as pl
 from IPython.display import display
 
-from kaggle_utils import paths
-from kaggle_utils.submission import (
+from kaggle_utils.common import paths
+from kaggle_utils.submission.inference import (
     explain_test_patients,
     predict_test_set,
     resolve_model_dirs,
@@ -235,16 +235,17 @@ else:
 # ## Which slices drove the prediction
 #
 # For a few test patients, each slice's importance for the target the model thought most likely
-# injured (`kaggle_utils/importance.py`: the attention pooling's weight, or |gradient x input|
-# with max or mean pooling), from the first run's first fold model: the most important slices
-# and the importance over the scan. Pass patient ids in `explain_patients` to see others.
+# injured (`kaggle_utils/finetune/importance.py`: the attention pooling's weight, or
+# |gradient x input| with max or mean pooling), from the first run's first fold model: the most
+# important slices and the importance over the scan. Pass patient ids in `explain_patients` to
+# see others.
 
 # %%
 if explain_patients:
     import matplotlib.pyplot as plt
 
-    from kaggle_utils.importance import most_likely_injury
-    from kaggle_utils.plots import importance_strip
+    from kaggle_utils.common.plots import importance_strip
+    from kaggle_utils.finetune.importance import most_likely_injury
 
     try:
         explanations = explain_test_patients(

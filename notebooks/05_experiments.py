@@ -124,7 +124,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -149,8 +149,9 @@ import json
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from kaggle_utils import paths, preprocess
-from kaggle_utils.experiments import (
+from kaggle_utils.cache import preprocess
+from kaggle_utils.common import paths
+from kaggle_utils.experiments.runner import (
     ExperimentConfig,
     label_efficiency_figure,
     markdown_report,

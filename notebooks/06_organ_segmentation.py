@@ -112,7 +112,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
             ) from error
         how = f"offline from {', '.join(folders)}"
     elif os.environ.get("COLAB_RELEASE_TAG") or "google.colab" in sys.modules:
-        clones = sorted((root / "content").glob("*/kaggle_utils/paths.py"))
+        clones = sorted((root / "content").glob("*/kaggle_utils/__init__.py"))
         spec = install_from or (str(clones[0].parents[1]) if clones else "")
         if not spec:
             raise FileNotFoundError(
@@ -138,9 +138,10 @@ import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
-from kaggle_utils import paths, segmentation
-from kaggle_utils.plots import segmentation_curves, segmentation_montage
-from kaggle_utils.preprocess import load_cached_volume, load_metadata
+from kaggle_utils.cache.preprocess import load_cached_volume, load_metadata
+from kaggle_utils.common import paths
+from kaggle_utils.common.plots import segmentation_curves, segmentation_montage
+from kaggle_utils.segmentation import train as segmentation
 
 if smoke:
     epochs, channels, num_res_units, n_montage = 2, [4, 8], 0, 2

@@ -124,7 +124,7 @@ def pydicom_reference_hu(path: Path | str) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic competition folder (SPEC section 2 layout), generated once per run."""
-    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("competition") / "demo-rsna"
     config = SyntheticConfig(
@@ -141,7 +141,7 @@ TINY_MODEL_SLICES, TINY_MODEL_IMAGE_SIZE = 6, 28  # a sampled slice subset and a
 @pytest.fixture(scope="session")
 def train_cache(tiny_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Notebook 01's cache of the tiny training set at TINY_MODEL_SHAPE."""
-    from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+    from kaggle_utils.cache.preprocess import PreprocessConfig, list_series, preprocess_dataset
 
     cache = tmp_path_factory.mktemp("sub_cache")
     preprocess_dataset(
@@ -156,7 +156,7 @@ def model_dir(
     tiny_competition: Path, train_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A two-fold, one-epoch notebook 03 run on the tiny dataset."""
-    from kaggle_utils.finetune import FinetuneConfig, run_cross_validation
+    from kaggle_utils.finetune.train import FinetuneConfig, run_cross_validation
 
     output = tmp_path_factory.mktemp("sub_finetune")
     config = FinetuneConfig(
@@ -186,7 +186,7 @@ def run_torchrun_on_cpu(module: str, config_file: Path, nproc: int = 2) -> None:
 def segmented_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic competition in which every train patient's first series has an organ
     mask in segmentations/."""
-    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("segmented") / "demo-rsna"
     config = SyntheticConfig(
@@ -199,7 +199,7 @@ def segmented_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def segmented_cache(segmented_competition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Notebook 01's cache (8x32x32) of `segmented_competition`'s train and test series."""
-    from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
+    from kaggle_utils.cache.preprocess import PreprocessConfig, list_series, preprocess_dataset
 
     cache = tmp_path_factory.mktemp("segmented-cache")
     config = PreprocessConfig(shapes=((8, 32, 32),))
@@ -216,7 +216,7 @@ def save_encoder(folder: Path, name: str, in_chans: int, backbone: str = "test_e
 
     import torch
 
-    from kaggle_utils.models import build_backbone
+    from kaggle_utils.common.backbone import build_backbone
 
     encoder = build_backbone(backbone, in_chans)
     torch.save(encoder.state_dict(), folder / f"{name}.pt")

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 
 from kaggle_utils.metric import LABEL_COLUMNS, PATIENT_ID, validate_submission
-from kaggle_utils.submission import SubmissionResult
+from kaggle_utils.submission.inference import SubmissionResult
 
 # How notebook 04 prints each warning of the decoder preflight (`submission.startup_report`) and
 # of the preprocessing: print(f"\n!!! WARNING: {warning}").

@@ -18,8 +18,8 @@ import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from kaggle_utils import bundle
-from kaggle_utils.paths import COMPETITION_NAME
-from kaggle_utils.provenance import git_commit
+from kaggle_utils.common.paths import COMPETITION_NAME
+from kaggle_utils.common.provenance import git_commit
 
 from conftest import pydicom_test_file
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_utils.crops import base_grid, cut_crops, overlap_labels, sample_voco_crops
+from kaggle_utils.pretrain.crops import base_grid, cut_crops, overlap_labels, sample_voco_crops
 
 
 def box_mask(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

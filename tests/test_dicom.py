@@ -11,7 +11,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from kaggle_utils.dicom import (
+from kaggle_utils.cache.dicom import (
     DICOMSDL_SYNTAXES,
     DicomReadError,
     SeriesReadError,
@@ -210,7 +210,7 @@ def test_truncated_files_never_crash_the_process(tmp_path: Path) -> None:
         f"""
         import numpy as np
         from pathlib import Path
-        from kaggle_utils.dicom import DicomReadError, read_hu
+        from kaggle_utils.cache.dicom import DicomReadError, read_hu
         rng = np.random.default_rng(0)
         sources = {[str(s) for s in sources]!r}
         out = Path({str(tmp_path)!r}) / "cut.dcm"
@@ -355,7 +355,7 @@ def test_constant_slice_locations_fall_back_to_instance_number(tmp_path: Path) -
 def test_native_pixel_data_of_undefined_length_never_reaches_dicomsdl(tmp_path: Path) -> None:
     """Encapsulated (undefined-length) pixel data under a native transfer syntax: a corrupt
     file dicomsdl must not see."""
-    from kaggle_utils.dicom import _dicomsdl_can_decode
+    from kaggle_utils.cache.dicom import _dicomsdl_can_decode
 
     rle = write_ct_dicom(
         tmp_path / "rle.dcm", np.zeros((8, 8), np.int16), transfer_syntax=RLELossless
@@ -366,7 +366,7 @@ def test_native_pixel_data_of_undefined_length_never_reaches_dicomsdl(tmp_path: 
 
 
 def test_segmentations_are_not_images_even_when_pydicom_does_not_know_the_class() -> None:
-    from kaggle_utils.dicom import _is_image_class
+    from kaggle_utils.cache.dicom import _is_image_class
 
     assert _is_image_class("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
     assert _is_image_class("1.2.840.10008.5.1.4.1.1.2.1")  # Enhanced CT Image Storage
@@ -380,7 +380,7 @@ def test_segmentations_are_not_images_even_when_pydicom_does_not_know_the_class(
 
 def test_a_file_without_the_dicom_preamble_is_refused_with_the_reason(tmp_path: Path) -> None:
     """A bare data set (no 128-byte preamble and 'DICM'), as some old exports write."""
-    from kaggle_utils.dicom import _dataset_start
+    from kaggle_utils.cache.dicom import _dataset_start
 
     data = pydicom_test_file("CT_small.dcm").read_bytes()
     (tmp_path / "bare.dcm").write_bytes(data[_dataset_start(data) :])  # no preamble, no meta
@@ -389,7 +389,7 @@ def test_a_file_without_the_dicom_preamble_is_refused_with_the_reason(tmp_path: 
 
 
 def test_multi_frame_files_read_frames_and_read_slice_says_so() -> None:
-    from kaggle_utils.dicom import read_frames
+    from kaggle_utils.cache.dicom import read_frames
 
     path = pydicom_test_file("eCT_Supplemental.dcm")  # Enhanced CT Image Storage, 2 frames
     dataset = pydicom.dcmread(path)
@@ -417,7 +417,7 @@ def test_the_pixel_data_found_is_the_top_level_element() -> None:
 
     from pydicom.data import get_testdata_files
 
-    from kaggle_utils.dicom import _pixel_element, _transfer_syntax
+    from kaggle_utils.cache.dicom import _pixel_element, _transfer_syntax
 
     undefined = 0xFFFFFFFF
     checked = 0
@@ -479,7 +479,7 @@ def test_real_series_is_ascending_z_with_instance_mapping(real_dicom_series: Pat
 
 
 def test_decoder_report_lists_every_decoder_and_syntax() -> None:
-    from kaggle_utils import dicom
+    from kaggle_utils.cache import dicom
 
     text, problems = dicom.decoder_report()
     versions = dicom.decoder_versions()
@@ -496,7 +496,7 @@ def test_decoder_report_lists_every_decoder_and_syntax() -> None:
 def test_without_dicomsdl_everything_goes_to_pydicom_and_the_report_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kaggle_utils import dicom
+    from kaggle_utils.cache import dicom
 
     monkeypatch.setattr(dicom, "dicomsdl_available", lambda: False)
     real_version = dicom.importlib.metadata.version
@@ -517,7 +517,7 @@ def test_without_dicomsdl_everything_goes_to_pydicom_and_the_report_says_so(
 
 
 def test_a_syntax_no_decoder_reads_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kaggle_utils import dicom
+    from kaggle_utils.cache import dicom
 
     monkeypatch.setattr(dicom, "dicomsdl_available", lambda: False)
     # a made-up UID: no decoder exists for it anywhere
@@ -527,7 +527,7 @@ def test_a_syntax_no_decoder_reads_is_a_warning(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_series_transfer_syntax_reads_one_header(tmp_path: Path) -> None:
-    from kaggle_utils.dicom import series_transfer_syntax
+    from kaggle_utils.cache.dicom import series_transfer_syntax
 
     stored = np.zeros((4, 4), dtype=np.int16)
     write_ct_dicom(tmp_path / "s" / "2.dcm", stored, transfer_syntax=RLELossless)

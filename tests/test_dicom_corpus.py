@@ -20,7 +20,7 @@ import papermill
 import polars as pl
 import pytest
 
-from kaggle_utils.dicom import series_transfer_syntax
+from kaggle_utils.cache.dicom import series_transfer_syntax
 from kaggle_utils.metric import validate_submission
 
 from dicom_corpus import SPACING_MM, Case, read_cases, reference_volume, write_corpus
@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import numpy as np
-    from kaggle_utils.dicom import load_series
+    from kaggle_utils.cache.dicom import load_series
 
     corpus, out = Path(sys.argv[1]), Path(sys.argv[2])
     for case in json.loads((corpus / "cases.json").read_text()):
@@ -132,7 +132,7 @@ def test_each_case_decodes_to_pydicoms_hu_feet_to_head(
 def test_a_folder_mixing_an_enhanced_file_and_single_slices(corpus: Path, tmp_path: Path) -> None:
     """Single-frame slices before and after a multi-frame file: one volume by position, the
     slices at a frame's position dropped as duplicates."""
-    from kaggle_utils.dicom import load_series
+    from kaggle_utils.cache.dicom import load_series
 
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -45,7 +45,7 @@ def _child(path: str, decoder: str, out: Path) -> None:
     outcome, then walk the heap."""
     import faulthandler
 
-    from kaggle_utils.dicom import DicomReadError, read_slice
+    from kaggle_utils.cache.dicom import DicomReadError, read_slice
 
     from conftest import pydicom_reference_hu
 
@@ -116,7 +116,7 @@ def _collect(status: int, out: Path) -> dict[str, object]:
 
 def drive(files: list[str], work: Path) -> list[dict[str, object]]:
     """Decode every file with "auto" and the pydicom reference, one forked child each."""
-    import kaggle_utils.dicom as dicom
+    import kaggle_utils.cache.dicom as dicom
 
     dicom.dicomsdl_available()  # imports dicomsdl once, before the forks
     import conftest  # noqa: F401  the reference, imported once too

@@ -1,5 +1,5 @@
-"""The experiment batch (kaggle_utils/experiments.py): planning, sharing, resuming, the paired
-bootstrap against a slow reference, the report; the label subsets and per-patient score terms
+"""The experiment batch (kaggle_utils/experiments/runner.py): planning, sharing, resuming, the
+paired bootstrap against a slow reference, the report; the label subsets and per-patient score terms
 it rests on. Notebook 05 itself runs in tests/test_notebooks.py (slow)."""
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_utils.calibration import apply_calibration, calibrate_cross_validation
-from kaggle_utils.experiments import (
+from kaggle_utils.experiments.runner import (
     ExperimentConfig,
     label_efficiency_figure,
     paired_bootstrap,
     plan_experiment,
     run_experiment,
 )
-from kaggle_utils.finetune import FinetuneConfig
-from kaggle_utils.finetune_data import class_indices, make_folds, training_subset
+from kaggle_utils.finetune.calibration import apply_calibration, calibrate_cross_validation
+from kaggle_utils.finetune.data import class_indices, make_folds, training_subset
+from kaggle_utils.finetune.report import cross_validation_report, markdown_table
+from kaggle_utils.finetune.train import FinetuneConfig
 from kaggle_utils.metric import (
     LABEL_COLUMNS,
     TARGET_GROUPS,
@@ -29,7 +30,6 @@ from kaggle_utils.metric import (
     rsna_score,
     score_from_terms,
 )
-from kaggle_utils.report import cross_validation_report, markdown_table
 
 N_PATIENTS = 80
 

@@ -10,21 +10,17 @@ import polars as pl
 import pytest
 import torch
 
-from kaggle_utils import finetune as finetune_module
-from kaggle_utils.classifier import ALL_TARGETS, TARGET_CLASSES, CNNBiLSTM, build_classifier
-from kaggle_utils.finetune import (
-    FinetuneConfig,
-    aggregate_patients,
-    expected_weights,
-    load_fold_model,
-    read_cv_result,
-    read_labels,
-    run_cross_validation,
-    slice_loss,
-    stopped_message,
-    weighted_loss,
+from kaggle_utils.cache.preprocess import (
+    PreprocessConfig,
+    list_series,
+    preprocess_dataset,
+    shard_tasks,
 )
-from kaggle_utils.finetune_data import (
+from kaggle_utils.cache.volume import resample_volume
+from kaggle_utils.common.backbone import build_backbone
+from kaggle_utils.common.runtime import copy_previous_run
+from kaggle_utils.finetune import train as finetune_module
+from kaggle_utils.finetune.data import (
     AugmentConfig,
     SeriesDataset,
     SquareCrop,
@@ -36,12 +32,18 @@ from kaggle_utils.finetune_data import (
     series_table,
     slice_indices,
 )
-from kaggle_utils.metric import CLASS_WEIGHTS, LABEL_COLUMNS
-from kaggle_utils.models import build_backbone
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset, shard_tasks
-from kaggle_utils.report import cross_validation_report, markdown_table, training_prior
-from kaggle_utils.runtime import copy_previous_run
-from kaggle_utils.volume import resample_volume
+from kaggle_utils.finetune.losses import expected_weights, slice_loss, weighted_loss
+from kaggle_utils.finetune.model import CNNBiLSTM, build_classifier
+from kaggle_utils.finetune.predict import aggregate_patients, load_fold_model
+from kaggle_utils.finetune.report import cross_validation_report, markdown_table, training_prior
+from kaggle_utils.finetune.train import (
+    FinetuneConfig,
+    read_cv_result,
+    read_labels,
+    run_cross_validation,
+    stopped_message,
+)
+from kaggle_utils.metric import ALL_TARGETS, CLASS_WEIGHTS, LABEL_COLUMNS, TARGET_CLASSES
 
 from conftest import run_torchrun_on_cpu, save_encoder
 
@@ -356,7 +358,7 @@ def test_torchrun_two_cpu_processes_with_gloo(
 ) -> None:
     config = smoke_config(tiny_competition, cached, tmp_path, folds_to_run=[0])
     config.to_json(tmp_path / "config.json")
-    run_torchrun_on_cpu("kaggle_utils.finetune", tmp_path / "config.json")
+    run_torchrun_on_cpu("kaggle_utils.finetune.train", tmp_path / "config.json")
     assert pl.read_csv(tmp_path / "fold0" / "log.csv")["epoch"].to_list() == [1, 2]  # rank 0 only
     oof = pl.read_parquet(tmp_path / "oof_patient.parquet")
     folds = pl.read_csv(tmp_path / "folds.csv")
@@ -371,7 +373,7 @@ def test_torchrun_ranks_stop_together_at_the_time_limit(
 ) -> None:
     config = smoke_config(tiny_competition, cached, tmp_path, time_limit_s=1e-9)
     config.to_json(tmp_path / "config.json")
-    run_torchrun_on_cpu("kaggle_utils.finetune", tmp_path / "config.json")  # no rank hangs
+    run_torchrun_on_cpu("kaggle_utils.finetune.train", tmp_path / "config.json")  # no rank hangs
     result = read_cv_result(tmp_path)
     assert not result.finished and result.folds_pending == [0, 1]
     assert not (tmp_path / "fold0" / "last.pt").exists()

@@ -18,12 +18,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from kaggle_utils.dicom import (
-    SeriesGeometry,
-    UnsupportedGeometryError,
-    load_series,
-)
-from kaggle_utils.sources import load_nifti_series
+from kaggle_utils.cache.dicom import SeriesGeometry, UnsupportedGeometryError, load_series
+from kaggle_utils.cache.sources import load_nifti_series
 
 from conftest import pydicom_test_file, write_ct_dicom
 
@@ -277,7 +273,7 @@ def test_slices_are_decoded_into_one_volume_never_stacked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The memory contract: a series is held once (np.stack would hold it twice)."""
-    import kaggle_utils.dicom as dicom
+    import kaggle_utils.cache.dicom as dicom
 
     expected = ramp(5)
     write_oriented_series(tmp_path, expected, (False, True, True))
@@ -303,7 +299,7 @@ def test_reuse_memory_decodes_into_one_buffer_series_after_series(tmp_path: Path
 
 
 def test_the_metadata_records_what_was_done_and_the_report_lists_it(tmp_path: Path) -> None:
-    from kaggle_utils import preprocess
+    from kaggle_utils.cache import preprocess
 
     config = preprocess.PreprocessConfig(shapes=((4, 8, 8),))
     write_oriented_series(tmp_path / "images" / "1" / "10", ramp(4, 16), (True, False, True))

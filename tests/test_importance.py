@@ -12,10 +12,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from kaggle_utils import importance
-from kaggle_utils.classifier import build_classifier
-from kaggle_utils.finetune_data import series_table
-from kaggle_utils.plots import importance_strip
+from kaggle_utils.common.plots import importance_strip
+from kaggle_utils.finetune import importance
+from kaggle_utils.finetune.data import series_table
+from kaggle_utils.finetune.model import build_classifier
 from tests.conftest import TINY_MODEL_SHAPE
 
 

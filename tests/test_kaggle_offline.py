@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from kaggle_utils import bundle, paths
-from kaggle_utils.submission import predict_test_set
+from kaggle_utils import bundle
+from kaggle_utils.common import paths
+from kaggle_utils.submission.inference import predict_test_set
 
 from kaggle_image import build as build_kaggle_image
 from submission_checks import assert_no_notebook_warnings, assert_same_submission

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kaggle_utils.losses import (
+from kaggle_utils.pretrain.losses import (
     LOG_EPS,
     VoCoLoss,
     inter_loss,

@@ -713,7 +713,7 @@ def test_score_of_variants_is_rsna_score_of_each_calibrated_table() -> None:
     score is `rsna_score` of the table `apply_calibration` writes, to the last bits (polars
     versions round some of its sums differently), shuffled patient order and unnormalised
     predictions included."""
-    from kaggle_utils.calibration import Calibration, _calibrated_values, apply_calibration
+    from kaggle_utils.finetune.calibration import Calibration, _calibrated_values, apply_calibration
     from kaggle_utils.metric import ScoreOfVariants, prior_prediction
 
     labels = random_labels(60, 21)

@@ -7,17 +7,10 @@ import pytest
 import timm
 import torch
 
-from kaggle_utils.classifier import CNNBiLSTM
-from kaggle_utils.models import (
-    CropEncoder,
-    StudentTeacher,
-    build_backbone,
-    cosine_schedule,
-    feature_dim,
-    load_state_dict_file,
-    update_momentum,
-    warmup_cosine,
-)
+from kaggle_utils.common.backbone import build_backbone, feature_dim, load_state_dict_file
+from kaggle_utils.common.engine import cosine_schedule, warmup_cosine
+from kaggle_utils.finetune.model import CNNBiLSTM
+from kaggle_utils.pretrain.model import CropEncoder, StudentTeacher, update_momentum
 
 
 def tiny_encoder(slice_mode: str = "average") -> CropEncoder:

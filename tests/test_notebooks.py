@@ -13,10 +13,10 @@ import papermill
 import polars as pl
 import pytest
 
-from kaggle_utils.demo import demo_summary, markdown
-from kaggle_utils.finetune import FinetuneConfig, run_cross_validation
-from kaggle_utils.preprocess import list_series, load_metadata
-from kaggle_utils.submission import predict_test_set
+from kaggle_utils.cache.preprocess import list_series, load_metadata
+from kaggle_utils.demo.summary import demo_summary, markdown
+from kaggle_utils.finetune.train import FinetuneConfig, run_cross_validation
+from kaggle_utils.submission.inference import predict_test_set
 
 from submission_checks import assert_no_notebook_warnings, assert_same_submission
 

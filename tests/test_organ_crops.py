@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_utils import organ_crops
-from kaggle_utils import segmentation as seg
-from kaggle_utils.finetune import FinetuneConfig
-from kaggle_utils.finetune_data import series_table
-from kaggle_utils.preprocess import cache_settings, load_cached_volume, load_metadata
+from kaggle_utils.cache.preprocess import cache_settings, load_cached_volume, load_metadata
+from kaggle_utils.finetune.data import series_table
+from kaggle_utils.finetune.train import FinetuneConfig
+from kaggle_utils.segmentation import organ_crops
+from kaggle_utils.segmentation import train as seg
 
 
 def test_crop_boxes_grow_by_the_margin_and_stay_inside() -> None:

@@ -11,19 +11,20 @@ import polars as pl
 import pytest
 import torch
 
-from kaggle_utils import organ_crops
-from kaggle_utils import segmentation as seg
-from kaggle_utils.classifier import adapt_input_conv, build_classifier
-from kaggle_utils.finetune import FinetuneConfig, load_fold_model, run_cross_validation
-from kaggle_utils.finetune_data import (
+from kaggle_utils.finetune.data import (
     VISIBILITY_TARGETS,
     SeriesDataset,
     organ_visibility_labels,
     series_table,
     slice_stack,
 )
+from kaggle_utils.finetune.model import adapt_input_conv, build_classifier
+from kaggle_utils.finetune.predict import load_fold_model
+from kaggle_utils.finetune.train import FinetuneConfig, run_cross_validation
 from kaggle_utils.metric import LABEL_COLUMNS, validate_submission
-from kaggle_utils.submission import (
+from kaggle_utils.segmentation import organ_crops
+from kaggle_utils.segmentation import train as seg
+from kaggle_utils.submission.inference import (
     PROBABILITY_COLUMNS,
     combine_runs,
     explain_test_patients,
@@ -87,7 +88,7 @@ def test_a_one_channel_encoder_starts_a_three_slice_classifier(tmp_path: Path) -
 
 def _labels(rows: dict[int, dict[str, int]]) -> pl.DataFrame:
     """train.csv from {patient: {target: class index}} (unnamed targets healthy)."""
-    from kaggle_utils.classifier import TARGET_CLASSES
+    from kaggle_utils.metric import TARGET_CLASSES
 
     table = []
     for patient, classes in rows.items():
@@ -162,7 +163,7 @@ def _probabilities(rng: np.random.Generator, patients: list[int]) -> pl.DataFram
 
 
 def test_combined_runs_average_each_target_over_the_runs_trained_on_it() -> None:
-    from kaggle_utils.finetune_data import label_columns
+    from kaggle_utils.finetune.data import label_columns
 
     rng = np.random.default_rng(3)
     scan = _probabilities(rng, [1, 2, 3])
@@ -324,7 +325,7 @@ class _StubLocator:
 
 @pytest.mark.parametrize("fail", [False, True], ids=["not found", "segmentation fails"])
 def test_notebook_04_crops_the_whole_scan_when_the_organ_is_not_found(fail: bool) -> None:
-    from kaggle_utils.submission import (
+    from kaggle_utils.submission.inference import (
         FALLBACK_WHOLE_SCAN,
         ModelRun,
         PreparedSeries,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils import paths
-from kaggle_utils.submission import resolve_model_dir, resolve_output_csv
+from kaggle_utils.common import paths
+from kaggle_utils.submission.inference import resolve_model_dir, resolve_output_csv
 
 PLATFORM_VARIABLES = ("KAGGLE_KERNEL_RUN_TYPE", "COLAB_RELEASE_TAG", paths.FAKE_ROOT_ENV)
 
@@ -117,7 +117,7 @@ def make_input(kind: str, folder: Path) -> str:
     import polars as pl
     import torch
 
-    from kaggle_utils.models import build_backbone
+    from kaggle_utils.common.backbone import build_backbone
 
     from conftest import save_encoder
 
@@ -155,7 +155,10 @@ def make_input(kind: str, folder: Path) -> str:
 
 def consume(kind: str, value: str, tmp: Path) -> object:
     """The function that reads each path parameter, called as the notebooks call it."""
-    from kaggle_utils import classifier, models, preprocess, runtime, segmentation, sources
+    from kaggle_utils.cache import preprocess, sources
+    from kaggle_utils.common import backbone, runtime
+    from kaggle_utils.finetune import model as classifier
+    from kaggle_utils.segmentation import train as segmentation
 
     if kind == "data_root":
         return paths.resolve_data_root(value)
@@ -164,7 +167,7 @@ def consume(kind: str, value: str, tmp: Path) -> object:
     if kind == "encoder_file":
         return classifier.build_classifier("test_efficientnet", 1, "voco", encoder_file=value)
     if kind == "weights_file":
-        return models.build_backbone("test_efficientnet", 1, weights_file=value)
+        return backbone.build_backbone("test_efficientnet", 1, weights_file=value)
     if kind == "model_dir":
         return resolve_model_dir(value)
     if kind == "resume_from":
@@ -211,7 +214,7 @@ def test_every_path_parameter_finds_its_input_in_either_mount_layout(
 
 
 def preprocess_dirs(pattern: str) -> list[Path]:
-    from kaggle_utils import preprocess
+    from kaggle_utils.cache import preprocess
 
     return preprocess.resolve_cache_dirs([pattern])
 

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_utils import preprocess
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache import preprocess
+from kaggle_utils.cache.preprocess import (
     PreprocessConfig,
     SeriesTask,
     cache_path,

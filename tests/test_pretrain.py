@@ -12,25 +12,30 @@ import pytest
 import timm
 import torch
 
-from kaggle_utils import pretrain as pretrain_module
-from kaggle_utils.classifier import build_classifier
-from kaggle_utils.models import build_backbone, input_normalisation, load_state_dict_file
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset, shard_tasks
-from kaggle_utils.pretrain import (
-    NonFiniteLossError,
-    PretrainConfig,
-    pretrain,
-    pretraining_volume_dirs,
+from kaggle_utils.cache.preprocess import (
+    PreprocessConfig,
+    list_series,
+    preprocess_dataset,
+    shard_tasks,
 )
-from kaggle_utils.pretrain_data import (
+from kaggle_utils.common.backbone import build_backbone, input_normalisation, load_state_dict_file
+from kaggle_utils.common.engine import ResumableSampler
+from kaggle_utils.common.runtime import copy_previous_run, resolve_precision
+from kaggle_utils.finetune.model import build_classifier
+from kaggle_utils.pretrain import train as pretrain_module
+from kaggle_utils.pretrain.data import (
     AugmentConfig,
-    ResumableSampler,
     VoCoCropDataset,
     augment_volume,
     split_probe_volumes,
     volume_files,
 )
-from kaggle_utils.runtime import copy_previous_run, resolve_precision
+from kaggle_utils.pretrain.train import (
+    NonFiniteLossError,
+    PretrainConfig,
+    pretrain,
+    pretraining_volume_dirs,
+)
 
 from conftest import run_torchrun_on_cpu
 
@@ -42,7 +47,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cached (8, 64, 64) volumes of 20 synthetic patients."""
-    from kaggle_utils.synthetic import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
 
     root = tmp_path_factory.mktemp("pretrain_data")
     config = SyntheticConfig(
@@ -206,7 +211,7 @@ def test_short_pretraining_lifts_the_position_probe(volume_dir: Path, tmp_path: 
 def test_torchrun_two_cpu_processes_with_gloo(volume_dir: Path, tmp_path: Path) -> None:
     config = tiny_config(volume_dir, tmp_path, steps=2, probe_every=2)
     config.to_json(tmp_path / "config.json")
-    run_torchrun_on_cpu("kaggle_utils.pretrain", tmp_path / "config.json")
+    run_torchrun_on_cpu("kaggle_utils.pretrain.train", tmp_path / "config.json")
     with open(tmp_path / "log.csv") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [0, 1, 2]  # rank 0 logs once
     assert (tmp_path / "encoder.pt").is_file()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kaggle_utils import provenance
-from kaggle_utils.calibration import Calibration
+from kaggle_utils.cache.preprocess import RECORDS_DIR
+from kaggle_utils.common import provenance
+from kaggle_utils.finetune.calibration import Calibration
 from kaggle_utils.metric import LABEL_COLUMNS
-from kaggle_utils.preprocess import RECORDS_DIR
-from kaggle_utils.submission import (
+from kaggle_utils.submission.inference import (
     PREPROCESS_FILE,
     load_model_runs,
     preprocessing_warnings,

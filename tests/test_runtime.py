@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kaggle_utils import runtime
+from kaggle_utils.common import runtime
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kaggle_utils"
 CUDA = torch.device("cuda", 0)
@@ -82,11 +82,11 @@ def test_no_loop_decides_precision_on_its_own() -> None:
     may choose, and it must not use that test."""
     offenders = [
         p.name
-        for p in PACKAGE.glob("*.py")
+        for p in PACKAGE.rglob("*.py")
         if "is_bf16_supported(" in p.read_text() or "GradScaler(" in p.read_text()
     ]
     assert offenders == ["runtime.py"], offenders
-    assert "is_bf16_supported(" not in (PACKAGE / "runtime.py").read_text()
+    assert "is_bf16_supported(" not in (PACKAGE / "common" / "runtime.py").read_text()
 
 
 # --------------------------------------------------------------------------- the device
@@ -146,7 +146,7 @@ def test_asking_for_a_gpu_torch_cannot_use_is_an_error_not_a_crash_later(fake_gp
     fake_gpu("Tesla P100-PCIE-16GB", 6, 0, KAGGLE_TORCH_ARCHES)
     with pytest.raises(ValueError, match=r"P100.*6\.0.*not supported.*use 'auto'"):
         runtime.pick_device("cuda")
-    from kaggle_utils.volume import check_resample_device
+    from kaggle_utils.cache.volume import check_resample_device
 
     with pytest.raises(ValueError, match="not supported"):
         check_resample_device("cuda")

@@ -12,11 +12,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from kaggle_utils import segmentation as seg
-from kaggle_utils.dicom import load_series
-from kaggle_utils.preprocess import list_series, load_cached_volume, load_metadata
-from kaggle_utils.synthetic import SEGMENTATIONS_DIR
-from kaggle_utils.volume import crop_and_resample
+from kaggle_utils.cache.dicom import load_series
+from kaggle_utils.cache.preprocess import list_series, load_cached_volume, load_metadata
+from kaggle_utils.cache.volume import crop_and_resample
+from kaggle_utils.demo.generator import SEGMENTATIONS_DIR
+from kaggle_utils.segmentation import train as seg
 from tests.conftest import write_ct_dicom
 
 # --------------------------------------------------------------------------- alignment

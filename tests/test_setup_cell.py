@@ -88,7 +88,7 @@ def test_colab_installs_the_clone_under_content(
     # (the cell installs `install_from` instead when given; see the notebooks' parameters)
     clone = tmp_path / "content" / "voco2d"
     (clone / "kaggle_utils").mkdir(parents=True)
-    (clone / "kaggle_utils" / "paths.py").write_text("")
+    (clone / "kaggle_utils" / "__init__.py").write_text("")
     said = function()
     assert f"installed from {clone}" in said and "Drive is not mounted" in said
     assert calls[-1][-1] == str(clone) and "--no-index" not in calls[-1]

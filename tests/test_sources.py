@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kaggle_utils.dicom import load_series
-from kaggle_utils.preprocess import PreprocessConfig
-from kaggle_utils.sources import (
+from kaggle_utils.cache.dicom import load_series
+from kaggle_utils.cache.preprocess import PreprocessConfig
+from kaggle_utils.cache.sources import (
     EXTRA_RECORDS_DIR,
     VolumeSource,
     cache_extra_sources,

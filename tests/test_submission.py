@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 import torch
 
-from kaggle_utils import submission as submission_module
-from kaggle_utils.calibration import (
+from kaggle_utils.cache.preprocess import PreprocessConfig, list_series, preprocess_dataset
+from kaggle_utils.finetune.calibration import (
     CALIBRATION_FILE,
     Calibration,
     apply_calibration,
@@ -25,14 +25,10 @@ from kaggle_utils.calibration import (
     fit_calibration,
     read_calibration,
 )
-from kaggle_utils.finetune import (
-    FinetuneConfig,
-    aggregate_patients,
-    load_fold_model,
-    predict_series,
-    read_labels,
-)
-from kaggle_utils.finetune_data import AugmentConfig, SeriesDataset, build_transform, series_table
+from kaggle_utils.finetune.data import AugmentConfig, SeriesDataset, build_transform, series_table
+from kaggle_utils.finetune.predict import aggregate_patients, load_fold_model, predict_series
+from kaggle_utils.finetune.report import ensemble_patients, training_prior
+from kaggle_utils.finetune.train import FinetuneConfig, read_labels
 from kaggle_utils.metric import (
     LABEL_COLUMNS,
     TARGET_GROUPS,
@@ -40,9 +36,8 @@ from kaggle_utils.metric import (
     rsna_score,
     validate_submission,
 )
-from kaggle_utils.preprocess import PreprocessConfig, list_series, preprocess_dataset
-from kaggle_utils.report import ensemble_patients, training_prior
-from kaggle_utils.submission import (
+from kaggle_utils.submission import inference as submission_module
+from kaggle_utils.submission.inference import (
     EnsemblePredictor,
     SubmissionResult,
     load_fold_models,
@@ -181,7 +176,7 @@ def test_without_worker_processes_a_thread_decodes_and_gives_the_same_file(
 
     monkeypatch.setattr(submission_module, "ThreadPoolExecutor", CountingPool)
     monkeypatch.setattr(submission_module, "ProcessPoolExecutor", PoolThatCannotStart)
-    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission.inference"):
         result = predict_test_set(
             tiny_competition, model_dir, tmp_path / "sub.csv", workers=1, batch_size=2,
             max_prior_share=0, progress=False,
@@ -249,7 +244,7 @@ def test_broken_series_fall_back_to_other_series_or_the_prior(
     for dicom in (images / "56295" / "89229").iterdir():
         dicom.unlink()
     before = file_listing(data)
-    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission.inference"):
         result = predict_test_set(
             data, model_dir, tmp_path / "out" / "submission.csv", workers=1, progress=False
         )
@@ -339,7 +334,7 @@ def test_preflight_names_each_syntax_and_what_reads_it(
     assert all(r.startswith("dicomsdl") for r in table["readers"].to_list())
 
     # an install without any decoder for RLE Lossless: the preflight says so
-    from kaggle_utils.dicom import SyntaxSupport
+    from kaggle_utils.cache.dicom import SyntaxSupport
 
     def nothing_reads_rle(uid: str, name: str = "") -> SyntaxSupport:
         readable = uid != "1.2.840.10008.1.2.5"
@@ -642,7 +637,7 @@ def test_a_fold_stopped_before_it_finished_is_left_out(
     """Notebook 03 stopped at its time limit: fold1 has a best.pt but no done.json."""
     models = copy_model_dir(model_dir, tmp_path)
     (models / "fold1" / "done.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission"):
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.submission.inference"):
         folds = load_fold_models(models, torch.device("cpu"))
     assert [f.fold for f in folds] == [0]
     assert any("fold1 not finished" in m for m in caplog.messages)

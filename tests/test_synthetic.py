@@ -20,7 +20,7 @@ import pytest
 from pydicom.pixels import apply_rescale
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from kaggle_utils.synthetic import (
+from kaggle_utils.demo.generator import (
     COMPLETE_MARKER,
     ENCODINGS,
     GROUPS,
@@ -346,7 +346,7 @@ def test_cli(tmp_path: Path) -> None:
     args = [
         sys.executable,
         "-m",
-        "kaggle_utils.synthetic",
+        "kaggle_utils.demo",
         str(out),
         "--train-patients",
         "3",
@@ -480,7 +480,7 @@ def test_a_complete_folder_made_with_other_options_is_not_reused(dataset: Path) 
 def _demo_cache(phantom: Phantom, box: tuple[int, int, int, int] | None = None):
     """A phantom as notebook 01 caches it for the demo's fine-tuning: body crop, 32x96x96,
     soft-tissue window (uint8); and the body box used."""
-    from kaggle_utils.volume import apply_window, body_bbox, crop_and_resample
+    from kaggle_utils.cache.volume import apply_window, body_bbox, crop_and_resample
 
     box = box or body_bbox(phantom.hu)
     shape = (32, 96, 96)
@@ -506,7 +506,7 @@ def test_every_injury_survives_the_demo_cache(group: str, grade: int, seed: int)
     32x96x96, 16 evenly spaced slices fed to the model) every kind of injury still changes
     >= 100 voxels by >= 20 grey levels, on at least two of the slices the model sees. Before
     the floors a low-grade kidney lesion kept ~20 such voxels on one slice."""
-    from kaggle_utils.finetune_data import slice_indices
+    from kaggle_utils.finetune.data import slice_indices
 
     healthy, injured = _pair(PatientLabels(**{group: grade}), seed=seed, n_slices=48, size=128)
     # same seed: same anatomy and the same noise, so the difference is the injury alone

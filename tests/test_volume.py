@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kaggle_utils.volume import (
+from kaggle_utils.cache.volume import (
     AIR_HU,
     apply_window,
     body_bbox,
@@ -141,7 +141,7 @@ SHAPES = [(32, 24, 24), (10, 80, 80), (7, 16, 40), (32, 48, 48)]
 def test_crop_and_resample_is_the_reference_for_every_shape(
     n_slices: int, box: tuple[int, int, int, int]
 ) -> None:
-    from kaggle_utils.volume import _crop_and_resample_torch, crop_and_resample, square_box
+    from kaggle_utils.cache.volume import _crop_and_resample_torch, crop_and_resample, square_box
 
     hu = np.random.default_rng(n_slices).normal(0, 400, (n_slices, 64, 64)).astype(np.float32)
     hu = hu[:, :, ::-1]  # any strides: a flipped view, as a series may be
@@ -160,7 +160,7 @@ def test_crop_and_resample_is_the_reference_for_every_shape(
 
 
 def test_crop_and_resample_without_square_keeps_the_box() -> None:
-    from kaggle_utils.volume import crop_and_resample
+    from kaggle_utils.cache.volume import crop_and_resample
 
     hu = np.random.default_rng(1).normal(0, 400, (12, 40, 50)).astype(np.float32)
     box = (5, 35, 0, 50)
@@ -172,7 +172,7 @@ def test_crop_and_resample_without_square_keeps_the_box() -> None:
 def test_resample_z_matches_the_slow_definition() -> None:
     """Adaptive pooling's windows [floor(i n / d), ceil((i + 1) n / d)) when shrinking; linear
     interpolation at (i + 0.5) n / d - 0.5, clamped, when growing."""
-    from kaggle_utils.volume import resample_z
+    from kaggle_utils.cache.volume import resample_z
 
     volume = np.random.default_rng(2).normal(size=(11, 3, 4)).astype(np.float32)
     for depth in (1, 4, 11, 17):
@@ -194,7 +194,7 @@ def test_resample_z_matches_the_slow_definition() -> None:
 def test_a_gpu_resample_device_fails_early_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from kaggle_utils.volume import check_resample_device
+    from kaggle_utils.cache.volume import check_resample_device
 
     check_resample_device("cpu")
     with pytest.raises(ValueError, match="'cpu' or 'cuda"):
@@ -206,7 +206,7 @@ def test_a_gpu_resample_device_fails_early_without_a_gpu(monkeypatch: pytest.Mon
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_crop_and_resample_on_the_gpu_is_the_cpu_reference() -> None:
-    from kaggle_utils.volume import crop_and_resample
+    from kaggle_utils.cache.volume import crop_and_resample
 
     hu = np.random.default_rng(3).normal(0, 400, (70, 64, 64)).astype(np.float32)
     on_gpu = crop_and_resample(hu, (10, 50, 5, 60), SHAPES, device="cuda")

@@ -1,7 +1,7 @@
 """Loaded at start-up by every Python process whose PYTHONPATH holds this folder (the tests
 put it there): reading a file named `segfault.dcm` then kills the process with SIGSEGV, the way a
-native decoder crash does. It patches `kaggle_utils.dicom.read_frames` (what `load_series` reads
-each file with) when that module is first imported, so no production code knows about it."""
+native decoder crash does. It patches `kaggle_utils.cache.dicom.read_frames` (what `load_series`
+reads each file with) when that module is first imported, so no production code knows about it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CRASHING_FILE = "segfault.dcm"
 
 class _PatchDicomOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "kaggle_utils.dicom":
+        if name != "kaggle_utils.cache.dicom":
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:

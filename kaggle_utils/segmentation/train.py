@@ -37,9 +37,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.std import tqdm
 
-from kaggle_utils import paths, runtime
-from kaggle_utils.preprocess import CacheDirs, load_cached_volume, load_metadata, shape_name
-from kaggle_utils.volume import crop_to_box, resample_volume
+from kaggle_utils.cache.preprocess import CacheDirs, load_cached_volume, load_metadata, shape_name
+from kaggle_utils.cache.volume import crop_to_box, resample_volume
+from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
 
 # The competition's label values (SPEC sec. 2); 0 is background.
 ORGAN_LABELS: dict[str, int] = {
@@ -98,7 +100,7 @@ def load_mask(path: str | Path, label_map: Mapping[int, int] | None = None) -> O
     """
     import nibabel as nib
 
-    from kaggle_utils.sources import nifti_to_axial, slice_positions
+    from kaggle_utils.cache.sources import nifti_to_axial, slice_positions
 
     path = Path(path)
     if not path.is_file():
@@ -286,7 +288,7 @@ def area_at_depth(area: Sequence[float], depth: int) -> np.ndarray:
 
 
 @dataclass
-class SegmentationConfig(runtime.JsonConfig):
+class SegmentationConfig(JsonConfig):
     """A 3D U-Net on the segmented series, then boxes for every cached series. Defaults are
     the real data's: notebook 01's 96 x 256 x 256 cache seen at 96 x 128 x 128 (the top
     solutions segmented at about 128^3)."""
@@ -510,7 +512,7 @@ def train(
         rng.bit_generator.state = state["numpy_rng"]
         runtime.set_rng_state(state["rng"])
         start = int(state["epoch"])
-        runtime.truncate_csv(out / "log.csv", start, LOG_COLUMNS, key="epoch")
+        truncate_csv(out / "log.csv", start, LOG_COLUMNS, key="epoch")
     bar = tqdm(range(start, config.epochs), desc="segmentation", unit="epoch", disable=not progress)
     for epoch in bar:
         began = time.perf_counter()
@@ -533,8 +535,8 @@ def train(
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": 0.0}
         row |= {f"dice_{o}": dice.get(o) for o in ORGAN_LABELS}
         row["seconds"] = round(time.perf_counter() - began, 2)
-        runtime.append_csv(out / "log.csv", row, LOG_COLUMNS)
-        runtime.save_torch_atomic(
+        append_csv(out / "log.csv", row, LOG_COLUMNS)
+        save_torch_atomic(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -572,7 +574,7 @@ def predict_cache(
         volume = load_cached_volume(Path(record["cache_dir"]), config.shape, sid)
         _, labels = predict_volume(model, volume, config)
         rows = organ_rows(labels, sid, int(record["patient_id"]))
-        runtime.write_text_atomic(folder / f"{sid}.json", json.dumps(rows))
+        write_text_atomic(folder / f"{sid}.json", json.dumps(rows))
     return write_organ_table(out)
 
 
@@ -636,16 +638,16 @@ def run_segmentation(config: SegmentationConfig, progress: bool = True) -> Segme
     device = next(model.parameters()).device
     precision = runtime.resolve_precision(config.precision, device)
     dice = evaluate(model, holdout_set, device, precision)
-    runtime.save_torch_atomic(model.state_dict(), out / "model.pt")
+    save_torch_atomic(model.state_dict(), out / "model.pt")
     settings = {"config": asdict(config), "in_channels": int(train_set[0].image.shape[0])}
-    runtime.write_text_atomic(out / "model.json", json.dumps(settings, indent=1))
+    write_text_atomic(out / "model.json", json.dumps(settings, indent=1))
     summary = {
         "dice": dice,
         "holdout_series": [e.series_id for e in holdout_set],
         "n_train": len(train_set),
         "epochs": epochs_done,
     }
-    runtime.write_text_atomic(out / "dice.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "dice.json", json.dumps(summary, indent=1))
     organs = predict_cache(model, metadata, config, progress) if config.predict else None
     return SegmentationResult(
         out, epochs_done, dice, len(train_set), len(holdout_set), problems, organs

@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from kaggle_utils.classifier import CNNBiLSTM
+from kaggle_utils.finetune.model import CNNBiLSTM
 
 METHODS = ("auto", "attention", "gradient")
 
@@ -116,7 +116,7 @@ def explain_input(
     """`slice_importance` and the prediction for one series' model input: uint8 (S, C, h, w)
     as `finetune_data.SeriesDataset` evaluates it (`slices`: which cached slices those are;
     `neighbours`: the 2.5D neighbours per side in its channels). No marked slices."""
-    from kaggle_utils.models import input_normalisation
+    from kaggle_utils.common.backbone import input_normalisation
 
     device = next(model.parameters()).device
     mean, std = input_normalisation(model.backbone, device)
@@ -151,7 +151,7 @@ def explain_series(
     what the model predicted and, where the table has `slices_<target>`, the marked slices
     (`slices_<target>` > 0.5: the image-level marks, or with organ visibility the slices
     showing over half the organ's largest area)."""
-    from kaggle_utils.finetune_data import SeriesDataset, slice_indices
+    from kaggle_utils.finetune.data import SeriesDataset, slice_indices
 
     model = model.to(torch.device(device))
     dataset = SeriesDataset(

@@ -10,15 +10,15 @@ checkpoint left off.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from kaggle_utils.crops import LabelMode, cut_crops, sample_voco_crops
+from kaggle_utils.pretrain.crops import LabelMode, cut_crops, sample_voco_crops
 
 
 @dataclass(frozen=True)
@@ -142,30 +142,3 @@ class VoCoCropDataset(Dataset):
             "labels": torch.from_numpy(crops.labels.astype(np.float32)),
             "index": index,
         }
-
-
-class ResumableSampler(Sampler[int]):
-    """Shuffled indices of one epoch, this rank's shard, starting at `start`.
-
-    The permutation depends only on (seed, epoch); rank r of w takes positions r, r + w, ...
-    (padded by wrapping so every rank gets the same count).
-    """
-
-    def __init__(self, n_items: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n_items, self.seed, self.rank, self.world_size = n_items, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def shard(self) -> list[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_items)
-        per_rank = -(-self.n_items // self.world_size)
-        padded = np.resize(order, per_rank * self.world_size)
-        return padded[self.rank :: self.world_size].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start :])
-
-    def __len__(self) -> int:
-        return len(self.shard()) - self.start

@@ -1,6 +1,6 @@
 """The closing summary of `make demo`: what each step produced and how long it took.
 
-python -m kaggle_utils.demo outputs/demo inputs/demo-rsna
+python -m kaggle_utils.demo.summary outputs/demo inputs/demo-rsna
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from kaggle_utils.submission import ensemble_prior, load_fold_models, score_against_labels
+from kaggle_utils.submission.inference import ensemble_prior, load_fold_models, score_against_labels
 
 NOTEBOOKS = ("01_dicom_preprocess", "02_voco2d_pretrain", "03_finetune_bilstm", "04_submission")
 

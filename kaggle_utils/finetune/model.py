@@ -11,17 +11,10 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from kaggle_utils import paths
-from kaggle_utils.metric import PAPER_ORGANS, TARGET_GROUPS
-from kaggle_utils.models import build_backbone, feature_dim, load_state_dict_file
+from kaggle_utils.common import paths
+from kaggle_utils.common.backbone import build_backbone, feature_dim, load_state_dict_file
+from kaggle_utils.metric import ALL_TARGETS, TARGET_CLASSES, TARGET_GROUPS
 
-# Classes per target, in train.csv's column order (derived from the metric's column groups).
-TARGET_CLASSES: dict[str, tuple[str, ...]] = {
-    target: tuple(column.removeprefix(f"{target}_") for column in columns)
-    for target, columns in TARGET_GROUPS.items()
-}
-ALL_TARGETS: tuple[str, ...] = tuple(TARGET_CLASSES)
-PAPER_TARGETS: tuple[str, ...] = PAPER_ORGANS
 Pooling = Literal["max", "mean", "attention"]
 EncoderInit = Literal["voco", "imagenet", "random"]
 

@@ -141,7 +141,7 @@ def check_resample_device(device: str) -> None:
     """
     import torch
 
-    from kaggle_utils.runtime import pick_device
+    from kaggle_utils.common.runtime import pick_device
 
     if device == "cpu":
         return

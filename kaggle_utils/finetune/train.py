@@ -1,5 +1,5 @@
 """Fine-tuning the CNN-BiLSTM with patient-grouped cross-validation: notebook 03 calls
-`run_cross_validation(config)`; `torchrun -m kaggle_utils.finetune --config ...` runs the same
+`run_cross_validation(config)`; `torchrun -m kaggle_utils.finetune.train --config ...` runs the same
 on several GPUs.
 
 What a run writes to `output_dir`:
@@ -25,54 +25,62 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 
-from kaggle_utils import runtime
-from kaggle_utils.classifier import (
-    ALL_TARGETS,
-    CNNBiLSTM,
-    build_classifier,
-)
-from kaggle_utils.finetune_data import (
-    SLICE_TARGETS,
-    VISIBILITY_TARGETS,
-    AugmentConfig,
-    SeriesDataset,
-    label_columns,
-    make_folds,
-    organ_visibility_labels,
-    series_table,
-    training_subset,
-)
-from kaggle_utils.metric import ANY_INJURY, CLASS_WEIGHTS, LABEL_COLUMNS, rsna_score
-from kaggle_utils.models import input_normalisation, warmup_cosine
-from kaggle_utils.organ_crops import bundle_segmentation
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache.preprocess import (
     cache_provenance,
     cache_settings,
     resolve_cache_dirs,
     write_model_preprocessing,
 )
-from kaggle_utils.pretrain_data import ResumableSampler
-from kaggle_utils.provenance import provenance
-from kaggle_utils.report import ensemble_patients, training_prior
-from kaggle_utils.segmentation import TARGET_ORGANS, organ_table
+from kaggle_utils.common import runtime
+from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.engine import ResumableSampler, warmup_cosine
+from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.provenance import provenance
+from kaggle_utils.finetune.data import (
+    SLICE_TARGETS,
+    VISIBILITY_TARGETS,
+    AugmentConfig,
+    SeriesDataset,
+    make_folds,
+    organ_visibility_labels,
+    series_table,
+    training_subset,
+)
+from kaggle_utils.finetune.losses import (
+    LOSS_NORMALISATIONS,
+    expected_weights,
+    slice_loss,
+    weighted_loss,
+)
+from kaggle_utils.finetune.model import CNNBiLSTM, build_classifier
+from kaggle_utils.finetune.predict import (
+    PROBABILITY_COLUMNS,
+    aggregate_patients,
+    normalised_input,
+    predict_holdout,
+    predict_series,
+    series_log_loss,
+)
+from kaggle_utils.finetune.report import ensemble_patients, training_prior
+from kaggle_utils.metric import ALL_TARGETS, CLASS_WEIGHTS, rsna_score
+from kaggle_utils.segmentation.organ_crops import bundle_segmentation
+from kaggle_utils.segmentation.train import TARGET_ORGANS, organ_table
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "seconds")
-PROBABILITY_COLUMNS: tuple[str, ...] = LABEL_COLUMNS  # the submission's 13 columns
 
 
 @dataclass
-class FinetuneConfig(runtime.JsonConfig):
+class FinetuneConfig(JsonConfig):
     """Every choice of a fine-tuning run (notebook 03's parameters)."""
 
     data_root: str = ""  # competition folder with train.csv (labels)
@@ -232,7 +240,9 @@ def stopped_message(result: CVResult) -> str:
 
 def launch_torchrun(config: FinetuneConfig, nproc_per_node: int = 0) -> CVResult:
     """`run_cross_validation(config)` under torchrun (one process per GPU by default)."""
-    runtime.run_torchrun("kaggle_utils.finetune", config, Path(config.output_dir), nproc_per_node)
+    runtime.run_torchrun(
+        "kaggle_utils.finetune.train", config, Path(config.output_dir), nproc_per_node
+    )
     return read_cv_result(Path(config.output_dir))
 
 
@@ -449,7 +459,7 @@ def train_fold(
     if config.resume and last_file.is_file():
         epoch, best_score = _load_resume(last_file, model, optimizer, scheduler, scaler, device)
     if rank == 0:
-        runtime.truncate_csv(fold_dir / "log.csv", epoch, EPOCH_COLUMNS, key="epoch")
+        truncate_csv(fold_dir / "log.csv", epoch, EPOCH_COLUMNS, key="epoch")
         _model_json(config, in_chans, fold_dir / "model.json", prior)
 
     started = time.monotonic()
@@ -483,7 +493,7 @@ def train_fold(
                 with precision.autocast():
                     # through DDP's wrapper when there is one: it only calls forward
                     logits, slice_logits = trained_model(
-                        _normalised(batch["image"], mean, std), with_slices=True
+                        normalised_input(batch["image"], mean, std), with_slices=True
                     )
                 loss = weighted_loss(
                     logits, batch["labels"].to(device), batch["any_injury"].to(device),
@@ -519,12 +529,12 @@ def train_fold(
                 patient_probs.select("patient_id"), on="patient_id", how="semi"
             )
             score = rsna_score(valid_labels, patient_probs.drop("fold", strict=False))
-            valid_loss = _weighted_log_loss(valid_rows, series_probs, config.targets)
+            valid_loss = series_log_loss(valid_rows, series_probs, config.targets)
             if score < best_score:
                 best_score = score
-                runtime.save_torch_atomic(model.state_dict(), fold_dir / "best.pt")
+                save_torch_atomic(model.state_dict(), fold_dir / "best.pt")
                 series_probs.write_parquet(fold_dir / "oof_series.parquet")
-            runtime.append_csv(
+            append_csv(
                 fold_dir / "log.csv",
                 {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
                  "valid_rsna": score, "lr": scheduler.get_last_lr()[-1],
@@ -539,229 +549,10 @@ def train_fold(
         if clock is not None:
             clock.epoch_seconds.append(time.monotonic() - epoch_started)
     if rank == 0:
-        runtime.write_text_atomic(
+        write_text_atomic(
             done_file, json.dumps({"best_score": best_score, "epochs": config.epochs})
         )
     return best_score
-
-
-LOSS_NORMALISATIONS = ("expected", "batch")
-
-
-def expected_weights(rows: pl.DataFrame) -> dict[str, float]:
-    """The mean metric weight of the true class over these training rows, per target and for
-    any_injury (`<target>_class` and `any_injury` columns, as `series_table` gives them): the
-    constant that makes `weighted_loss` the metric in expectation over random batches."""
-    weights = {
-        target: float(np.asarray(CLASS_WEIGHTS[target])[rows[f"{target}_class"].to_numpy()].mean())
-        for target in ALL_TARGETS
-    }
-    injured = rows["any_injury"].to_numpy() > 0
-    weights[ANY_INJURY] = float(np.where(injured, CLASS_WEIGHTS[ANY_INJURY][1], 1.0).mean())
-    return weights
-
-
-def weighted_loss(
-    logits: dict[str, Tensor],
-    labels: Tensor,
-    any_injury: Tensor,
-    class_weights: dict[str, Tensor],
-    any_injury_weight: float = 1.0,
-    normalisers: dict[str, float] | None = None,
-) -> Tensor:
-    """Cross-entropy per target weighted like the metric (healthy 1, injury 2 or 6, low 2,
-    high 4), plus, when every target is trained, the metric's any_injury term: weighted BCE
-    (1 healthy, 6 injured) on max over targets of 1 - p_healthy. The mean of the terms.
-
-    Each term is sum(w * CE) over the batch divided by a constant: B * `normalisers[target]`
-    (the training rows' mean weight, `expected_weights`), so that its expectation over random
-    batches is the metric's sum(w * CE) / sum(w) over the training set, whose best constant
-    it shares. Without `normalisers` it is divided by the batch's own sum(w) (torch's
-    `weight=` with mean reduction): exact on one batch, but its minimiser depends on the
-    batch size (at 2, the best constant extravasation probability is pulled far below the
-    metric's).
-
-    logits: {target: (B, n_classes)}; labels: (B, n_targets) in `logits`' order.
-    """
-    batch = labels.shape[0]
-    terms = []
-    for index, (target, target_logits) in enumerate(logits.items()):
-        weight = class_weights[target].float()
-        per_row = F.cross_entropy(target_logits.float(), labels[:, index], reduction="none")
-        row_weights = weight[labels[:, index]]
-        scale = row_weights.sum() if normalisers is None else batch * normalisers[target]
-        terms.append((row_weights * per_row).sum() / scale)
-    if any_injury_weight > 0 and len(logits) == len(ALL_TARGETS):
-        injured = torch.stack(
-            [1 - torch.softmax(v.float(), dim=1)[:, 0] for v in logits.values()], dim=1
-        ).amax(dim=1)
-        weights = torch.where(any_injury > 0.5, CLASS_WEIGHTS[ANY_INJURY][1], 1.0)
-        bce = F.binary_cross_entropy(injured.clamp(1e-7, 1 - 1e-7), any_injury, reduction="none")
-        scale = weights.sum() if normalisers is None else batch * normalisers[ANY_INJURY]
-        terms.append(any_injury_weight * (weights * bce).sum() / scale)
-    return torch.stack(terms).mean()
-
-
-def slice_loss(slice_logits: Tensor, slice_labels: Tensor) -> Tensor:
-    """Binary cross-entropy per slice and target, averaged over the known labels (-1: unknown,
-    ignored); 0 when nothing in the batch is known. Each target is averaged on its own, then
-    the targets, so a target's weight does not depend on how many of its series are known.
-
-    slice_logits, slice_labels: (B, S, n_slice_targets).
-    """
-    known = slice_labels >= 0
-    bce = F.binary_cross_entropy_with_logits(
-        slice_logits.float(), slice_labels.clamp_min(0), reduction="none"
-    )
-    per_target = [
-        bce[..., k][known[..., k]].mean() for k in range(bce.shape[-1]) if known[..., k].any()
-    ]
-    if not per_target:
-        return slice_logits.sum() * 0.0  # keeps the graph (DDP needs every parameter used)
-    return torch.stack(per_target).mean()
-
-
-@torch.no_grad()
-def predict_series(
-    model: CNNBiLSTM,
-    rows: pl.DataFrame,
-    config: FinetuneConfig,
-    device: torch.device,
-    fold: int,
-    prior: dict[str, float],
-) -> pl.DataFrame:
-    """Probabilities per series (softmax per target); targets the model was not trained on
-    get the training folds' best-constant prior, so the table is always a full submission."""
-    model.eval()
-    dataset = SeriesDataset(
-        rows, config.targets, config.n_slices, config.image_size, False,
-        neighbours=config.neighbour_slices,
-    )  # fmt: skip
-    loader = DataLoader(
-        dataset, batch_size=max(1, config.batch_size), num_workers=config.num_workers
-    )
-    mean, std = input_normalisation(model.backbone, device)
-    precision = runtime.resolve_precision(config.precision, device)
-    frames = []
-    for batch in loader:
-        probabilities = volume_probabilities(model, batch["image"], mean, std, precision)
-        frame = {
-            "patient_id": batch["patient_id"].tolist(),
-            "series_id": batch["series_id"].tolist(),
-        }
-        frame |= probability_columns(probabilities, len(batch["series_id"]), prior)
-        frames.append(pl.DataFrame(frame))
-    return (
-        pl.concat(frames)
-        .with_columns(pl.lit(fold).alias("fold"))
-        .select("fold", "patient_id", "series_id", *PROBABILITY_COLUMNS)
-    )
-
-
-def volume_probabilities(
-    model: CNNBiLSTM,
-    images: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    precision: runtime.Precision | None = None,
-) -> dict[str, np.ndarray]:
-    """uint8 volumes (B, S, C, H, W) -> {target: (B, n_classes) probabilities}; fp32 unless
-    a `precision` (`runtime.resolve_precision`) says otherwise."""
-    logits = _logits(model, images, mean, std, precision)
-    return {t: torch.softmax(v.float(), dim=1).cpu().numpy() for t, v in logits.items()}
-
-
-def probability_columns(
-    probabilities: dict[str, np.ndarray], n_rows: int, prior: dict[str, float]
-) -> dict[str, list[float]]:
-    """Per-target probabilities as the 13 submission columns, prior-filled where missing."""
-    columns: dict[str, list[float]] = {}
-    for target in ALL_TARGETS:
-        for index, column in enumerate(label_columns(target)):
-            if target in probabilities:
-                columns[column] = probabilities[target][:, index].astype(float).tolist()
-            else:
-                columns[column] = [prior[column]] * n_rows
-    return columns
-
-
-def aggregate_patients(
-    series: pl.DataFrame, how: str = "mean", by_fold: bool = False
-) -> pl.DataFrame:
-    """Series probabilities -> one row per patient (mean or max over its series), each group
-    renormalised to sum to 1."""
-    keys = ["fold", "patient_id"] if by_fold and "fold" in series.columns else ["patient_id"]
-    agg = [getattr(pl.col(c), how)().alias(c) for c in PROBABILITY_COLUMNS]
-    patients = series.group_by(keys, maintain_order=True).agg(agg)
-    renormalised = []
-    for target in ALL_TARGETS:
-        cols = label_columns(target)
-        total = pl.sum_horizontal(cols)
-        renormalised += [(pl.col(c) / total).alias(c) for c in cols]
-    return patients.with_columns(renormalised).sort(keys)
-
-
-def load_fold_model(
-    fold_dir: Path, device: torch.device | str = "cpu"
-) -> tuple[CNNBiLSTM, dict[str, Any]]:
-    """A fold's best model, rebuilt from its model.json (no pretrained weights needed: the
-    checkpoint holds them all) and loaded with weights_only=True."""
-    meta = json.loads((Path(fold_dir) / "model.json").read_text())
-    model = build_classifier(
-        meta["backbone"], meta["in_chans"], "random", targets=meta["targets"],
-        hidden_size=meta["hidden_size"], num_layers=meta["num_layers"], dropout=meta["dropout"],
-        pooling=meta["pooling"], global_pool=meta.get("global_pool", "avg"),
-        slice_targets=meta.get("slice_targets", ()),
-    )  # fmt: skip
-    state = torch.load(Path(fold_dir) / "best.pt", map_location=device, weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
-def predict_holdout(
-    config: FinetuneConfig, rows: pl.DataFrame, fold_ids: Sequence[int]
-) -> pl.DataFrame:
-    """Every fold model's patient probabilities on the held-out patients, `fold` naming the
-    model (the kind of prediction the out-of-fold ones are: one model each)."""
-    device = runtime.device_for(False)
-    predictions = []
-    for fold in fold_ids:
-        model, meta = load_fold_model(Path(config.output_dir) / f"fold{fold}", device)
-        series = predict_series(model, rows, config, device, fold, meta["prior"])
-        predictions.append(aggregate_patients(series, config.aggregation, by_fold=True))
-    return pl.concat(predictions)
-
-
-def _logits(
-    model: nn.Module,
-    images: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    precision: runtime.Precision | None = None,
-) -> dict[str, Tensor]:
-    precision = precision or runtime.Precision("fp32", mean.device.type)
-    with precision.autocast():
-        return model(_normalised(images, mean, std))
-
-
-def _normalised(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 volumes -> the backbone's normalised float input, on mean's device."""
-    return (images.to(mean.device, non_blocking=True).float() / 255.0 - mean) / std
-
-
-def _weighted_log_loss(
-    rows: pl.DataFrame, series_probs: pl.DataFrame, targets: Sequence[str]
-) -> float:
-    """The training objective on validation series (per series, not per patient)."""
-    joined = rows.join(series_probs, on=["patient_id", "series_id"])
-    losses = []
-    for target in targets:
-        probs = joined.select(label_columns(target)).to_numpy()
-        truth = joined[f"{target}_class"].to_numpy()
-        weights = np.asarray(CLASS_WEIGHTS[target])[truth]
-        picked = np.clip(probs[np.arange(len(truth)), truth], 1e-15, 1.0)
-        losses.append(float((weights * -np.log(picked)).sum() / weights.sum()))
-    return float(np.mean(losses))
 
 
 def _in_chans(rows: pl.DataFrame) -> int:
@@ -800,7 +591,7 @@ def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[s
         "settings": dataclasses.asdict(config),
         "provenance": provenance(),
     }
-    runtime.write_text_atomic(path, json.dumps(meta, indent=1))
+    write_text_atomic(path, json.dumps(meta, indent=1))
 
 
 def _load_or_make_folds(
@@ -811,7 +602,7 @@ def _load_or_make_folds(
     if rank == 0 and not (config.resume and path.is_file()):
         seed = config.seed if config.fold_seed < 0 else config.fold_seed
         folds = make_folds(labels, config.n_folds, seed, config.holdout)
-        runtime.write_text_atomic(path, folds.write_csv())
+        write_text_atomic(path, folds.write_csv())
     if distributed:
         dist.barrier()
     return pl.read_csv(path)
@@ -826,7 +617,7 @@ def _save_resume(
     epoch: int,
     best_score: float,
 ) -> None:
-    runtime.save_torch_atomic(
+    save_torch_atomic(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),

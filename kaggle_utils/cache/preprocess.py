@@ -38,16 +38,16 @@ import numpy as np
 import polars as pl
 from tqdm.std import tqdm
 
-from kaggle_utils import paths
-from kaggle_utils.dicom import Series, load_series
-from kaggle_utils.provenance import provenance
-from kaggle_utils.volume import (
+from kaggle_utils.cache.dicom import Series, load_series
+from kaggle_utils.cache.volume import (
     DEFAULT_WINDOWS,
     body_bbox,
     check_resample_device,
     crop_and_resample,
     window_volume,
 )
+from kaggle_utils.common import paths
+from kaggle_utils.common.provenance import provenance
 
 PRETRAIN_SHAPE = (32, 192, 192)
 FINETUNE_SHAPE = (96, 256, 256)

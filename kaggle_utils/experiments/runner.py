@@ -52,9 +52,11 @@ import numpy as np
 import polars as pl
 from tqdm.std import tqdm
 
-from kaggle_utils import paths, runtime
+from kaggle_utils.common import paths
+from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.finetune.report import CV_OPTIMISM_NOTE
 from kaggle_utils.metric import SCORE_PARTS, patient_loss_terms
-from kaggle_utils.report import CV_OPTIMISM_NOTE
 
 PRESETS = ("table1", "label_efficiency", "grid", "table2")
 TABLE2_SETTINGS = ("random", "voco")  # from scratch, 2D-VoCo
@@ -80,7 +82,7 @@ Executor = Callable[[Path, Path, dict[str, Any]], None]
 
 
 @dataclass
-class ExperimentConfig(runtime.JsonConfig):
+class ExperimentConfig(JsonConfig):
     """Every choice of an experiment batch (notebook 05's parameters)."""
 
     experiment_dir: str = "outputs/experiments"
@@ -296,7 +298,7 @@ def papermill_executor(
 
 
 def pretraining_finished(run_dir: Path) -> bool:
-    from kaggle_utils.pretrain import read_result
+    from kaggle_utils.pretrain.train import read_result
 
     try:
         return read_result(run_dir).finished
@@ -306,7 +308,7 @@ def pretraining_finished(run_dir: Path) -> bool:
 
 def finetuning_finished(run_dir: Path) -> bool:
     """Every fold trained and notebook 03's report written (it is written last)."""
-    from kaggle_utils.finetune import read_cv_result
+    from kaggle_utils.finetune.train import read_cv_result
 
     if not (run_dir / "report.json").is_file():
         return False
@@ -339,7 +341,7 @@ def run_experiment(
     root.mkdir(parents=True, exist_ok=True)
     config.to_json(root / "experiment.json")
     plan = plan_experiment(config)
-    runtime.write_text_atomic(root / "plan.json", json.dumps(_plan_json(plan), indent=1))
+    write_text_atomic(root / "plan.json", json.dumps(_plan_json(plan), indent=1))
     notebooks = Path(config.notebooks_dir) if config.notebooks_dir else paths.project_root()
     if not config.notebooks_dir:
         notebooks = notebooks / "notebooks"
@@ -374,7 +376,7 @@ def run_experiment(
             continue
         bar.set_postfix_str(out.name)
         out.mkdir(parents=True, exist_ok=True)
-        runtime.write_text_atomic(out / "params.json", json.dumps(params, indent=1))
+        write_text_atomic(out / "params.json", json.dumps(params, indent=1))
         run_started = time.monotonic()
         try:
             executor(notebooks / notebook, out / notebook, params)
@@ -385,7 +387,7 @@ def run_experiment(
             # wall-clock minutes of this call (a resumed run adds its sessions up)
             spent = (time.monotonic() - run_started) / 60
             minutes[out.name] = round(minutes.get(out.name, 0.0) + spent, 2)
-            runtime.write_text_atomic(timings_file, json.dumps(minutes, indent=1))
+            write_text_atomic(timings_file, json.dumps(minutes, indent=1))
         ran.append(str(out))
         if not finished(out):
             failures[str(out)] = "the notebook ended before the run finished (time limit?)"
@@ -503,7 +505,7 @@ def experiment_report(
     """Per preset, one row per (setting, backbone, fraction): held-out metrics of the fold
     models (mean +- std over seeds x folds), the fold ensembles' score, the CV score, and the
     paired bootstrap difference against the baseline of the same group."""
-    from kaggle_utils.finetune import read_labels
+    from kaggle_utils.finetune.train import read_labels
 
     root = Path(config.experiment_dir)
     labels = read_labels(config.data_root)
@@ -759,8 +761,8 @@ def label_efficiency_figure(report: Mapping[str, Any]) -> Any:
 
 
 def write_report(report: Mapping[str, Any], root: Path) -> None:
-    runtime.write_text_atomic(root / "report.json", json.dumps(report, indent=1))
-    runtime.write_text_atomic(root / "report.md", markdown_report(report))
+    write_text_atomic(root / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(root / "report.md", markdown_report(report))
     if report["presets"].get("label_efficiency", {}).get("rows"):
         import matplotlib.pyplot as plt
 

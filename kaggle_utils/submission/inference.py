@@ -52,49 +52,14 @@ import torch
 from torch import Tensor
 from tqdm.std import tqdm
 
-from kaggle_utils import paths, runtime
-from kaggle_utils.calibration import Calibration, apply_calibration, read_calibration
-from kaggle_utils.classifier import ALL_TARGETS, CNNBiLSTM
-from kaggle_utils.dicom import (
+from kaggle_utils.cache.dicom import (
     NO_DECODER,
     decoder_report,
     load_series,
     series_transfer_syntax,
     syntax_support,
 )
-from kaggle_utils.finetune import (
-    PROBABILITY_COLUMNS,
-    aggregate_patients,
-    load_fold_model,
-    probability_columns,
-    volume_probabilities,
-)
-from kaggle_utils.finetune_data import (
-    AugmentConfig,
-    build_transform,
-    label_columns,
-    slice_indices,
-    slice_stack,
-)
-from kaggle_utils.importance import SeriesExplanation, explain_input
-from kaggle_utils.metric import (
-    LABEL_COLUMNS,
-    PATIENT_ID,
-    SCORE_PARTS,
-    best_constant_prediction,
-    constant_submission,
-    rsna_score_parts,
-    validate_submission,
-)
-from kaggle_utils.models import input_normalisation
-from kaggle_utils.organ_crops import (
-    RUN_SEGMENTATION_DIR,
-    CropConfig,
-    OrganLocator,
-    crop_from_rows,
-    read_crop_config,
-)
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache.preprocess import (
     PREPROCESS_FILE,
     PreprocessConfig,
     SeriesTask,
@@ -105,9 +70,45 @@ from kaggle_utils.preprocess import (
     resolve_cache_dirs,
     write_model_preprocessing,
 )
-from kaggle_utils.provenance import provenance, same_code
-from kaggle_utils.report import ensemble_patients
-from kaggle_utils.volume import DEFAULT_WINDOWS
+from kaggle_utils.cache.volume import DEFAULT_WINDOWS
+from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.provenance import provenance, same_code
+from kaggle_utils.finetune.calibration import Calibration, apply_calibration, read_calibration
+from kaggle_utils.finetune.data import (
+    AugmentConfig,
+    build_transform,
+    label_columns,
+    slice_indices,
+    slice_stack,
+)
+from kaggle_utils.finetune.importance import SeriesExplanation, explain_input
+from kaggle_utils.finetune.model import CNNBiLSTM
+from kaggle_utils.finetune.predict import (
+    PROBABILITY_COLUMNS,
+    aggregate_patients,
+    load_fold_model,
+    probability_columns,
+    volume_probabilities,
+)
+from kaggle_utils.finetune.report import ensemble_patients
+from kaggle_utils.metric import (
+    ALL_TARGETS,
+    LABEL_COLUMNS,
+    PATIENT_ID,
+    SCORE_PARTS,
+    best_constant_prediction,
+    constant_submission,
+    rsna_score_parts,
+    validate_submission,
+)
+from kaggle_utils.segmentation.organ_crops import (
+    RUN_SEGMENTATION_DIR,
+    CropConfig,
+    OrganLocator,
+    crop_from_rows,
+    read_crop_config,
+)
 
 logger = logging.getLogger(__name__)
 

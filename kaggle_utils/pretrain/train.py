@@ -1,7 +1,7 @@
 """The 2D-VoCo pretraining loop: notebook 02 calls `pretrain(config)`; `torchrun` runs the same
-function on several GPUs (or CPU processes) through `python -m kaggle_utils.pretrain`.
+function on several GPUs (or CPU processes) through `python -m kaggle_utils.pretrain.train`.
 
-    torchrun --nproc_per_node 2 -m kaggle_utils.pretrain --config outputs/pretrain/config.json
+    torchrun --nproc_per_node 2 -m kaggle_utils.pretrain.train --config outputs/pretrain/config.json
 
 What a run writes to `output_dir`:
     config.json         the settings (also the input of the command line above)
@@ -31,35 +31,30 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.std import tqdm
 
-from kaggle_utils import runtime
-from kaggle_utils.crops import cut_crops, sample_voco_crops
-from kaggle_utils.losses import LossParts, VoCoLoss, similarity
-from kaggle_utils.models import (
-    CropEncoder,
-    StudentTeacher,
-    build_backbone,
-    cosine_schedule,
-    feature_dim,
-    input_normalisation,
-    warmup_cosine,
-)
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache.preprocess import (
     CacheDirs,
     PreprocessConfig,
     cache_settings,
     resolve_cache_dirs,
     shape_name,
 )
-from kaggle_utils.pretrain_data import (
+from kaggle_utils.cache.sources import ExtraVolume, cache_extra_sources, find_volume_sources
+from kaggle_utils.common import runtime
+from kaggle_utils.common.backbone import build_backbone, feature_dim, input_normalisation
+from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.engine import ResumableSampler, cosine_schedule, warmup_cosine
+from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.provenance import provenance
+from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
+from kaggle_utils.pretrain.data import (
     AugmentConfig,
-    ResumableSampler,
     VoCoCropDataset,
     load_volume,
     split_probe_volumes,
     volume_files,
 )
-from kaggle_utils.provenance import provenance
-from kaggle_utils.sources import ExtraVolume, cache_extra_sources, find_volume_sources
+from kaggle_utils.pretrain.losses import LossParts, VoCoLoss, similarity
+from kaggle_utils.pretrain.model import CropEncoder, StudentTeacher
 
 LOG_COLUMNS = (
     "step", "epoch", "lr", "momentum", "loss", "intra", "inter", "reg", "probe_accuracy",
@@ -72,7 +67,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class PretrainConfig(runtime.JsonConfig):
+class PretrainConfig(JsonConfig):
     """Every choice of a 2D-VoCo run. Defaults reproduce the paper's setting (EfficientNetV2-T,
     32 x 192 x 192 volumes, a 3 x 3 grid of 64 x 64 base crops, 2 random crops, AdamW 1e-4,
     weight decay 1e-2, EMA momentum 0.9, all loss weights 1) and, where the paper is silent or
@@ -206,14 +201,14 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     if config.resume and checkpoint_file.is_file():
         state = _load_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, device)
     if rank == 0:
-        runtime.truncate_csv(output_dir / "log.csv", state.step, LOG_COLUMNS)
+        truncate_csv(output_dir / "log.csv", state.step, LOG_COLUMNS)
 
     started = time.monotonic()
     if state.step == 0 and probe_files and rank == 0 and config.probe_every > 0:
         state.initial_probe = dataclasses.asdict(
             position_probe(model.student, probe_files, config, mean, std, device)
         )
-        runtime.append_csv(
+        append_csv(
             output_dir / "log.csv", _probe_row(0, state, state.initial_probe, started), LOG_COLUMNS
         )
     bar = tqdm(
@@ -278,7 +273,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             row = _probe_row(state.step, state, probe, started)
             row.update(lr=scheduler.get_last_lr()[0], momentum=momentum, loss=sums["total"])
             row.update(intra=sums["intra"], inter=sums["inter"], reg=sums["reg"])
-            runtime.append_csv(output_dir / "log.csv", row, LOG_COLUMNS)
+            append_csv(output_dir / "log.csv", row, LOG_COLUMNS)
             bar.update()
             bar.set_postfix(loss=f"{sums['total']:.4f}")
             if finished or stop or state.step % config.checkpoint_every == 0:
@@ -491,7 +486,7 @@ def export_encoder(
     state: TrainState,
 ) -> None:
     """The student backbone for fine-tuning, plus a JSON of what made it."""
-    runtime.save_torch_atomic(backbone.state_dict(), path)
+    save_torch_atomic(backbone.state_dict(), path)
     meta = {
         "backbone": config.backbone,
         "in_chans": in_chans,
@@ -503,7 +498,7 @@ def export_encoder(
         "settings": dataclasses.asdict(config),
         "provenance": provenance(),
     }
-    runtime.write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
 
 
 def _momentum(config: PretrainConfig, step: int) -> float:
@@ -530,7 +525,7 @@ def _save_checkpoint(
         "state": dataclasses.asdict(state),
         "rng": runtime.rng_state(),
     }
-    runtime.save_torch_atomic(payload, path)
+    save_torch_atomic(payload, path)
 
 
 def _load_checkpoint(
@@ -595,7 +590,9 @@ def pretraining_volume_dirs(
 
 def launch_torchrun(config: PretrainConfig, nproc_per_node: int = 0) -> PretrainResult:
     """`pretrain(config)` under torchrun (one process per GPU by default); for notebooks."""
-    runtime.run_torchrun("kaggle_utils.pretrain", config, Path(config.output_dir), nproc_per_node)
+    runtime.run_torchrun(
+        "kaggle_utils.pretrain.train", config, Path(config.output_dir), nproc_per_node
+    )
     return read_result(Path(config.output_dir))
 
 

@@ -1,9 +1,8 @@
 """Run-time plumbing shared by the training loops: torchrun/DDP set-up, seeding, RNG state
-for exact resume, atomic file writes and CSV logs, and the choice of numeric precision."""
+for exact resume, and the choice of device and numeric precision."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -15,13 +14,14 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from kaggle_utils import paths
+from kaggle_utils.common import paths
+from kaggle_utils.common.config import JsonConfig
 
 logger = logging.getLogger(__name__)
 
@@ -168,44 +168,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def truncate_csv(path: Path, step: int, columns: Sequence[str], key: str = "step") -> None:
-    """Drop log rows past the checkpoint a run resumes from (written before it was killed)."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if int(r[key]) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def save_torch_atomic(payload: Any, path: Path) -> None:
-    """torch.save to a temporary sibling, then rename: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def copy_previous_run(
     source: str | Path,
     output_dir: Path,
@@ -283,22 +245,6 @@ def run_torchrun(
             tail = [*tail[-40:], line]
     if process.returncode != 0:
         raise RuntimeError(f"torchrun exited with {process.returncode}:\n{''.join(tail)}")
-
-
-_Config = TypeVar("_Config", bound="JsonConfig")
-
-
-class JsonConfig:
-    """Mixin for run-setting dataclasses: written to and read from a config.json (what
-    `torchrun -m ... --config` reads)."""
-
-    @classmethod
-    def from_json(cls: type[_Config], path: str | Path) -> _Config:
-        return cls(**json.loads(Path(path).read_text()))
-
-    def to_json(self, path: str | Path) -> None:
-        payload = dataclasses.asdict(self)  # type: ignore[call-overload]
-        write_text_atomic(Path(path), json.dumps(payload, indent=1))
 
 
 # --------------------------------------------------------------------------- precision

@@ -165,7 +165,7 @@ def project_root() -> Path:
     for folder in (Path.cwd(), *Path.cwd().parents):
         if (folder / "kaggle_utils").is_dir() and (folder / "notebooks").is_dir():
             return folder
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def resolve_data_root(data_root: str | Path = "") -> Path:

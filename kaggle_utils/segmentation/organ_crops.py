@@ -31,8 +31,7 @@ import polars as pl
 import torch
 from tqdm.std import tqdm
 
-from kaggle_utils import paths, runtime
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache.preprocess import (
     RECORDS_DIR,
     CacheDirs,
     cache_path,
@@ -42,7 +41,10 @@ from kaggle_utils.preprocess import (
     save_npy_atomic,
     write_metadata,
 )
-from kaggle_utils.segmentation import (
+from kaggle_utils.cache.volume import resample_volume
+from kaggle_utils.common import paths
+from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.segmentation.train import (
     TARGET_ORGANS,
     Box,
     SegmentationConfig,
@@ -52,7 +54,6 @@ from kaggle_utils.segmentation import (
     organ_table,
     predict_volume,
 )
-from kaggle_utils.volume import resample_volume
 
 CROP_SETTINGS = "crop.json"
 
@@ -181,7 +182,7 @@ def cache_organ_crops(
         "windows": [list(w) for w in source.windows],
         "body_crop": source.body_crop,
     }
-    runtime.write_text_atomic(target / CROP_SETTINGS, json.dumps(config.settings(), indent=1))
+    write_text_atomic(target / CROP_SETTINGS, json.dumps(config.settings(), indent=1))
     todo = [r for r in metadata.to_dicts() if not _is_cropped(target, r["series_id"], config)]
     for record in tqdm(todo, desc=f"{config.organ} crops", unit="series", disable=not progress):
         sid = int(record["series_id"])
@@ -191,7 +192,7 @@ def cache_organ_crops(
             save_npy_atomic(
                 cache_path(target, config.crop_shape, sid), cut_crop(volume, box, config.crop_shape)
             )
-        runtime.write_text_atomic(target / RECORDS_DIR / f"{sid}.json", json.dumps(crop))
+        write_text_atomic(target / RECORDS_DIR / f"{sid}.json", json.dumps(crop))
     return write_metadata(target)
 
 
@@ -228,7 +229,7 @@ def bundle_segmentation(
             f"{settings} not found: an organ-crop run trains on a crop cache "
             "(organ_crops.cache_organ_crops)"
         )
-    runtime.write_text_atomic(run_dir / CROP_SETTINGS, settings.read_text())
+    write_text_atomic(run_dir / CROP_SETTINGS, settings.read_text())
     if segmentation_dir:
         segmentation_dir = paths.find_input_holding(segmentation_dir, SEGMENTATION_FILES[0])
     sources = [Path(segmentation_dir or "") / name for name in SEGMENTATION_FILES]

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from kaggle_utils.classifier import PAPER_TARGETS
 from kaggle_utils.metric import (
+    PAPER_TARGETS,
     TARGET_GROUPS,
     best_constant_prediction,
     constant_submission,

@@ -19,10 +19,9 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
-from kaggle_utils.classifier import TARGET_CLASSES
-from kaggle_utils.metric import TARGET_GROUPS
-from kaggle_utils.preprocess import CacheDirs, cache_path, load_metadata
-from kaggle_utils.segmentation import area_at_depth
+from kaggle_utils.cache.preprocess import CacheDirs, cache_path, load_metadata
+from kaggle_utils.metric import TARGET_CLASSES, TARGET_GROUPS
+from kaggle_utils.segmentation.train import area_at_depth
 
 # Targets with slice-level labels in image_level_labels.csv, by their injury_name there.
 SLICE_TARGETS: dict[str, str] = {"bowel": "Bowel", "extravasation": "Active_Extravasation"}

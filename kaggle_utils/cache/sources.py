@@ -2,7 +2,7 @@
 files and of DICOM series, turned into the same cached uint8 volumes as the competition data.
 
 Every volume that reaches the cache must look like a competition series decoded by
-`kaggle_utils.dicom.load_series` from standard axial DICOMs (ImageOrientationPatient
+`kaggle_utils.cache.dicom.load_series` from standard axial DICOMs (ImageOrientationPatient
 [1,0,0,0,1,0]), or pretraining would learn one anatomy layout for the competition scans and
 another for the extra ones, and VoCo's position targets would mean different things:
 
@@ -14,7 +14,7 @@ NIfTI files come in any orientation (RAS, LPS, LAS, permuted axes); `load_nifti_
 brings them to nibabel's closest canonical RAS+ array first, then `ras_to_axial` maps that
 array to the layout above. DICOM folders go through `load_series`, which already produces it.
 
-Cache layout under `cache_dir` (shared with `kaggle_utils.preprocess`; keys start with
+Cache layout under `cache_dir` (shared with `kaggle_utils.cache.preprocess`; keys start with
 "nifti-" or "dicom-", so they never collide with the competition's numeric series ids):
 
     32x192x192/<key>.npy           uint8 (slices, H, W), or (slices, C, H, W) for C windows
@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 from tqdm.std import tqdm
 
-from kaggle_utils import paths
-from kaggle_utils.dicom import Series, load_series
-from kaggle_utils.preprocess import (
+from kaggle_utils.cache.dicom import Series, load_series
+from kaggle_utils.cache.preprocess import (
     PreprocessConfig,
     Shape,
     prepare_volumes,
@@ -48,8 +47,9 @@ from kaggle_utils.preprocess import (
     shape_name,
     write_json_atomic,
 )
-from kaggle_utils.provenance import provenance
-from kaggle_utils.volume import AIR_HU
+from kaggle_utils.cache.volume import AIR_HU
+from kaggle_utils.common import paths
+from kaggle_utils.common.provenance import provenance
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 EXTRA_RECORDS_DIR = "extra_records"

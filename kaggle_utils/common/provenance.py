@@ -16,14 +16,14 @@ import subprocess
 from pathlib import Path
 
 PACKAGE = "kaggle-utils-voco2d"
-BUILD_COMMIT = Path(__file__).with_name("BUILD_COMMIT")  # written into the bundle's wheel
+BUILD_COMMIT = Path(__file__).parents[1] / "BUILD_COMMIT"  # written into the bundle's wheel
 
 
 def git_commit(root: str | Path | None = None) -> str:
     """The commit this code came from: `git rev-parse HEAD` (with "-dirty" for uncommitted
     changes) in a checkout, else the BUILD_COMMIT the bundle builder wrote into the wheel, else
     "unknown"."""
-    root = Path(root or Path(__file__).resolve().parents[1])
+    root = Path(root or Path(__file__).resolve().parents[2])
     if (root / ".git").exists():
         try:
             head = subprocess.run(

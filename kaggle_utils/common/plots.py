@@ -132,7 +132,7 @@ def _aligned(labels: object, predictions: object, target: str) -> tuple[np.ndarr
 
 def confusion_matrices(labels: object, predictions: object) -> Figure:
     """Per target, counts of true class (rows) against the most probable class (columns)."""
-    from kaggle_utils.classifier import TARGET_CLASSES
+    from kaggle_utils.metric import TARGET_CLASSES
 
     fig, axes = plt.subplots(1, len(TARGET_CLASSES), figsize=(3.1 * len(TARGET_CLASSES), 3.2))
     for ax, target in zip(axes, TARGET_CLASSES, strict=True):
@@ -158,7 +158,7 @@ def precision_recall_curves(labels: object, predictions: object) -> Figure:
     average precision and the class prevalence (the curve of a useless model)."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    from kaggle_utils.classifier import TARGET_CLASSES
+    from kaggle_utils.metric import TARGET_CLASSES
 
     fig, axes = plt.subplots(1, len(TARGET_CLASSES), figsize=(3.1 * len(TARGET_CLASSES), 3.2))
     for ax, target in zip(axes, TARGET_CLASSES, strict=True):

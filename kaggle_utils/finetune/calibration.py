@@ -27,15 +27,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from kaggle_utils import runtime
-from kaggle_utils.metric import (
-    LABEL_COLUMNS,
-    PATIENT_ID,
-    TARGET_GROUPS,
-    ScoreOfVariants,
-)
-from kaggle_utils.provenance import provenance
-from kaggle_utils.report import cross_validation_report, training_prior
+from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.common.provenance import provenance
+from kaggle_utils.finetune.report import cross_validation_report, training_prior
+from kaggle_utils.metric import LABEL_COLUMNS, PATIENT_ID, TARGET_GROUPS, ScoreOfVariants
 
 CALIBRATION_FILE = "calibration.json"
 # Coordinate-search grids: 11 blend weights 0, 0.1, ..., 1 and 13 log-spaced factors 0.5-2.
@@ -70,7 +65,7 @@ class Calibration:
 
     def to_json(self, path: str | Path) -> None:
         payload = asdict(self) | {"provenance": provenance()}
-        runtime.write_text_atomic(Path(path), json.dumps(payload, indent=1))
+        write_text_atomic(Path(path), json.dumps(payload, indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Calibration:
