@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -317,20 +318,28 @@ def test_cross_validation_writes_oof_checkpoints_and_report(
 def test_an_interrupted_fold_resumes_and_finished_folds_are_skipped(
     tiny_competition: Path, cached: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    straight = smoke_config(tiny_competition, cached, tmp_path / "straight", folds_to_run=[0])
+    run_cross_validation(straight, progress=False)
     config = smoke_config(tiny_competition, cached, tmp_path, folds_to_run=[0])
-    real_save = finetune_module._save_resume
+    real_save = finetune_module.save_checkpoint
 
-    def killed_after_first_epoch(path, model, optimizer, scheduler, scaler, epoch, best):  # type: ignore[no-untyped-def]
-        real_save(path, model, optimizer, scheduler, scaler, epoch, best)
+    def killed_after_first_epoch(*args: Any, **kwargs: Any) -> None:
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(finetune_module, "_save_resume", killed_after_first_epoch)
+    monkeypatch.setattr(finetune_module, "save_checkpoint", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_cross_validation(config, progress=False)
-    monkeypatch.setattr(finetune_module, "_save_resume", real_save)
+    monkeypatch.setattr(finetune_module, "save_checkpoint", real_save)
     run_cross_validation(config, progress=False)
     log = pl.read_csv(tmp_path / "fold0" / "log.csv")
     assert log["epoch"].to_list() == [1, 2]
+    # bit-exact: the killed and resumed fold ends where the uninterrupted one does
+    a = torch.load(tmp_path / "straight" / "fold0" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "fold0" / "last.pt", weights_only=True)
+    for key, value in a["modules"]["model"].items():
+        assert torch.equal(value, b["modules"]["model"][key]), f"{key} differs after resume"
+    assert a["scheduler"] == b["scheduler"] and a["state"] == b["state"]
     best = tmp_path / "fold0" / "best.pt"
     stamp = best.stat().st_mtime_ns
     run_cross_validation(config, progress=False)  # done: nothing retrained
@@ -550,13 +559,13 @@ def test_time_limit_stops_between_epochs_and_the_next_sessions_finish_the_same_r
     # Every epoch takes 100 s on a fake clock; 150 s leave room for one epoch per session.
     now = [0.0]
     monkeypatch.setattr(finetune_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    real_save = finetune_module._save_resume
+    real_save = finetune_module.save_checkpoint
 
-    def save_after_100_s(*args: object) -> None:
+    def save_after_100_s(*args: Any, **kwargs: Any) -> None:
         now[0] += 100.0
-        real_save(*args)  # type: ignore[arg-type]
+        real_save(*args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "_save_resume", save_after_100_s)
+    monkeypatch.setattr(finetune_module, "save_checkpoint", save_after_100_s)
     output = tmp_path / "sessions"
     config = smoke_config(tiny_competition, cached, output, time_limit_s=150.0)
     sessions = []

@@ -161,8 +161,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
     for part in ("student", "teacher"):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+        for key, value in a["modules"][part].items():
+            assert torch.equal(value, b["modules"][part][key]), f"{part}.{key} differs after resume"
     assert a["scheduler"] == b["scheduler"]
     with open(interrupted / "log.csv") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
@@ -250,7 +250,8 @@ def test_a_stopped_run_resumes_in_a_fresh_folder_from_a_copy(
     assert resumed.finished and resumed.steps_done == 5
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(working / "checkpoint.pt", weights_only=True)
-    assert all(torch.equal(value, b["student"][key]) for key, value in a["student"].items())
+    student_a, student_b = a["modules"]["student"], b["modules"]["student"]
+    assert all(torch.equal(value, student_b[key]) for key, value in student_a.items())
     with pytest.raises(FileNotFoundError, match="holds no resume point"):
         copy_previous_run(tmp_path / "input", tmp_path / "elsewhere")  # the dataset, not the run
     with pytest.raises(FileNotFoundError, match="is not a folder"):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from kaggle_utils.cache.dicom import load_series
 from kaggle_utils.cache.preprocess import list_series, load_cached_volume, load_metadata
@@ -332,6 +334,47 @@ def test_a_tiny_segmentation_run_predicts_every_series_and_resumes(
         model, load_cached_volume(segmented_cache, (8, 32, 32), organs["series_id"][0]), config
     )
     assert image.shape == labels.shape == (8, 32, 32)
+
+
+def test_a_killed_segmentation_run_resumes_bit_exactly(
+    segmented_competition: Path,
+    segmented_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed right after epoch 1's checkpoint, then resumed: the weights, optimizer moments,
+    scheduler and batch generator end where an uninterrupted run's do."""
+
+    def config(name: str) -> seg.SegmentationConfig:
+        return seg.SegmentationConfig(
+            data_root=str(segmented_competition), cache_dir=str(segmented_cache),
+            output_dir=str(tmp_path / name), shape=[8, 32, 32], input_shape=[8, 32, 32],
+            channels=[4, 8], num_res_units=0, epochs=3, holdout=0.3, seed=0, intensity=0.1,
+            predict=False,
+        )  # fmt: skip
+
+    seg.run_segmentation(config("straight"), progress=False)
+    real_save = seg.save_checkpoint
+
+    def killed_after_saving(*args: Any, **kwargs: Any) -> None:
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(seg, "save_checkpoint", killed_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        seg.run_segmentation(config("killed"), progress=False)
+    monkeypatch.setattr(seg, "save_checkpoint", real_save)
+    seg.run_segmentation(config("killed"), progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert a["state"] == b["state"] == {"epoch": 3}
+    for key, value in a["modules"]["model"].items():
+        assert torch.equal(value, b["modules"]["model"][key]), f"{key} differs after resume"
+    moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(moments_a[k]["exp_avg"], moments_b[k]["exp_avg"]) for k in moments_a)
+    assert a["scheduler"] == b["scheduler"] and a["numpy_rng"] == b["numpy_rng"]
+    log = pl.read_csv(tmp_path / "killed" / "log.csv")
+    assert log["epoch"].to_list() == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from kaggle_utils.cache.volume import (
     window_volume,
 )
 from kaggle_utils.common import paths
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 
 PRETRAIN_SHAPE = (32, 192, 192)
@@ -411,7 +412,7 @@ def preprocess_dataset(
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(cache_dir)
     todo = pending_tasks(tasks, cache_dir, config, overwrite)
-    bar = tqdm(total=len(todo), desc="series", unit="series", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="series", unit="series", disable=not progress)
     if workers <= 0:
         for task in todo:
             process_series(task, cache_dir, config)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.dicom import Series, load_series
 from kaggle_utils.cache.preprocess import (
@@ -49,6 +48,7 @@ from kaggle_utils.cache.preprocess import (
 )
 from kaggle_utils.cache.volume import AIR_HU
 from kaggle_utils.common import paths
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -293,7 +293,9 @@ def cache_extra_sources(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     results: list[ExtraVolume] = []
-    bar = tqdm(total=len(sources), desc="extra volumes", unit="volume", disable=not progress)
+    bar = progress_bar(
+        total=len(sources), desc="extra volumes", unit="volume", disable=not progress
+    )
     for source in sources:
         record = _cached_record(source, cache_dir, config)
         if record is None:

@@ -50,11 +50,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from tqdm.std import tqdm
 
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import JsonConfig
 from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.finetune.report import CV_OPTIMISM_NOTE
 from kaggle_utils.metric import SCORE_PARTS, patient_loss_terms
 
@@ -365,7 +365,7 @@ def run_experiment(
             params["encoder_file"] = str(root / "pretrain" / run.pretrain_key / "encoder.pt")
         jobs.append((FINETUNE_NOTEBOOK, out, params))
 
-    bar = tqdm(jobs, desc="experiment runs", unit="run", disable=not progress)
+    bar = progress_bar(jobs, desc="experiment runs", unit="run", disable=not progress)
     for notebook, out, params in bar:
         finished = pretraining_finished if notebook == PRETRAIN_NOTEBOOK else finetuning_finished
         if finished(out):

@@ -22,7 +22,6 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.preprocess import (
     cache_provenance,
@@ -43,8 +41,16 @@ from kaggle_utils.cache.preprocess import (
 from kaggle_utils.common import runtime
 from kaggle_utils.common.backbone import input_normalisation
 from kaggle_utils.common.config import JsonConfig
-from kaggle_utils.common.engine import ResumableSampler, warmup_cosine
+from kaggle_utils.common.engine import (
+    OptimizerStep,
+    ResumableSampler,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+    warmup_cosine,
+)
 from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 from kaggle_utils.finetune.data import (
     SLICE_TARGETS,
@@ -110,6 +116,9 @@ class FinetuneConfig(JsonConfig):
     lr: float = 1e-4
     backbone_lr_factor: float = 1.0  # backbone lr = lr * factor
     weight_decay: float = 1e-2
+    # True: norm scales and shifts and biases are decayed too (every loop here did, before);
+    # default: weights only, as timm's param_groups_weight_decay
+    decay_norm_and_bias: bool = False
     warmup_epochs: float = 0.5
     freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
     grad_clip: float = 1.0
@@ -431,20 +440,25 @@ def train_fold(
     sampler = ResumableSampler(len(train_set), config.seed + fold, rank, world)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": model.backbone.parameters(), "lr": config.lr * config.backbone_lr_factor},
-            {"params": [p for n, p in model.named_parameters() if not n.startswith("backbone.")]},
-        ],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-    )
+    backbone_lr = config.lr * config.backbone_lr_factor
+    head = [(n, p) for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [
+        *parameter_groups(
+            model.backbone.named_parameters(), config.weight_decay, config.decay_norm_and_bias,
+            lr=backbone_lr,
+        ),
+        *parameter_groups(head, config.weight_decay, config.decay_norm_and_bias),
+    ]  # fmt: skip
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     warmup = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.01)
     )
     precision = runtime.resolve_precision(config.precision, device)
-    scaler = precision.grad_scaler()
+    step = OptimizerStep(
+        optimizer, scheduler, precision, config.grad_accum, config.grad_clip,
+        clip_parameters=model.parameters(), ddp_model=trained_model if distributed else None,
+    )  # fmt: skip
     class_weights = {t: torch.tensor(CLASS_WEIGHTS[t], device=device) for t in config.targets}
     normalisers = None
     if config.loss_normalisation == "expected":
@@ -457,17 +471,23 @@ def train_fold(
     epoch, best_score = 0, math.inf
     last_file = fold_dir / "last.pt"
     if config.resume and last_file.is_file():
-        epoch, best_score = _load_resume(last_file, model, optimizer, scheduler, scaler, device)
+        resumed = load_checkpoint(last_file, {"model": model}, step, device)
+        epoch, best_score = int(resumed["epoch"]), float(resumed["best_score"])
     if rank == 0:
         truncate_csv(fold_dir / "log.csv", epoch, EPOCH_COLUMNS, key="epoch")
         _model_json(config, in_chans, fold_dir / "model.json", prior)
 
     started = time.monotonic()
+    bar = progress_bar(
+        total=config.epochs, initial=epoch, desc=f"fold {fold}", unit="epoch",
+        disable=not progress or rank != 0,
+    )  # fmt: skip
     while epoch < config.epochs:
         stop = clock is not None and not clock.room_for_epoch()
         if distributed:
             stop = runtime.agree(stop, device)  # every rank stops before the same epoch
         if stop:
+            bar.close()
             return None
         epoch_started = time.monotonic()
         model.set_backbone_trainable(epoch >= config.freeze_epochs)
@@ -480,16 +500,9 @@ def train_fold(
         trained_model.train()
         model.set_backbone_trainable(epoch >= config.freeze_epochs)
         losses: list[float] = []
-        bar = tqdm(
-            loader, desc=f"fold {fold} epoch {epoch + 1}/{config.epochs}", unit="batch",
-            disable=not progress or rank != 0, leave=False,
-        )  # fmt: skip
-        for step, batch in enumerate(bar):
-            last_micro = (step + 1) % config.grad_accum == 0 or step + 1 == len(loader)
-            sync = nullcontext()
-            if distributed and not last_micro:
-                sync = trained_model.no_sync()  # type: ignore[operator]
-            with sync:
+        for micro, batch in enumerate(loader):
+            last_micro = step.is_last(micro, len(loader))
+            with step.sync(last_micro):
                 with precision.autocast():
                     # through DDP's wrapper when there is one: it only calls forward
                     logits, slice_logits = trained_model(
@@ -504,20 +517,13 @@ def train_fold(
                     loss = loss + config.slice_loss_weight * slice_loss(slice_logits, slice_labels)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"fold {fold} epoch {epoch + 1} batch {step + 1}: non-finite loss; "
+                        f"fold {fold} epoch {epoch + 1} batch {micro + 1}: non-finite loss; "
                         f"resume from {last_file} with a lower lr"
                     )
-                scaler.scale(loss / config.grad_accum).backward()
+                step.backward(loss)
             if last_micro:
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                step.step()
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         epoch += 1
         train_loss = float(np.mean(losses)) if losses else float("nan")
         if distributed:
@@ -542,12 +548,18 @@ def train_fold(
                 EPOCH_COLUMNS,
             )  # fmt: skip
             if progress:
-                print(f"fold {fold} epoch {epoch}: train {train_loss:.4f} valid rsna {score:.4f}")
-            _save_resume(last_file, model, optimizer, scheduler, scaler, epoch, best_score)
+                bar.write(
+                    f"fold {fold} epoch {epoch}: train {train_loss:.4f} valid rsna {score:.4f}"
+                )
+            bar.update()
+            save_checkpoint(
+                last_file, {"model": model}, step, {"epoch": epoch, "best_score": best_score}
+            )
         if distributed:
             dist.barrier()
         if clock is not None:
             clock.epoch_seconds.append(time.monotonic() - epoch_started)
+    bar.close()
     if rank == 0:
         write_text_atomic(
             done_file, json.dumps({"best_score": best_score, "epochs": config.epochs})
@@ -606,46 +618,6 @@ def _load_or_make_folds(
     if distributed:
         dist.barrier()
     return pl.read_csv(path)
-
-
-def _save_resume(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    epoch: int,
-    best_score: float,
-) -> None:
-    save_torch_atomic(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_score": best_score,
-            "rng": runtime.rng_state(),
-        },
-        path,
-    )
-
-
-def _load_resume(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-) -> tuple[int, float]:
-    payload = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
-    runtime.set_rng_state(payload["rng"])
-    return int(payload["epoch"]), float(payload["best_score"])
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.preprocess import (
     CacheDirs,
@@ -42,8 +40,17 @@ from kaggle_utils.cache.sources import ExtraVolume, cache_extra_sources, find_vo
 from kaggle_utils.common import runtime
 from kaggle_utils.common.backbone import build_backbone, feature_dim, input_normalisation
 from kaggle_utils.common.config import JsonConfig
-from kaggle_utils.common.engine import ResumableSampler, cosine_schedule, warmup_cosine
+from kaggle_utils.common.engine import (
+    OptimizerStep,
+    ResumableSampler,
+    cosine_schedule,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+    warmup_cosine,
+)
 from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
 from kaggle_utils.pretrain.data import (
@@ -111,6 +118,9 @@ class PretrainConfig(JsonConfig):
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 1e-2
+    # True: norm scales and shifts and biases are decayed too (every loop here did, before);
+    # default: weights only, as timm's param_groups_weight_decay
+    decay_norm_and_bias: bool = False
     warmup_steps: int = 5_000
     min_lr_factor: float = 0.01
     grad_clip: float = 1.0  # max gradient norm; 0 = off
@@ -184,7 +194,11 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         lambda step: warmup_cosine(step, config.warmup_steps, config.steps, config.min_lr_factor),
     )
     precision = runtime.resolve_precision(config.precision, device)
-    scaler = precision.grad_scaler()
+    step = OptimizerStep(
+        optimizer, scheduler, precision, config.grad_accum, config.grad_clip,
+        clip_parameters=model.student.parameters(), ddp_model=student if distributed else None,
+    )  # fmt: skip
+    modules = {"student": model.student, "teacher": model.teacher}
 
     dataset = VoCoCropDataset(
         train_files,
@@ -199,7 +213,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     state = TrainState()
     checkpoint_file = output_dir / "checkpoint.pt"
     if config.resume and checkpoint_file.is_file():
-        state = _load_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, device)
+        state = TrainState(**load_checkpoint(checkpoint_file, modules, step, device))
     if rank == 0:
         truncate_csv(output_dir / "log.csv", state.step, LOG_COLUMNS)
 
@@ -211,7 +225,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         append_csv(
             output_dir / "log.csv", _probe_row(0, state, state.initial_probe, started), LOG_COLUMNS
         )
-    bar = tqdm(
+    bar = progress_bar(
         total=config.steps, initial=state.step, desc="pretrain", unit="step",
         disable=not progress or rank != 0,
     )  # fmt: skip
@@ -220,7 +234,6 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     stop = False
     while state.step < config.steps and not stop:
         model.train()
-        optimizer.zero_grad(set_to_none=True)
         sums = {"total": 0.0, "intra": 0.0, "inter": 0.0, "reg": 0.0}
         for micro in range(config.grad_accum):
             batch = next(batches)
@@ -229,10 +242,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             # a new DataLoader iterator draws from the global generator).
             step_seed = ((config.seed * 10_007 + rank) * 1_000_003 + state.step) * 64 + micro
             torch.manual_seed(step_seed)
-            last = micro == config.grad_accum - 1
-            # DDP: reduce gradients once per optimizer step, not per micro-batch
-            sync = student.no_sync() if distributed and not last else nullcontext()  # type: ignore[operator]
-            with sync:
+            with step.sync(last=step.is_last(micro)):
                 parts = _forward(
                     student, model.teacher, loss_fn, batch, mean, std, config, precision
                 )
@@ -242,15 +252,10 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
                         f"the last good state is {checkpoint_file}. Lower lr or use "
                         "precision='fp32'."
                     )
-                scaler.scale(parts.total / config.grad_accum).backward()
+                step.backward(parts.total)
             for key, value in parts.as_floats().items():
                 sums[key] += value / config.grad_accum
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.student.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        step.step()
         momentum = _momentum(config, state.step)
         model.update_teacher(momentum)
         state.step += 1
@@ -277,7 +282,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             bar.update()
             bar.set_postfix(loss=f"{sums['total']:.4f}")
             if finished or stop or state.step % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint_file, model, optimizer, scheduler, scaler, state)
+                save_checkpoint(checkpoint_file, modules, step, dataclasses.asdict(state))
     bar.close()
 
     encoder_file = output_dir / "encoder.pt"
@@ -314,9 +319,10 @@ def build_voco(
         intra_form=config.intra_form, reg_form=config.reg_form,  # type: ignore[arg-type]
         inter_form=config.inter_form,  # type: ignore[arg-type]
     )  # fmt: skip
-    optimizer = torch.optim.AdamW(
-        model.student.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    groups = parameter_groups(
+        model.student.named_parameters(), config.weight_decay, config.decay_norm_and_bias
     )
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     return model, loss_fn, optimizer
 
 
@@ -505,45 +511,6 @@ def _momentum(config: PretrainConfig, step: int) -> float:
     if config.momentum_end is None:
         return config.momentum
     return cosine_schedule(step, config.steps, config.momentum, config.momentum_end)
-
-
-def _save_checkpoint(
-    path: Path,
-    model: StudentTeacher,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    state: TrainState,
-) -> None:
-    """Everything for an exact resume, written to a temporary file and renamed."""
-    payload = {
-        "student": model.student.state_dict(),
-        "teacher": model.teacher.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "state": dataclasses.asdict(state),
-        "rng": runtime.rng_state(),
-    }
-    save_torch_atomic(payload, path)
-
-
-def _load_checkpoint(
-    path: Path,
-    model: StudentTeacher,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-) -> TrainState:
-    payload = torch.load(path, map_location=device, weights_only=True)
-    model.student.load_state_dict(payload["student"])
-    model.teacher.load_state_dict(payload["teacher"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
-    runtime.set_rng_state(payload["rng"])
-    return TrainState(**payload["state"])
 
 
 def _describe(parts: LossParts) -> str:

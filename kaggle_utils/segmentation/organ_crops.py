@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.preprocess import (
     RECORDS_DIR,
@@ -44,6 +43,7 @@ from kaggle_utils.cache.preprocess import (
 from kaggle_utils.cache.volume import resample_volume
 from kaggle_utils.common import paths
 from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.segmentation.train import (
     TARGET_ORGANS,
     Box,
@@ -184,7 +184,9 @@ def cache_organ_crops(
     }
     write_text_atomic(target / CROP_SETTINGS, json.dumps(config.settings(), indent=1))
     todo = [r for r in metadata.to_dicts() if not _is_cropped(target, r["series_id"], config)]
-    for record in tqdm(todo, desc=f"{config.organ} crops", unit="series", disable=not progress):
+    for record in progress_bar(
+        todo, desc=f"{config.organ} crops", unit="series", disable=not progress
+    ):
         sid = int(record["series_id"])
         crop, box = _crop_record(record, rows.get(sid), config, settings)
         if box is not None:

@@ -14,7 +14,7 @@ were (`labels_to_shape`), the mask lines up with every cache shape.
 What a run writes to `output_dir`:
     config.json          the settings
     prepared/<id>.npz    each segmented series' image and labels at `input_shape` (reused)
-    checkpoint.pt        model, optimizer, epoch and RNG state (every epoch: resumable)
+    checkpoint.pt        model, optimizer, scaler, scheduler, epoch, RNG states (every epoch)
     log.csv              one row per epoch: loss, held-out Dice per organ, seconds
     model.pt             the final model's state dict; model.json its settings
     dice.json            held-out Dice per organ (the final model)
@@ -35,13 +35,19 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor, nn
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.preprocess import CacheDirs, load_cached_volume, load_metadata, shape_name
 from kaggle_utils.cache.volume import crop_to_box, resample_volume
 from kaggle_utils.common import paths, runtime
 from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.engine import (
+    OptimizerStep,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+)
 from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.progress import progress_bar
 
 # The competition's label values (SPEC sec. 2); 0 is background.
 ORGAN_LABELS: dict[str, int] = {
@@ -304,6 +310,9 @@ class SegmentationConfig(JsonConfig):
     batch_size: int = 2
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    # True: norm scales and shifts and biases are decayed too (every loop here did, before);
+    # default: weights only, as timm's param_groups_weight_decay
+    decay_norm_and_bias: bool = False
     holdout: float = 0.2  # share of segmented patients held out for Dice
     intensity: float = 0.1  # random brightness/contrast scale (augmentation)
     precision: str = "auto"
@@ -387,7 +396,7 @@ def prepare_examples(
     folder = Path(config.output_dir) / "prepared"
     folder.mkdir(parents=True, exist_ok=True)
     examples, problems = [], []
-    for record in tqdm(table.to_dicts(), desc="masks", unit="series", disable=not progress):
+    for record in progress_bar(table.to_dicts(), desc="masks", unit="series", disable=not progress):
         sid = int(record["series_id"])
         path = folder / f"{sid}.npz"
         if not path.is_file():
@@ -492,28 +501,26 @@ def train(
     precision = runtime.resolve_precision(config.precision, device)
     runtime.seed_everything(config.seed)
     model = build_model(config, train_set[0].image.shape[0]).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    groups = parameter_groups(
+        model.named_parameters(), config.weight_decay, config.decay_norm_and_bias
     )
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, config.epochs * steps_per_epoch)
     )
-    scaler = precision.grad_scaler()
+    step = OptimizerStep(optimizer, scheduler, precision)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     rng = np.random.default_rng(config.seed)
     start = 0
     checkpoint = out / "checkpoint.pt"
     if config.resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng.bit_generator.state = state["numpy_rng"]
-        runtime.set_rng_state(state["rng"])
+        state = load_checkpoint(checkpoint, {"model": model}, step, device, numpy_rng=rng)
         start = int(state["epoch"])
         truncate_csv(out / "log.csv", start, LOG_COLUMNS, key="epoch")
-    bar = tqdm(range(start, config.epochs), desc="segmentation", unit="epoch", disable=not progress)
+    bar = progress_bar(
+        range(start, config.epochs), desc="segmentation", unit="epoch", disable=not progress
+    )
     for epoch in bar:
         began = time.perf_counter()
         model.train()
@@ -525,28 +532,15 @@ def train(
             images, labels = images.to(device), labels.to(device)
             with precision.autocast():
                 loss = loss_fn(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            step.backward(loss)
+            step.step()
             losses.append(float(loss.detach()))
         dice = evaluate(model, holdout_set, device, precision) if holdout_set else {}
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": 0.0}
         row |= {f"dice_{o}": dice.get(o) for o in ORGAN_LABELS}
         row["seconds"] = round(time.perf_counter() - began, 2)
         append_csv(out / "log.csv", row, LOG_COLUMNS)
-        save_torch_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "numpy_rng": rng.bit_generator.state,
-                "rng": runtime.rng_state(),
-                "epoch": epoch + 1,
-            },
-            checkpoint,
-        )
+        save_checkpoint(checkpoint, {"model": model}, step, {"epoch": epoch + 1}, numpy_rng=rng)
         scores = [v for v in dice.values() if v is not None]
         bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{np.mean(scores):.3f}" if scores else "-")
     bar.close()
@@ -569,7 +563,7 @@ def predict_cache(
         for r in metadata.filter(pl.col("status") == "ok").to_dicts()
         if not (folder / f"{int(r['series_id'])}.json").is_file()
     ]
-    for record in tqdm(todo, desc="organ boxes", unit="series", disable=not progress):
+    for record in progress_bar(todo, desc="organ boxes", unit="series", disable=not progress):
         sid = int(record["series_id"])
         volume = load_cached_volume(Path(record["cache_dir"]), config.shape, sid)
         _, labels = predict_volume(model, volume, config)

@@ -50,7 +50,6 @@ import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
-from tqdm.std import tqdm
 
 from kaggle_utils.cache.dicom import (
     NO_DECODER,
@@ -73,6 +72,7 @@ from kaggle_utils.cache.preprocess import (
 from kaggle_utils.cache.volume import DEFAULT_WINDOWS
 from kaggle_utils.common import paths, runtime
 from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance, same_code
 from kaggle_utils.finetune.calibration import Calibration, apply_calibration, read_calibration
 from kaggle_utils.finetune.data import (
@@ -963,7 +963,7 @@ def predict_test_set(
     series_rows: list[dict[str, Any]] = []
     timings: list[dict[str, Any]] = []
     batch: list[PreparedSeries] = []
-    bar = tqdm(total=len(tasks), desc="test series", unit="series", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc="test series", unit="series", disable=not progress)
     for prepared in prefetched_series(tasks, config, workers):
         if prepared.stage is None:
             batch.append(prepared)
