@@ -153,10 +153,10 @@ def child_stages(series_dir: Path, cache_dir: Path) -> dict[str, Any]:
     from kaggle_utils.cache.preprocess import (
         PreprocessConfig,
         cache_path,
-        save_npy_atomic,
         shape_name,
     )
     from kaggle_utils.cache.volume import body_bbox, crop_and_resample, window_volume
+    from kaggle_utils.common.io import save_npy_atomic
 
     worker_setup()
     config = PreprocessConfig()

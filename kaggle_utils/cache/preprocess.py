@@ -24,7 +24,6 @@ import glob
 import json
 import math
 import multiprocessing
-import os
 import shutil
 import time
 import warnings
@@ -47,6 +46,7 @@ from kaggle_utils.cache.volume import (
     window_volume,
 )
 from kaggle_utils.common import paths
+from kaggle_utils.common.io import save_npy_atomic, write_json_atomic, write_parquet_atomic
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 
@@ -428,9 +428,7 @@ def write_metadata(cache_dir: Path) -> pl.DataFrame:
     cache_dir = Path(cache_dir)
     records = [json.loads(p.read_text()) for p in sorted((cache_dir / RECORDS_DIR).glob("*.json"))]
     table = _records_to_frame(records)
-    tmp = cache_dir / f".{METADATA_FILE}.{os.getpid()}.tmp"
-    table.write_parquet(tmp)
-    os.replace(tmp, cache_dir / METADATA_FILE)
+    write_parquet_atomic(table, cache_dir / METADATA_FILE)
     return table
 
 
@@ -497,22 +495,6 @@ def load_metadata(cache_dir: CacheDirs) -> pl.DataFrame:
             stacklevel=2,
         )
     return table.unique("series_id", keep="first").drop("order").sort("patient_id", "series_id")
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary sibling, then rename: readers see the old or the whole new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def _settings(config: PreprocessConfig) -> dict[str, Any]:

@@ -42,12 +42,11 @@ from kaggle_utils.cache.preprocess import (
     PreprocessConfig,
     Shape,
     prepare_volumes,
-    save_npy_atomic,
     shape_name,
-    write_json_atomic,
 )
 from kaggle_utils.cache.volume import AIR_HU
 from kaggle_utils.common import paths
+from kaggle_utils.common.io import save_npy_atomic, write_json_atomic
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 

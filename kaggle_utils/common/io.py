@@ -11,10 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     import polars as pl
@@ -57,6 +60,16 @@ def save_torch_atomic(payload: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.save adds no suffix
+        np.save(handle, array)
+
+
+def copy_file_atomic(source: str | Path, target: str | Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_parquet_atomic(table: pl.DataFrame, path: str | Path) -> None:

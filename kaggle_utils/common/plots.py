@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,29 @@ def segmentation_curves(log_csv: str | Path) -> Figure:
     return fig
 
 
-def importance_strip(explanation: Any, target: str, n_top: int = 6) -> Figure:
+def true_class(labels: object, patient_id: int, target: str) -> str | None:
+    """The patient's class for `target` ("healthy", "injury", "low", "high") in a labels table
+    with train.csv's columns (train.csv, the demo's test_labels.csv), or None if the patient is
+    not in it."""
+    import polars as pl
+
+    from kaggle_utils.metric import TARGET_CLASSES, TARGET_GROUPS
+
+    columns = list(TARGET_GROUPS[target])
+    row = pl.DataFrame(labels).filter(pl.col("patient_id") == patient_id).select(columns)
+    if row.height == 0:
+        return None
+    return TARGET_CLASSES[target][int(np.argmax(row.row(0)))]
+
+
+def importance_strip(
+    explanation: Any, target: str, n_top: int = 6, labels: object | None = None
+) -> Figure:
     """The `n_top` slices that mattered most for `target` (an `importance.SeriesExplanation`),
     in scan order, above the importance curve over the whole scan; slices image_level_labels
-    marks for the target are shaded."""
+    marks for the target are shaded. With `labels` (a table with train.csv's columns: notebook
+    03's training labels, or test labels where the data has them) the title also gives the
+    patient's true class for the target."""
     weights = explanation.importance[target]
     top = np.sort(np.argsort(-weights, kind="stable")[: min(n_top, len(weights))])
     fig = plt.figure(figsize=(1.8 * len(top), 3.8))
@@ -274,6 +294,59 @@ def importance_strip(explanation: Any, target: str, n_top: int = 6) -> Figure:
             curve.axvspan(at - 0.5, at + 0.5, color="tab:red", alpha=0.2, lw=0)
     p_injury = 1.0 - float(explanation.probabilities[target][0])
     title = f"patient {explanation.patient_id}, {target}: p(injury) {p_injury:.2f}"
+    if labels is not None:
+        truth = true_class(labels, explanation.patient_id, target)
+        title += f", true: {truth or 'not labelled'}"
     curve.set(xlabel="cached slice (feet -> head)", ylabel="importance", title=title)
+    fig.tight_layout()
+    return fig
+
+
+FOLD_LOG = re.compile(r"fold(\d+)$")
+
+
+def _log_values(rows: Sequence[Mapping[str, str]], column: str) -> np.ndarray:
+    return np.array(
+        [float(r[column]) if r.get(column) not in (None, "", "None") else np.nan for r in rows]
+    )
+
+
+def cross_validation_curves(run_dir: str | Path, folds: Sequence[int] | None = None) -> Figure:
+    """Per fold of a fine-tuning run (`<run_dir>/fold<k>/log.csv`, one row per epoch): the
+    training and validation loss and the validation RSNA score against the epoch, with the
+    epoch the fold kept (lowest validation RSNA score) marked."""
+    import csv
+
+    run_dir = Path(run_dir)
+    if folds is None:
+        found = (FOLD_LOG.match(p.parent.name) for p in run_dir.glob("fold*/log.csv"))
+        folds = sorted(int(m.group(1)) for m in found if m)
+    if not folds:
+        raise ValueError(f"no fold<k>/log.csv in {run_dir}")
+    n_cols = min(len(folds), 3)
+    n_rows = math.ceil(len(folds) / n_cols)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(3.8 * n_cols, 3.0 * n_rows), squeeze=False, sharey=True
+    )
+    for ax in axes.flat[len(folds) :]:
+        fig.delaxes(ax)
+    for ax, fold in zip(axes.flat, folds, strict=False):
+        with open(run_dir / f"fold{fold}" / "log.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        epochs = _log_values(rows, "epoch")
+        ax.plot(epochs, _log_values(rows, "train_loss"), "-", label="train loss")
+        ax.plot(epochs, _log_values(rows, "valid_loss"), "--", label="valid loss")
+        rsna = _log_values(rows, "valid_rsna")
+        ax.plot(epochs, rsna, "o-", ms=3, label="valid RSNA")
+        title = f"fold {fold}"
+        if np.isfinite(rsna).any():
+            best = int(np.nanargmin(rsna))
+            ax.axvline(epochs[best], color="gray", ls=":", label="best epoch")
+            ax.plot(epochs[best], rsna[best], "*", color="tab:red", ms=10)
+            title += f": best epoch {epochs[best]:g}, RSNA {rsna[best]:.3f}"
+        ax.set(xlabel="epoch", title=title)
+        ax.title.set_fontsize(9)
+    axes[0, 0].set_ylabel("loss / RSNA score (lower is better)")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig

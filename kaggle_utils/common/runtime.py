@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import JsonConfig
+from kaggle_utils.common.io import copy_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +204,7 @@ def copy_previous_run(
         return False
     files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
     for path in [p for p in files if p not in points] + [p for p in files if p in points]:
-        target = output_dir / path.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        copy_file_atomic(path, output_dir / path.relative_to(source))
     size = sum(p.stat().st_size for p in files)
     entries = sorted({p.relative_to(source).parts[0] for p in files})
     print(

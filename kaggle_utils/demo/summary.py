@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from kaggle_utils.common.io import write_json_atomic, write_text_atomic
 from kaggle_utils.submission.inference import ensemble_prior, load_fold_models, score_against_labels
 
 NOTEBOOKS = ("01_dicom_preprocess", "02_voco2d_pretrain", "03_finetune_bilstm", "04_submission")
@@ -109,8 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     summary = demo_summary(args.demo_out, args.data_root)
     text = markdown(summary)
-    (args.demo_out / "report.md").write_text(text)
-    (args.demo_out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(args.demo_out / "report.md", text)
+    write_json_atomic(args.demo_out / "summary.json", summary)
     print(text)
 
 

@@ -53,7 +53,7 @@ import polars as pl
 
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import JsonConfig
-from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.common.io import save_figure_atomic, write_text_atomic
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.finetune.report import CV_OPTIMISM_NOTE
 from kaggle_utils.metric import SCORE_PARTS, patient_loss_terms
@@ -767,5 +767,5 @@ def write_report(report: Mapping[str, Any], root: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig = label_efficiency_figure(report)
-        fig.savefig(root / "label_efficiency.png", dpi=100, bbox_inches="tight")
+        save_figure_atomic(fig, root / "label_efficiency.png", dpi=100)
         plt.close(fig)

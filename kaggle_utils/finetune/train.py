@@ -49,7 +49,13 @@ from kaggle_utils.common.engine import (
     save_checkpoint,
     warmup_cosine,
 )
-from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.io import (
+    append_csv,
+    save_torch_atomic,
+    truncate_csv,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 from kaggle_utils.finetune.data import (
@@ -376,11 +382,13 @@ def run_cross_validation(config: FinetuneConfig, progress: bool = True) -> CVRes
     holdout_rows = table.filter(pl.col("fold") == -1)
     if not pending and holdout_rows.height and rank == 0:
         holdout_folds = predict_holdout(config, holdout_rows, fold_ids)
-        holdout_folds.write_parquet(output_dir / "holdout_folds_patient.parquet")
-        ensemble_patients(holdout_folds).write_parquet(output_dir / "holdout_patient.parquet")
+        write_parquet_atomic(holdout_folds, output_dir / "holdout_folds_patient.parquet")
+        write_parquet_atomic(
+            ensemble_patients(holdout_folds), output_dir / "holdout_patient.parquet"
+        )
     if not pending and rank == 0:
-        oof_series.write_parquet(output_dir / "oof_series.parquet")
-        oof_patient.write_parquet(output_dir / "oof_patient.parquet")
+        write_parquet_atomic(oof_series, output_dir / "oof_series.parquet")
+        write_parquet_atomic(oof_patient, output_dir / "oof_patient.parquet")
     if pending and rank == 0 and progress:
         print(f"time limit: stopped with folds {pending} still to train; re-run to resume")
     if distributed:
@@ -539,7 +547,7 @@ def train_fold(
             if score < best_score:
                 best_score = score
                 save_torch_atomic(model.state_dict(), fold_dir / "best.pt")
-                series_probs.write_parquet(fold_dir / "oof_series.parquet")
+                write_parquet_atomic(series_probs, fold_dir / "oof_series.parquet")
             append_csv(
                 fold_dir / "log.csv",
                 {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,

@@ -37,12 +37,11 @@ from kaggle_utils.cache.preprocess import (
     cache_settings,
     load_cached_volume,
     load_metadata,
-    save_npy_atomic,
     write_metadata,
 )
 from kaggle_utils.cache.volume import resample_volume
 from kaggle_utils.common import paths
-from kaggle_utils.common.io import write_text_atomic
+from kaggle_utils.common.io import copy_file_atomic, save_npy_atomic, write_text_atomic
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.segmentation.train import (
     TARGET_ORGANS,
@@ -240,9 +239,7 @@ def bundle_segmentation(
     target = run_dir / RUN_SEGMENTATION_DIR
     target.mkdir(parents=True, exist_ok=True)
     for source in sources:
-        tmp = target / f".{source.name}.tmp"
-        tmp.write_bytes(source.read_bytes())
-        tmp.replace(target / source.name)
+        copy_file_atomic(source, target / source.name)
     return True
 
 

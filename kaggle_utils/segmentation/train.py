@@ -46,7 +46,14 @@ from kaggle_utils.common.engine import (
     parameter_groups,
     save_checkpoint,
 )
-from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.io import (
+    append_csv,
+    atomic_path,
+    save_torch_atomic,
+    truncate_csv,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from kaggle_utils.common.progress import progress_bar
 
 # The competition's label values (SPEC sec. 2); 0 is background.
@@ -408,9 +415,8 @@ def prepare_examples(
             labels, _ = labels_to_shape(mask, record["body_bbox"], config.input_shape)
             volume = load_cached_volume(Path(record["cache_dir"]), config.shape, sid)
             image = image_tensor(volume, config.input_shape)
-            tmp = path.with_name(f".{path.stem}.tmp.npz")
-            np.savez(tmp, image=image.astype(np.float16), labels=labels)
-            tmp.replace(path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, image=image.astype(np.float16), labels=labels)
         with np.load(path) as data:
             image, labels = data["image"].astype(np.float32), data["labels"]
         examples.append(Example(sid, int(record["patient_id"]), image, labels))
@@ -593,9 +599,7 @@ def write_organ_table(output_dir: Path) -> pl.DataFrame:
         for row in json.loads(path.read_text())
     ]
     table = pl.DataFrame(rows, schema=ORGAN_SCHEMA).sort("series_id", "organ")
-    tmp = Path(output_dir) / ".organs.parquet.tmp"
-    table.write_parquet(tmp)
-    tmp.replace(Path(output_dir) / "organs.parquet")
+    write_parquet_atomic(table, Path(output_dir) / "organs.parquet")
     return table
 
 

@@ -72,6 +72,7 @@ from kaggle_utils.cache.preprocess import (
 from kaggle_utils.cache.volume import DEFAULT_WINDOWS
 from kaggle_utils.common import paths, runtime
 from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.io import atomic_path
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance, same_code
 from kaggle_utils.finetune.calibration import Calibration, apply_calibration, read_calibration
@@ -776,13 +777,8 @@ def write_submission(submission: pl.DataFrame, sample: pl.DataFrame, path: Path)
     renamed into place: a refused table leaves no file, a killed run never half a file."""
     validate_submission(submission, sample)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         submission.write_csv(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
