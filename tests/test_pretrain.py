@@ -146,6 +146,16 @@ def test_a_run_writes_log_checkpoint_and_encoder(volume_dir: Path, tmp_path: Pat
     assert checkpoint["state"]["step"] == 4
 
 
+def test_progress_in_a_log_is_a_few_lines_not_one_per_step(
+    volume_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under papermill every bar refresh becomes a stored line: with stderr not a terminal
+    (as here) a run's bar prints its start and its end, not each step."""
+    pretrain(tiny_config(volume_dir, tmp_path, steps=8, probe_every=0), progress=True)
+    refreshes = capsys.readouterr().err.count("pretrain:")
+    assert 1 <= refreshes <= 3, refreshes
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     volume_dir: Path, tmp_path: Path
 ) -> None:

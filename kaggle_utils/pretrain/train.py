@@ -280,7 +280,7 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
             row.update(intra=sums["intra"], inter=sums["inter"], reg=sums["reg"])
             append_csv(output_dir / "log.csv", row, LOG_COLUMNS)
             bar.update()
-            bar.set_postfix(loss=f"{sums['total']:.4f}")
+            bar.set_postfix(loss=f"{sums['total']:.4f}", refresh=False)
             if finished or stop or state.step % config.checkpoint_every == 0:
                 save_checkpoint(checkpoint_file, modules, step, dataclasses.asdict(state))
     bar.close()

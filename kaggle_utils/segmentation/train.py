@@ -548,7 +548,8 @@ def train(
         append_csv(out / "log.csv", row, LOG_COLUMNS)
         save_checkpoint(checkpoint, {"model": model}, step, {"epoch": epoch + 1}, numpy_rng=rng)
         scores = [v for v in dice.values() if v is not None]
-        bar.set_postfix(loss=f"{row['loss']:.3f}", dice=f"{np.mean(scores):.3f}" if scores else "-")
+        dice_text = f"{np.mean(scores):.3f}" if scores else "-"
+        bar.set_postfix(loss=f"{row['loss']:.3f}", dice=dice_text, refresh=False)
     bar.close()
     return model, max(start, config.epochs)
 
