@@ -13,7 +13,9 @@ and around them:
     demo          the synthetic demo data and the `make demo` summary (tools)
     bundle        the offline Kaggle bundle builder (a tool)
 
-A stage imports `common`, `metric` and the stages before it, never one after it. Modules are
+Imports follow the data (tests/test_layout.py keeps them so): the cache feeds pretraining and
+segmentation, organ crops feed fine-tuning, fine-tuned models feed the submission and the
+experiments; every stage may use `common` and `metric`, none another's private names. Modules are
 imported explicitly (`from kaggle_utils.cache.dicom import read_hu`) so that importing one step
 never pulls in the heavy dependencies of another.
 """
