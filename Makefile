@@ -20,7 +20,7 @@ DEMO_BACKBONE ?= test_efficientnet
 DEMO_PRETRAIN_PARAMS ?= {volume_shape: [16, 96, 96], crop_size: 32, hidden_dim: 256, \
 	out_dim: 256, steps: 150, batch_size: 8, lr: 0.001, warmup_steps: 10, probe_every: 50, \
 	checkpoint_every: 50, n_probe_volumes: 8, num_workers: 0}
-# 12 slices, 40 epochs and a slice loss weight of 0.3 (README: Quick start, the recipe trials):
+# 12 slices, 40 epochs and a slice loss weight of 0.3 (docs/demo-data.md; trials in CHANGELOG.md):
 # 16 slices for 30 epochs left the kidney at CV AUC 0.68, 20 epochs left kidney and spleen at chance.
 DEMO_FINETUNE_PARAMS ?= {shape: [32, 96, 96], hidden_size: 64, num_layers: 1, pooling: max, \
 	n_slices: 12, image_size: 96, epochs: 40, batch_size: 8, lr: 0.001, affine_prob: 0.5, \
@@ -81,8 +81,8 @@ demo: demo-data
 
 # The organs on the demo, after `make demo` (its cache, encoder and whole-scan models): notebook
 # 06's boxes, a kidney-crop run of notebook 03 (16x64x64 crops of the 32x96x96 cache, the
-# demo's recipe otherwise), and notebook 04 on both runs: kidney from both, the rest from the
-# whole scan (README: Notebook 06).
+# demo's recipe otherwise), and notebook 04 on both runs: the kidney from the crop run, the rest
+# from the whole scan (combine="organ"; docs/segmentation.md).
 DEMO_CROP_PARAMS ?= {shape: [16, 64, 64], image_size: 64, crop_source_shape: [32, 96, 96]}
 demo-organs: demo-data
 	mkdir -p $(DEMO_OUT)/notebooks
@@ -136,8 +136,8 @@ format: install
 notebooks: install
 	$(PY) -m jupytext --sync notebooks/*.py
 
-# `make experiments`: notebook 05's reduced grid on the demo data, 2 CPU cores (README:
-# Notebook 05). Its own cache and folder; a second call skips finished runs and resumes.
+# `make experiments`: notebook 05's reduced grid on the demo data, 2 CPU cores
+# (docs/experiments.md). Its own cache and folder; a second call skips finished runs and resumes.
 EXPERIMENT_OUT ?= outputs/experiments
 EXPERIMENT_GRID ?= -y "presets: [table1, label_efficiency]" -y "backbones: [$(DEMO_BACKBONE)]" \
 	-y "seeds: [0]" -y "fractions: [0.25, 1.0]" -p n_folds 3 \
@@ -150,7 +150,7 @@ experiments: demo-data
 		$(EXPERIMENT_GRID) -y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' \
 		-y 'finetune_params: $(DEMO_FINETUNE_PARAMS)'
 
-# `make experiments-table2`: the paper's Table 2 on the demo data (README: Notebook 05): notebook
+# `make experiments-table2`: the paper's Table 2 on the demo data (docs/experiments.md): notebook
 # 06's organ boxes, then multi- vs single-organ runs (liver, spleen, kidney crops of 16x64x64
 # cut from the 32x96x96 cache), from scratch and with 2D-VoCo. Same folder as `make experiments`.
 TABLE2_GRID ?= -y "presets: [table2]" -y "backbones: [$(DEMO_BACKBONE)]" -y "seeds: [0]" \

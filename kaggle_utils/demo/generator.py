@@ -5,7 +5,7 @@ pipeline (decode, cache, pretrain, fine-tune, submit, score), so this module wri
 layout of the competition root (SPEC sec. 2) from simple abdominal phantoms in which the
 injuries are visible (SPEC sec. 9):
 
-    python -m kaggle_utils.demo.generator OUT_DIR [--train-patients 40] [--test-patients 12]
+    python -m kaggle_utils.demo OUT_DIR [--train-patients 40] [--test-patients 12]
         [--image-size 160] [--min-slices 40] [--max-slices 64] [--seed 2023] [--overwrite]
 
 The DICOMs deliberately carry the pitfalls of the real data: shuffled file names versus z order,
@@ -24,8 +24,8 @@ down = posterior) run over [-1, 1] across the field of view, z runs over [0, 1] 
 (0) to the diaphragm (1). A series samples a sub-range of z.
 
 Injuries are drawn at demo scale, not to real proportions (`DEMO_LESION_SCALE`): `make demo`
-caches 128 px series at 32x96x96 and its tiny CNN-BiLSTM sees 16 of those slices, where
-injuries of real size vanish. Measured on that path (voxels changed by >= 20 grey levels on the
+caches 128 px series at 32x96x96 and its tiny CNN-BiLSTM sees 12 of those slices (16 when
+this was measured), where injuries of real size vanish. Measured on that path (voxels changed by >= 20 grey levels on the
 16 slices seen, median of 8 patients), the generator before this (version 2) left a low-grade
 kidney injury 19, a low-grade spleen injury 75, an extravasation 39 and a bowel injury 95,
 against 316 for a low-grade liver injury, and the demo learned only the liver. Now every
@@ -36,7 +36,7 @@ denser than soft tissue, all around the organ where the dark fat was); the kidne
 and injured as often as the liver and spleen; and extravasation, free air and the injured bowel
 wall are larger: 1631 (spleen), 1820 (kidney), 447 (extravasation), 207 (bowel), 405 (liver).
 `tests/test_synthetic.py` checks a floor of 100 voxels on >= 2 slices. What the demo then
-learns, per target and per recipe, is in the README (Quick start): in the recipe trials the
+learns, per target and per recipe, is in docs/demo-data.md: in the recipe trials the
 spleen was learned only once its injury showed as something present (the clot, the dark
 lesion in the enhancing spleen), not as the dark fat ring gone.
 """
@@ -1541,7 +1541,7 @@ def generate_dataset(out_dir: Path, config: SyntheticConfig, workers: int = 1) -
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = SyntheticConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m kaggle_utils.demo.generator",
+        prog="python -m kaggle_utils.demo",
         description="Write a deterministic miniature RSNA 2023 abdominal trauma folder.",
     )
     parser.add_argument("out_dir", type=Path)

@@ -903,7 +903,7 @@ def predict_test_set(
             trained on it where there are any, the whole-scan runs giving only the others
             and the rows the crop runs lack ("organ", the default: on the demo the kidney
             crop alone scored 0.050 on its part against 0.333 averaged with the whole scan,
-            README: Notebook 06), or of every run trained on it ("mean").
+            docs/submission.md), or of every run trained on it ("mean").
         progress: show a progress bar over series.
 
     Raises:
