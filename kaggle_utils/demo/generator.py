@@ -24,22 +24,21 @@ down = posterior) run over [-1, 1] across the field of view, z runs over [0, 1] 
 (0) to the diaphragm (1). A series samples a sub-range of z.
 
 Injuries are drawn at demo scale, not to real proportions (`DEMO_LESION_SCALE`): `make demo`
-caches 128 px series at 32x96x96 and its tiny CNN-BiLSTM sees 12 of those slices (16 when
-this was measured), where injuries of real size vanish. Measured on that path (voxels changed by >= 20 grey levels on the
-16 slices seen, median of 8 patients), the generator before this (version 2) left a low-grade
-kidney injury 19, a low-grade spleen injury 75, an extravasation 39 and a bowel injury 95,
-against 316 for a low-grade liver injury, and the demo learned only the liver. Now every
-lesion has a floor on its size (the small organs' lesions reach half the organ); the spleen
-enhances like the kidney cortex, so that its lesions are dark in a bright organ; the spleen and
-kidneys sit in fat pads into which their injuries bleed (a perisplenic or perirenal clot,
-denser than soft tissue, all around the organ where the dark fat was); the kidneys are larger
-and injured as often as the liver and spleen; and extravasation, free air and the injured bowel
-wall are larger: 1631 (spleen), 1820 (kidney), 447 (extravasation), 207 (bowel), 405 (liver).
-`tests/test_synthetic.py` checks a floor of 100 voxels on >= 2 slices. What the demo then
-learns, per target and per recipe, is in docs/demo-data.md: in the recipe trials the
-spleen was learned only once its injury showed as something present (the clot, the dark
-lesion in the enhancing spleen), not as the dark fat ring gone.
-"""
+caches 128 px series at 32x96x96 and its tiny CNN-BiLSTM sees 12 of those slices (16 when this
+was measured), where injuries of real size vanish. Measured on that path (voxels changed by >=
+20 grey levels on the 16 slices seen, median of 8 patients), the generator before this (version
+2) left a low-grade kidney injury 19, a low-grade spleen injury 75, an extravasation 39 and a
+bowel injury 95, against 316 for a low-grade liver injury, and the demo learned only the liver.
+Now every lesion has a floor on its size (the small organs' lesions reach half the organ); the
+spleen enhances like the kidney cortex, so that its lesions are dark in a bright organ; the
+spleen and kidneys sit in fat pads into which their injuries bleed (a perisplenic or perirenal
+clot, denser than soft tissue, all around the organ where the dark fat was); the kidneys are
+larger and injured as often as the liver and spleen; and extravasation, free air and the
+injured bowel wall are larger: 1631 (spleen), 1820 (kidney), 447 (extravasation), 207 (bowel),
+405 (liver). `tests/test_synthetic.py` checks a floor of 100 voxels on >= 2 slices. What the
+demo then learns, per target and per recipe, is in docs/demo-data.md: in the recipe trials the
+spleen was learned only once its injury showed as something present (the clot, the dark lesion
+in the enhancing spleen), not as the dark fat ring gone. """
 
 from __future__ import annotations
 
