@@ -23,7 +23,8 @@ def source_slices() -> tuple[np.ndarray, str]:
 
     if REAL_SERIES.is_dir():
         return load_series(REAL_SERIES).hu, f"real CT ({REAL_SERIES.name})"
-    from kaggle_utils.demo.generator import PatientLabels, make_phantom
+    from kaggle_utils.demo.labels import PatientLabels
+    from kaggle_utils.demo.render import make_phantom
 
     phantom = make_phantom(np.random.default_rng(0), PatientLabels(), 20, 512)
     return phantom.hu, "synthetic phantom"

@@ -124,7 +124,8 @@ def pydicom_reference_hu(path: Path | str) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic competition folder (SPEC section 2 layout), generated once per run."""
-    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import generate_dataset
+    from kaggle_utils.demo.labels import SyntheticConfig
 
     root = tmp_path_factory.mktemp("competition") / "demo-rsna"
     config = SyntheticConfig(
@@ -186,7 +187,8 @@ def run_torchrun_on_cpu(module: str, config_file: Path, nproc: int = 2) -> None:
 def segmented_competition(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic competition in which every train patient's first series has an organ
     mask in segmentations/."""
-    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import generate_dataset
+    from kaggle_utils.demo.labels import SyntheticConfig
 
     root = tmp_path_factory.mktemp("segmented") / "demo-rsna"
     config = SyntheticConfig(

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ
-DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow"}
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
 # imported by kaggle_utils but only optionally (guarded imports with a fallback)
 # Imported only inside the functions that need them; papermill (the experiment batch's runner)
 # is in the `notebooks` extra.

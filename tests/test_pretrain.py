@@ -47,7 +47,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Cached (8, 64, 64) volumes of 20 synthetic patients."""
-    from kaggle_utils.demo.generator import SyntheticConfig, generate_dataset
+    from kaggle_utils.demo.generator import generate_dataset
+    from kaggle_utils.demo.labels import SyntheticConfig
 
     root = tmp_path_factory.mktemp("pretrain_data")
     config = SyntheticConfig(

@@ -17,7 +17,7 @@ import torch
 from kaggle_utils.cache.dicom import load_series
 from kaggle_utils.cache.preprocess import list_series, load_cached_volume, load_metadata
 from kaggle_utils.cache.volume import crop_and_resample
-from kaggle_utils.demo.generator import SEGMENTATIONS_DIR
+from kaggle_utils.demo.anatomy import SEGMENTATIONS_DIR
 from kaggle_utils.segmentation import train as seg
 from tests.conftest import write_ct_dicom
 

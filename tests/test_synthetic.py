@@ -20,9 +20,10 @@ import pytest
 from pydicom.pixels import apply_rescale
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from kaggle_utils.demo.generator import (
-    COMPLETE_MARKER,
-    ENCODINGS,
+from kaggle_utils.demo.anatomy import Phantom, SeriesView
+from kaggle_utils.demo.dicom_writer import ENCODINGS, encode_hu
+from kaggle_utils.demo.generator import COMPLETE_MARKER, generate_dataset
+from kaggle_utils.demo.labels import (
     GROUPS,
     IMAGE_LEVEL_COLUMNS,
     LABEL_COLUMNS,
@@ -31,14 +32,10 @@ from kaggle_utils.demo.generator import (
     TRAIN_COLUMNS,
     TRAIN_SERIES_META_COLUMNS,
     PatientLabels,
-    Phantom,
-    SeriesView,
     SyntheticConfig,
-    encode_hu,
-    generate_dataset,
-    make_phantom,
     sample_labels,
 )
+from kaggle_utils.demo.render import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SyntheticConfig(
