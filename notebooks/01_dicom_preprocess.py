@@ -140,15 +140,18 @@ from kaggle_utils.cache import preprocess
 from kaggle_utils.cache.dicom import decoder_report
 from kaggle_utils.cache.volume import parse_windows
 from kaggle_utils.common import paths
+from kaggle_utils.common.config import config_from_parameters, parse_parameter
+from kaggle_utils.common.io import save_figure_atomic
 from kaggle_utils.common.plots import volume_montage
+from kaggle_utils.common.summary import papermill_command, show_outputs
 
 if smoke:
     shapes, limit = [[8, 32, 32]], limit or 3
 root = paths.resolve_data_root(data_root)
 cache_dir = paths.resolve_output_dir(output_dir, default_name="cache")
-config = preprocess.PreprocessConfig.from_params(
-    shapes, parse_windows(windows), body_crop, resample_device
-)
+# the parameters named as PreprocessConfig's fields; windows may be names ("liver")
+windows = parse_windows(parse_parameter("windows", windows, list[str | list[float]]))
+config = config_from_parameters(preprocess.PreprocessConfig, globals(), windows=windows)
 listed = preprocess.list_series(root, split)
 tasks = preprocess.shard_tasks(listed, shard_index, num_shards)
 if limit:
@@ -228,9 +231,20 @@ for shape in config.shapes:
     aspects = {f"{r['series_id']}": preprocess.coronal_aspect(r, shape) for r in good}
     fig = volume_montage(volumes, coronal_aspects=aspects)
     fig.suptitle(f"{preprocess.shape_name(shape)} ({split})", y=1.01)
-    fig.savefig(
-        Path(cache_dir) / f"montage_{split}_{preprocess.shape_name(shape)}.png",
-        dpi=80,
-        bbox_inches="tight",
-    )
+    save_figure_atomic(fig, cache_dir / f"montage_{split}_{preprocess.shape_name(shape)}.png")
     plt.show()
+
+# %% [markdown]
+# ## What this run wrote, and the next step
+#
+# Notebook 02 pretrains on this cache (at its first shape); with several shards, give it all
+# of them (a list, or a pattern such as `voco2d-cache-*/cache`).
+
+# %%
+show_outputs(
+    cache_dir,
+    papermill_command(
+        "02_voco2d_pretrain", cache_dir.parent, cache_dir=cache_dir,
+        volume_shape=list(config.shapes[0]),
+    ),
+)  # fmt: skip

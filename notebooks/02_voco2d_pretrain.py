@@ -165,7 +165,10 @@ import numpy as np
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.config import config_from_parameters, parse_parameter
+from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
 from kaggle_utils.common.plots import crop_layout, pretraining_curves
+from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.pretrain.crops import sample_voco_crops
 from kaggle_utils.pretrain.data import load_volume, volume_files
 from kaggle_utils.pretrain.train import (
@@ -175,34 +178,27 @@ from kaggle_utils.pretrain.train import (
     pretraining_volume_dirs,
 )
 
+shape = parse_parameter("volume_shape", volume_shape, tuple[int, int, int])
 if smoke:
     backbone, hidden_dim, out_dim, steps, batch_size = "test_efficientnet", 64, 64, 3, 2
     probe_every, checkpoint_every, warmup_steps, num_workers, n_probe_volumes = 3, 3, 1, 0, 2
-    crop_size = min(volume_shape[1:]) // grid
+    crop_size = min(shape[1:]) // grid
+cache_dir = parse_parameter("cache_dir", cache_dir, str | list[str])
 caches = preprocess.resolve_cache_dirs(
     cache_dir or paths.resolve_output_dir("", default_name="cache")
 )
 run_dir = paths.resolve_output_dir(output_dir, default_name="pretrain")
 if resume_from:
     runtime.copy_previous_run(resume_from, run_dir)
-shape = tuple(int(v) for v in volume_shape)
+extra_dirs = parse_parameter("extra_dirs", extra_dirs, list[str])
 volume_dirs, extras = pretraining_volume_dirs(caches, shape, extra_dirs, run_dir / "extra_cache")
 for extra in extras:
     if extra.status != "ok":
         print(f"extra source skipped: {extra.source}: {extra.error}")
-config = PretrainConfig(
-    volume_dirs=volume_dirs, output_dir=str(run_dir), backbone=backbone,
-    weights_file=weights_file, grid=grid, crop_size=crop_size, n_random=n_random,
-    label_mode=label_mode, slice_mode=slice_mode, projector_input=projector_input,
-    hidden_dim=hidden_dim, out_dim=out_dim, feature_dropout=feature_dropout,
-    momentum=momentum, momentum_end=momentum_end or None, intra_form=intra_form,
-    inter_form=inter_form, reg_form=reg_form, intra_weight=intra_weight, inter_weight=inter_weight,
-    reg_weight=reg_weight, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-    weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
-    precision=precision,
-    flip_prob=flip_prob, rot90_prob=rot90_prob, intensity=intensity, num_workers=num_workers,
-    checkpoint_every=checkpoint_every, probe_every=probe_every, n_probe_volumes=n_probe_volumes,
-    seed=seed, resume=resume, time_limit_s=time_limit_s,
+# the parameters named as PretrainConfig's fields, and what this cell worked out
+config = config_from_parameters(
+    PretrainConfig, globals(), volume_dirs=volume_dirs, output_dir=str(run_dir),
+    momentum_end=momentum_end or None,  # 0: a constant momentum
 )  # fmt: skip
 files = volume_files([Path(d) for d in volume_dirs])
 print(f"{len(files)} volumes from {volume_dirs} ({sum(e.status == 'ok' for e in extras)} extra)")
@@ -217,12 +213,13 @@ print(f"run folder: {run_dir}")
 # %%
 example = load_volume(files[0])
 crops = sample_voco_crops(
-    example.shape[-2:], grid, n_random, np.random.default_rng(seed), label_mode, crop_size
-)
+    example.shape[-2:], config.grid, config.n_random, np.random.default_rng(config.seed),
+    config.label_mode, config.crop_size,
+)  # fmt: skip
 fig = crop_layout(
     example[example.shape[0] // 2, 0], crops.base_boxes, crops.random_boxes, crops.labels
 )
-fig.savefig(run_dir / "crop_layout.png", dpi=80, bbox_inches="tight")
+save_figure_atomic(fig, run_dir / "crop_layout.png")
 plt.show()
 
 # %% [markdown]
@@ -243,7 +240,7 @@ print(f"encoder: {result.encoder_file}")
 
 # %%
 fig = pretraining_curves(run_dir / "log.csv", chance=result.chance)
-fig.savefig(run_dir / "curves.png", dpi=80, bbox_inches="tight")
+save_figure_atomic(fig, run_dir / "curves.png")
 plt.show()
 summary = {
     "steps": result.steps_done,
@@ -252,4 +249,19 @@ summary = {
     "chance": round(result.chance, 4),
 }
 print(json.dumps(summary, indent=1))
-(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+write_json_atomic(run_dir / "summary.json", summary)
+
+# %% [markdown]
+# ## What this run wrote, and the next step
+#
+# Notebook 03 fine-tunes from `encoder.pt`, with the same backbone, on the same cache (at its
+# fine-tuning shape).
+
+# %%
+show_outputs(
+    run_dir,
+    papermill_command(
+        "03_finetune_bilstm", run_dir.parent, encoder_file=result.encoder_file,
+        backbone=config.backbone, cache_dir=cache_dir or None,
+    ),
+)  # fmt: skip

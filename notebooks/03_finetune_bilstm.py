@@ -178,15 +178,21 @@ def install_kaggle_utils(install_from: str = "") -> str:
 print(install_kaggle_utils(install_from))
 
 # %%
-import json
-
 import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import Markdown, display
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
-from kaggle_utils.common.plots import confusion_matrices, importance_strip, precision_recall_curves
+from kaggle_utils.common.config import config_from_parameters, parse_parameter
+from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
+from kaggle_utils.common.plots import (
+    confusion_matrices,
+    cross_validation_curves,
+    importance_strip,
+    precision_recall_curves,
+)
+from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.finetune.calibration import CALIBRATION_FILE, calibrate_cross_validation
 from kaggle_utils.finetune.data import SLICE_TARGETS, series_table
 from kaggle_utils.finetune.importance import explain_series, marked_slice_ranking, pick_examples
@@ -204,6 +210,7 @@ from kaggle_utils.segmentation.organ_crops import organ_crop_cache
 if smoke:
     epochs, batch_size, n_folds, num_workers, hidden_size, num_layers = 1, 2, 2, 0, 16, 1
 root = paths.resolve_data_root(data_root)
+cache_dir = parse_parameter("cache_dir", cache_dir, str | list[str])
 caches = preprocess.resolve_cache_dirs(
     cache_dir or paths.resolve_output_dir("", default_name="cache")
 )
@@ -212,9 +219,11 @@ segmentation_run = segmentation_dir or paths.resolve_output_dir("", "segmentatio
 if input != "scan":  # the paper's single-organ setting: the organ's crops, its head only
     targets = [input]
     crop_root = crops_dir or paths.resolve_output_dir("", "crops")
+    shape = parse_parameter("shape", shape, list[int])
+    source_shape = parse_parameter("crop_source_shape", crop_source_shape, list[int])
     caches = [
         organ_crop_cache(
-            input, segmentation_run, caches, crop_root, crop_source_shape, shape, crop_margin
+            input, segmentation_run, caches, crop_root, source_shape, shape, crop_margin
         )
     ]
     print(f"{input} crops ({preprocess.shape_name(shape)}) from {segmentation_run}: {caches[0]}")
@@ -222,23 +231,11 @@ if resume_from:
     runtime.copy_previous_run(resume_from, run_dir)
 if init == "voco" and not encoder_file:
     encoder_file = str(paths.resolve_output_dir("", default_name="pretrain") / "encoder.pt")
-config = FinetuneConfig(
-    data_root=str(root), cache_dir=[str(c) for c in caches], output_dir=str(run_dir),
-    shape=list(shape), input=input, backbone=backbone, init=init, encoder_file=encoder_file,
-    weights_file=weights_file,
-    targets=list(targets), hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
-    pooling=pooling, global_pool=global_pool, n_slices=n_slices, image_size=image_size,
-    epochs=epochs, slice_loss_weight=slice_loss_weight, organ_visibility=organ_visibility,
-    neighbour_slices=neighbour_slices,
+# the parameters named as FinetuneConfig's fields, and what this cell worked out
+config = config_from_parameters(
+    FinetuneConfig, globals(), data_root=str(root), cache_dir=[str(c) for c in caches],
+    output_dir=str(run_dir),
     segmentation_dir=str(segmentation_run) if input != "scan" or organ_visibility else "",
-    batch_size=batch_size, grad_accum=grad_accum, lr=lr, backbone_lr_factor=backbone_lr_factor,
-    weight_decay=weight_decay, freeze_epochs=freeze_epochs, any_injury_weight=any_injury_weight,
-    loss_normalisation=loss_normalisation, hflip_prob=hflip_prob, affine_prob=affine_prob,
-    brightness_contrast_prob=brightness_contrast_prob, coarse_dropout_prob=coarse_dropout_prob,
-    n_folds=n_folds, folds_to_run=list(folds_to_run), holdout=holdout, fold_seed=fold_seed,
-    train_fraction=train_fraction, aggregation=aggregation,
-    precision=precision,
-    num_workers=num_workers, seed=seed, resume=resume, time_limit_s=time_limit_s,
 )  # fmt: skip
 print(f"labels: {root / 'train.csv'}; volumes: {config.cache_dir}; run folder: {run_dir}")
 
@@ -256,6 +253,22 @@ print(
 if not result.finished:
     print(stopped_message(result))
 SKIPPED = "Skipped: the run stopped at its time limit; re-run to finish it (see above)."
+
+# %% [markdown]
+# ## Learning curves
+#
+# Per fold, the training and validation loss and the validation RSNA score (the competition's
+# weighted log loss: lower is better) per epoch. The dotted line and the star mark the epoch
+# the fold kept, its lowest validation RSNA score: that model is scored below and predicts in
+# notebook 04.
+
+# %%
+if result.finished:
+    fig = cross_validation_curves(run_dir, sorted(result.fold_scores))
+    save_figure_atomic(fig, run_dir / "learning_curves.png")
+    plt.show()
+else:
+    print(SKIPPED)
 
 # %% [markdown]
 # ## Report: the model against the best-constant prior on the same folds
@@ -287,7 +300,7 @@ if result.finished:
     )
     calibration.to_json(run_dir / CALIBRATION_FILE)
     report["calibrated"] = calibrated
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(run_dir / "report.json", report)
     print("blend weight of the model per target:", calibration.model_weight)
     display(Markdown(markdown_table(calibrated, HEADLINE)))
 else:
@@ -297,18 +310,11 @@ else:
 if result.finished:
     oof = result.oof_patient.drop("fold")
     fig = confusion_matrices(labels, oof)
-    fig.savefig(run_dir / "confusion_matrices.png", dpi=80, bbox_inches="tight")
+    save_figure_atomic(fig, run_dir / "confusion_matrices.png")
     plt.show()
     fig = precision_recall_curves(labels, oof)
-    fig.savefig(run_dir / "precision_recall.png", dpi=80, bbox_inches="tight")
+    save_figure_atomic(fig, run_dir / "precision_recall.png")
     plt.show()
-    curves = pl.concat(
-        [
-            pl.read_csv(run_dir / f"fold{k}" / "log.csv").with_columns(pl.lit(k).alias("fold"))
-            for k in result.fold_scores
-        ]
-    )
-    display(curves)
 else:
     print(SKIPPED)
 
@@ -339,14 +345,30 @@ if result.finished and (explain_patients or importance_series):
             neighbours=config.neighbour_slices,
         )  # fmt: skip
     ranking = {t: marked_slice_ranking(explanations, t) for t in SLICE_TARGETS}
-    (run_dir / "importance.json").write_text(json.dumps(ranking, indent=1))
+    write_json_atomic(run_dir / "importance.json", ranking)
     display(pl.DataFrame([{"target": t, **v} for t, v in ranking.items()]))
     injured = set(labels.filter(pl.col("any_injury") == 1)["patient_id"])
     for number, (explanation, target) in enumerate(
         pick_examples(explanations, injured, explain_patients)
     ):
-        fig = importance_strip(explanation, target)
-        fig.savefig(run_dir / f"importance_{number}.png", dpi=80, bbox_inches="tight")
+        fig = importance_strip(explanation, target, labels=labels)  # with the true class
+        save_figure_atomic(fig, run_dir / f"importance_{number}.png")
         plt.show()
 else:
     print(SKIPPED if not result.finished else "importance: off")
+
+# %% [markdown]
+# ## What this run wrote, and the next step
+#
+# Notebook 04 predicts the test set with these fold models and `calibration.json`. An
+# organ-crop run joins a whole-scan run there: `-y 'model_dir: [<scan run>, <this run>]'`.
+
+# %%
+show_outputs(
+    run_dir,
+    papermill_command(
+        "04_submission", run_dir.parent, data_root=data_root or None, model_dir=run_dir
+    )
+    if result.finished
+    else "run this notebook again with the same output_dir: it resumes (see above)",
+)

@@ -144,6 +144,8 @@ import polars as pl
 from IPython.display import display
 
 from kaggle_utils.common import paths
+from kaggle_utils.common.config import parse_parameter
+from kaggle_utils.common.summary import show_outputs
 from kaggle_utils.submission.inference import (
     explain_test_patients,
     predict_test_set,
@@ -158,7 +160,8 @@ logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(mes
 if smoke and workers != 0:
     workers = 1  # one decoding process, started once
 root = paths.resolve_data_root(data_root)
-run_dirs = resolve_model_dirs(model_dir)
+run_dirs = resolve_model_dirs(parse_parameter("model_dir", model_dir, str | list[str]))
+explain_patients = parse_parameter("explain_patients", explain_patients, int | list[int])
 csv_path = resolve_output_csv(output_csv)
 print(
     f"test DICOMs: {root / 'test_images'}; models: {', '.join(map(str, run_dirs))}; "
@@ -224,7 +227,8 @@ display(result.timings.head(10))
 
 # %%
 labels_csv = root / "test_labels.csv"
-if labels_csv.is_file():
+test_labels = pl.read_csv(labels_csv) if labels_csv.is_file() else None
+if test_labels is not None:
     scores = score_against_labels(result.submission, labels_csv, result.prior)
     print(f"RSNA score on {scores['n_patients']} labelled test patients (lower is better)")
     display(score_table(scores))
@@ -237,13 +241,15 @@ else:
 # For a few test patients, each slice's importance for the target the model thought most likely
 # injured (`kaggle_utils/finetune/importance.py`: the attention pooling's weight, or
 # |gradient x input| with max or mean pooling), from the first run's first fold model: the most
-# important slices and the importance over the scan. Pass patient ids in `explain_patients` to
-# see others.
+# important slices and the importance over the scan (with the patient's true class where the
+# test labels are known). Pass patient ids in `explain_patients` to see others.
 
 # %%
+figures = []
 if explain_patients:
     import matplotlib.pyplot as plt
 
+    from kaggle_utils.common.io import save_figure_atomic
     from kaggle_utils.common.plots import importance_strip
     from kaggle_utils.finetune.importance import most_likely_injury
 
@@ -255,9 +261,11 @@ if explain_patients:
         print(f"!!! slice importance failed ({type(error).__name__}: {error}); submission kept")
         explanations = []
     for explanation in explanations:
-        fig = importance_strip(explanation, most_likely_injury(explanation))
+        target = most_likely_injury(explanation)
+        fig = importance_strip(explanation, target, labels=test_labels)
         name = f"importance_{explanation.patient_id}_{explanation.series_id}.png"
-        fig.savefig(csv_path.parent / name, dpi=80, bbox_inches="tight")
+        save_figure_atomic(fig, csv_path.parent / name)
+        figures.append(csv_path.parent / name)
         plt.show()
 else:
     print("explain_patients: none")
@@ -267,3 +275,14 @@ else:
 
 # %%
 display(pl.read_csv(result.csv_path).head(10))
+
+# %% [markdown]
+# ## What this notebook wrote, and the next step
+
+# %%
+show_outputs(
+    csv_path.parent,
+    f"submit {result.csv_path} (on Kaggle: submit this notebook; its output "
+    f"{result.csv_path.name} is what is scored)",
+    files=[result.csv_path, *figures],
+)

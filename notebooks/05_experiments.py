@@ -144,6 +144,7 @@ def install_kaggle_utils(install_from: str = "") -> str:
 print(install_kaggle_utils(install_from))
 
 # %%
+import dataclasses
 import json
 
 import matplotlib.pyplot as plt
@@ -151,6 +152,8 @@ from IPython.display import Markdown, display
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths
+from kaggle_utils.common.config import config_from_parameters, parse_parameter
+from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.experiments.runner import (
     ExperimentConfig,
     label_efficiency_figure,
@@ -159,29 +162,27 @@ from kaggle_utils.experiments.runner import (
     run_experiment,
 )
 
-if smoke:
-    seeds, n_folds, n_bootstrap, backbones = seeds[:1], 2, 50, ["test_efficientnet"]
-    fractions = [0.5, 1.0]
-    pretrain_params = {"smoke": True, **pretrain_params}
-    finetune_params = {"smoke": True, **finetune_params}
+cache_dir = parse_parameter("cache_dir", cache_dir, str | list[str])
 root = paths.resolve_data_root(data_root)
 caches = preprocess.resolve_cache_dirs(
     cache_dir or paths.resolve_output_dir("", default_name="cache")
 )
-config = ExperimentConfig(
+# the parameters named as ExperimentConfig's fields, and what this cell worked out
+config = config_from_parameters(
+    ExperimentConfig, globals(),
     experiment_dir=str(paths.resolve_output_dir(experiment_dir, default_name="experiments")),
-    data_root=str(root), cache_dir=[str(c) for c in caches], presets=list(presets),
-    backbones=list(backbones), seeds=[int(s) for s in seeds],
-    fractions=[float(f) for f in fractions], curve_settings=list(curve_settings),
-    weights_file=weights_file, extra_dirs=list(extra_dirs),
-    pretrain_params=dict(pretrain_params), finetune_params=dict(finetune_params),
-    grid=dict(grid), organs=list(organs), crop_params=dict(crop_params),
+    data_root=str(root), cache_dir=[str(c) for c in caches],
     segmentation_dir=str(
         segmentation_dir or paths.resolve_output_dir("", default_name="segmentation")
     ),
-    holdout=holdout, n_folds=n_folds, fold_seed=fold_seed,
-    n_bootstrap=n_bootstrap, notebooks_dir=notebooks_dir,
 )  # fmt: skip
+if smoke:  # one seed, two folds, two fractions, a tiny backbone, notebooks 02 and 03 smoke
+    config = dataclasses.replace(
+        config, seeds=config.seeds[:1], n_folds=2, n_bootstrap=50,
+        backbones=["test_efficientnet"], fractions=[0.5, 1.0],
+        pretrain_params={"smoke": True, **config.pretrain_params},
+        finetune_params={"smoke": True, **config.finetune_params},
+    )  # fmt: skip
 
 # %% [markdown]
 # ## The plan: what will run, what is shared, what is left out
@@ -217,3 +218,22 @@ if result.failures:
         f"{len(result.failures)} runs failed (listed above and in report.md); the report "
         "covers the others. Fix the cause and run again: finished runs are skipped."
     )
+
+# %% [markdown]
+# ## What this batch wrote, and the next step
+#
+# Each run's folder under `runs/` is a notebook 03 run: notebook 04 predicts the test set with
+# the one the report favours.
+
+# %%
+experiment_root = Path(config.experiment_dir)
+show_outputs(
+    experiment_root,
+    [
+        f"read {experiment_root / 'report.md'} and pick a run",
+        papermill_command(
+            "04_submission", experiment_root, data_root=data_root or None,
+            model_dir=f"{experiment_root / 'runs'}/<run>",
+        ),
+    ],
+)  # fmt: skip

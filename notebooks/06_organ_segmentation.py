@@ -132,40 +132,28 @@ def install_kaggle_utils(install_from: str = "") -> str:
 print(install_kaggle_utils(install_from))
 
 # %%
-import json
-
 import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
 from kaggle_utils.cache.preprocess import load_cached_volume, load_metadata
 from kaggle_utils.common import paths
+from kaggle_utils.common.config import config_from_parameters, parse_parameter
+from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
 from kaggle_utils.common.plots import segmentation_curves, segmentation_montage
+from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.segmentation import train as segmentation
 
 if smoke:
     epochs, channels, num_res_units, n_montage = 2, [4, 8], 0, 2
 root = paths.resolve_data_root(data_root)
 run_dir = paths.resolve_output_dir(output_dir, default_name="segmentation")
-config = segmentation.SegmentationConfig(
-    data_root=str(root),
+cache_dir = parse_parameter("cache_dir", cache_dir, str | list[str])
+# the parameters named as SegmentationConfig's fields, and what this cell worked out
+config = config_from_parameters(
+    segmentation.SegmentationConfig, globals(), data_root=str(root), output_dir=str(run_dir),
     cache_dir=cache_dir or str(paths.resolve_output_dir("", default_name="cache")),
-    output_dir=str(run_dir),
-    shape=[int(v) for v in shape],
-    input_shape=[int(v) for v in input_shape],
-    channels=[int(v) for v in channels],
-    num_res_units=num_res_units,
-    epochs=epochs,
-    batch_size=batch_size,
-    lr=lr,
-    weight_decay=weight_decay,
-    holdout=holdout,
-    intensity=intensity,
-    precision=precision,
-    seed=seed,
-    resume=resume,
-    predict=predict,
-)
+)  # fmt: skip
 print(f"{root / segmentation.SEGMENTATIONS_DIR} + {config.cache_dir} -> {run_dir}")
 
 # %% [markdown]
@@ -194,7 +182,7 @@ dice = pl.DataFrame(
 )
 display(dice)
 fig = segmentation_curves(run_dir / "log.csv")
-fig.savefig(run_dir / "curves.png", dpi=80, bbox_inches="tight")
+save_figure_atomic(fig, run_dir / "curves.png")
 plt.show()
 
 # %% [markdown]
@@ -212,7 +200,7 @@ for record in shown:
     volume = load_cached_volume(record["cache_dir"], config.shape, record["series_id"])
     volumes[str(record["series_id"])] = segmentation.predict_volume(model, volume, config)
 fig = segmentation_montage(volumes)
-fig.savefig(run_dir / "montage.png", dpi=80, bbox_inches="tight")
+save_figure_atomic(fig, run_dir / "montage.png")
 plt.show()
 
 # %% [markdown]
@@ -233,4 +221,27 @@ summary = {
     "epochs": result.epochs_done,
     "problems": result.problems,
 }
-(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+write_json_atomic(run_dir / "summary.json", summary)
+
+# %% [markdown]
+# ## What this run wrote, and the next step
+#
+# Notebook 03 trains on an organ's crops cut with these boxes (`input` liver, spleen, kidney or
+# bowel; `shape` is then the crop's, cut from the cache's `crop_source_shape`), or weighs its
+# slice loss by the organs' areas on the whole scan (`organ_visibility`). An organ-crop run
+# carries this model in its folder, so notebook 04 crops the test scans the same way.
+
+# %%
+show_outputs(
+    run_dir,
+    [
+        papermill_command(
+            "03_finetune_bilstm", run_dir.parent, data_root=data_root or None,
+            cache_dir=cache_dir or None, segmentation_dir=run_dir, input="kidney",
+        ),
+        papermill_command(
+            "03_finetune_bilstm", run_dir.parent, data_root=data_root or None,
+            cache_dir=cache_dir or None, segmentation_dir=run_dir, organ_visibility=True,
+        ),
+    ],
+)  # fmt: skip

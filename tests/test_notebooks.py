@@ -121,7 +121,8 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
     assert report["summary"]["rsna_score"]["mean"] > 0
     assert report["calibrated"]["summary"]["rsna_score"]["n"] == 2  # cross-fitted, both folds
     for name in ("confusion_matrices.png", "precision_recall.png", "oof_patient.parquet",
-                 "calibration.json", "importance.json", "importance_0.png"):  # fmt: skip
+                 "calibration.json", "importance.json", "importance_0.png",
+                 "learning_curves.png"):  # fmt: skip
         assert (finetune / name).is_file(), name
     executed = run_notebook(
         "04_submission", tmp_path, data_root=str(tiny_competition), model_dir=str(finetune),
@@ -143,6 +144,7 @@ def test_notebooks_01_to_04_chain_on_a_tiny_dataset(tiny_competition: Path, tmp_
         tmp_path / "submission.csv", direct, tiny_competition / "sample_submission.csv"
     )
     assert_no_notebook_warnings(executed)
+    assert f"next: submit {tmp_path / 'submission.csv'}" in executed.read_text()
     summary = demo_summary(tmp_path, tiny_competition)
     assert set(summary) == {"minutes", "pretrain", "cv", "test"}
     assert all(v is not None and v > 0 for v in summary["minutes"].values())
