@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def first_channel(volume: np.ndarray) -> np.ndarray:
@@ -334,8 +335,8 @@ def cross_validation_curves(run_dir: str | Path, folds: Sequence[int] | None = N
         with open(run_dir / f"fold{fold}" / "log.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         epochs = _log_values(rows, "epoch")
-        ax.plot(epochs, _log_values(rows, "train_loss"), "-", label="train loss")
-        ax.plot(epochs, _log_values(rows, "valid_loss"), "--", label="valid loss")
+        ax.plot(epochs, _log_values(rows, "train_loss"), ".-", label="train loss")
+        ax.plot(epochs, _log_values(rows, "valid_loss"), ".--", label="valid loss")
         rsna = _log_values(rows, "valid_rsna")
         ax.plot(epochs, rsna, "o-", ms=3, label="valid RSNA")
         title = f"fold {fold}"
@@ -346,6 +347,9 @@ def cross_validation_curves(run_dir: str | Path, folds: Sequence[int] | None = N
             title += f": best epoch {epochs[best]:g}, RSNA {rsna[best]:.3f}"
         ax.set(xlabel="epoch", title=title)
         ax.title.set_fontsize(9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if len(epochs):
+            ax.set_xlim(epochs.min() - 0.5, epochs.max() + 0.5)
     axes[0, 0].set_ylabel("loss / RSNA score (lower is better)")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
