@@ -229,11 +229,9 @@ if result.failures:
 experiment_root = Path(config.experiment_dir)
 show_outputs(
     experiment_root,
-    [
-        f"read {experiment_root / 'report.md'} and pick a run",
-        papermill_command(
-            "04_submission", experiment_root, data_root=data_root or None,
-            model_dir=f"{experiment_root / 'runs'}/<run>",
-        ),
-    ],
+    f"read {experiment_root / 'report.md'}, pick a run, then "
+    + papermill_command(
+        "04_submission", experiment_root, data_root=data_root or None,
+        model_dir=f"{experiment_root / 'runs'}/<run>",
+    ),
 )  # fmt: skip
