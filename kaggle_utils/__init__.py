@@ -21,6 +21,12 @@ never pulls in the heavy dependencies of another.
 """
 
 import os
+import warnings
+
+# timm imports huggingface_hub, which imports tqdm.auto: in a Jupyter kernel without ipywidgets
+# (papermill, Kaggle's scoring run) that prints "IProgress not found" into every notebook. The
+# bars here are tqdm.std and never need the widget.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 # albumentations asks PyPI for a newer version at import unless told not to: on Kaggle's
 # offline scoring run that is a wait for a time-out, and no notebook should phone home.

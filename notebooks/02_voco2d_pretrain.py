@@ -59,6 +59,7 @@ batch_size: int = 4  # volumes per step and process
 grad_accum: int = 1  # micro-batches per optimizer step
 lr: float = 1e-4  # AdamW learning rate (warmup + cosine)
 weight_decay: float = 1e-2
+decay_norm_and_bias: bool = False  # True: norm and bias decayed too (the old behaviour)
 warmup_steps: int = 5000
 grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32

@@ -70,6 +70,7 @@ grad_accum: int = 1
 lr: float = 1e-4  # AdamW, warmup then cosine
 backbone_lr_factor: float = 1.0  # backbone learning rate relative to lr
 weight_decay: float = 1e-2
+decay_norm_and_bias: bool = False  # True: norm and bias decayed too (the old behaviour)
 freeze_epochs: int = 0  # epochs with the backbone frozen
 any_injury_weight: float = 1.0  # weight of the any-injury loss term; 0 turns it off
 loss_normalisation: str = "expected"  # "expected": the metric in expectation; "batch": old

@@ -32,10 +32,12 @@
 # patient order, values in [0, 1]) before it is written, atomically.
 #
 # `model_dir` may list several notebook 03 runs: a whole-scan run and organ-crop runs (the
-# paper's single-organ setting, or the crops of the top solutions). Each target is then the mean
-# of the runs trained on it. An organ-crop run carries notebook 06's segmentation model in its
-# folder; it locates the organ in every test scan and the crop is cut as in training. Where it
-# finds no such organ, the crop is the whole scan, and the problems table says so.
+# paper's single-organ setting, or the crops of the top solutions). With `combine="organ"` (the
+# default) a target some crop run covers comes from the crop runs and the whole-scan runs give
+# the rest; `combine="mean"` averages every run trained on the target. An organ-crop run
+# carries notebook 06's segmentation model in its folder; it locates the organ in every test
+# scan and the crop is cut as in training. Where it finds no such organ, the crop is the whole
+# scan, and the problems table says so.
 #
 # The preprocessing settings come from `preprocess.json` in the model folder if there is one
 # (`submission.save_preprocess_settings` writes it after notebook 03), else from the training

@@ -42,6 +42,7 @@ epochs: int = 100
 batch_size: int = 2
 lr: float = 0.001  # AdamW, cosine schedule
 weight_decay: float = 0.00001
+decay_norm_and_bias: bool = False  # True: norm and bias decayed too (the old behaviour)
 holdout: float = 0.2  # share of segmented patients held out for Dice
 intensity: float = 0.1  # brightness/contrast augmentation
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32

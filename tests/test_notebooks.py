@@ -227,3 +227,16 @@ def test_notebook_05_runs_a_small_batch_resumes_and_reports(
     output = run_notebook("05_experiments", tmp_path / "again", **parameters)
     assert {p: p.stat().st_mtime for p in experiment.glob("runs/*/report.json")} == before
     assert "0 runs executed" in output.read_text()
+
+
+def test_importing_the_backbone_in_a_kernel_prints_no_tqdm_widget_warning(tmp_path: Path) -> None:
+    """timm pulls in tqdm.auto; in a kernel without ipywidgets (papermill, Kaggle's scoring run)
+    that printed "IProgress not found" into every notebook that builds a model."""
+    notebook = jupytext.reads("# %%\nimport kaggle_utils.common.backbone\n", fmt="py:percent")
+    source, executed = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    jupytext.write(notebook, source)
+    papermill.execute_notebook(
+        str(source), str(executed), kernel_name="python3", progress_bar=False
+    )
+    outputs = json.loads(executed.read_text())["cells"][0]["outputs"]
+    assert not [o for o in outputs if "IProgress" in json.dumps(o)], outputs
