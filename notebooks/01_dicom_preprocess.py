@@ -132,7 +132,6 @@ print(install_kaggle_utils(install_from))
 
 # %%
 
-import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
@@ -141,8 +140,7 @@ from kaggle_utils.cache.dicom import decoder_report
 from kaggle_utils.cache.volume import parse_windows
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
-from kaggle_utils.common.io import save_figure_atomic
-from kaggle_utils.common.plots import volume_montage
+from kaggle_utils.common.plots import show_figure, volume_montage
 from kaggle_utils.common.summary import papermill_command, show_outputs
 
 if smoke:
@@ -231,8 +229,7 @@ for shape in config.shapes:
     aspects = {f"{r['series_id']}": preprocess.coronal_aspect(r, shape) for r in good}
     fig = volume_montage(volumes, coronal_aspects=aspects)
     fig.suptitle(f"{preprocess.shape_name(shape)} ({split})", y=1.01)
-    save_figure_atomic(fig, cache_dir / f"montage_{split}_{preprocess.shape_name(shape)}.png")
-    plt.show()
+    show_figure(fig, cache_dir / f"montage_{split}_{preprocess.shape_name(shape)}.png")
 
 # %% [markdown]
 # ## What this run wrote, and the next step

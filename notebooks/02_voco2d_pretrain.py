@@ -161,14 +161,13 @@ print(install_kaggle_utils(install_from))
 # %%
 import json
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
-from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
-from kaggle_utils.common.plots import crop_layout, pretraining_curves
+from kaggle_utils.common.io import write_json_atomic
+from kaggle_utils.common.plots import crop_layout, pretraining_curves, show_figure
 from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.pretrain.crops import sample_voco_crops
 from kaggle_utils.pretrain.data import load_volume, volume_files
@@ -220,8 +219,7 @@ crops = sample_voco_crops(
 fig = crop_layout(
     example[example.shape[0] // 2, 0], crops.base_boxes, crops.random_boxes, crops.labels
 )
-save_figure_atomic(fig, run_dir / "crop_layout.png")
-plt.show()
+show_figure(fig, run_dir / "crop_layout.png")
 
 # %% [markdown]
 # ## Train (or resume)
@@ -241,8 +239,7 @@ print(f"encoder: {result.encoder_file}")
 
 # %%
 fig = pretraining_curves(run_dir / "log.csv", chance=result.chance)
-save_figure_atomic(fig, run_dir / "curves.png")
-plt.show()
+show_figure(fig, run_dir / "curves.png")
 summary = {
     "steps": result.steps_done,
     "probe_before": result.initial_probe,

@@ -179,19 +179,19 @@ def install_kaggle_utils(install_from: str = "") -> str:
 print(install_kaggle_utils(install_from))
 
 # %%
-import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import Markdown, display
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
-from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
+from kaggle_utils.common.io import write_json_atomic
 from kaggle_utils.common.plots import (
     confusion_matrices,
     cross_validation_curves,
     importance_strip,
     precision_recall_curves,
+    show_figure,
 )
 from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.finetune.calibration import CALIBRATION_FILE, calibrate_cross_validation
@@ -266,8 +266,7 @@ SKIPPED = "Skipped: the run stopped at its time limit; re-run to finish it (see 
 # %%
 if result.finished:
     fig = cross_validation_curves(run_dir, sorted(result.fold_scores))
-    save_figure_atomic(fig, run_dir / "learning_curves.png")
-    plt.show()
+    show_figure(fig, run_dir / "learning_curves.png")
 else:
     print(SKIPPED)
 
@@ -311,11 +310,9 @@ else:
 if result.finished:
     oof = result.oof_patient.drop("fold")
     fig = confusion_matrices(labels, oof)
-    save_figure_atomic(fig, run_dir / "confusion_matrices.png")
-    plt.show()
+    show_figure(fig, run_dir / "confusion_matrices.png")
     fig = precision_recall_curves(labels, oof)
-    save_figure_atomic(fig, run_dir / "precision_recall.png")
-    plt.show()
+    show_figure(fig, run_dir / "precision_recall.png")
 else:
     print(SKIPPED)
 
@@ -353,8 +350,7 @@ if result.finished and (explain_patients or importance_series):
         pick_examples(explanations, injured, explain_patients)
     ):
         fig = importance_strip(explanation, target, labels=labels)  # with the true class
-        save_figure_atomic(fig, run_dir / f"importance_{number}.png")
-        plt.show()
+        show_figure(fig, run_dir / f"importance_{number}.png")
 else:
     print(SKIPPED if not result.finished else "importance: off")
 

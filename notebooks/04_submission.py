@@ -147,6 +147,7 @@ from IPython.display import display
 
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import parse_parameter
+from kaggle_utils.common.plots import show_figure
 from kaggle_utils.common.summary import show_outputs
 from kaggle_utils.submission.inference import (
     explain_test_patients,
@@ -249,9 +250,6 @@ else:
 # %%
 figures = []
 if explain_patients:
-    import matplotlib.pyplot as plt
-
-    from kaggle_utils.common.io import save_figure_atomic
     from kaggle_utils.common.plots import importance_strip
     from kaggle_utils.finetune.importance import most_likely_injury
 
@@ -266,9 +264,8 @@ if explain_patients:
         target = most_likely_injury(explanation)
         fig = importance_strip(explanation, target, labels=test_labels)
         name = f"importance_{explanation.patient_id}_{explanation.series_id}.png"
-        save_figure_atomic(fig, csv_path.parent / name)
+        show_figure(fig, csv_path.parent / name)
         figures.append(csv_path.parent / name)
-        plt.show()
 else:
     print("explain_patients: none")
 

@@ -133,15 +133,14 @@ def install_kaggle_utils(install_from: str = "") -> str:
 print(install_kaggle_utils(install_from))
 
 # %%
-import matplotlib.pyplot as plt
 import polars as pl
 from IPython.display import display
 
 from kaggle_utils.cache.preprocess import load_cached_volume, load_metadata
 from kaggle_utils.common import paths
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
-from kaggle_utils.common.io import save_figure_atomic, write_json_atomic
-from kaggle_utils.common.plots import segmentation_curves, segmentation_montage
+from kaggle_utils.common.io import write_json_atomic
+from kaggle_utils.common.plots import segmentation_curves, segmentation_montage, show_figure
 from kaggle_utils.common.summary import papermill_command, show_outputs
 from kaggle_utils.segmentation import train as segmentation
 
@@ -183,8 +182,7 @@ dice = pl.DataFrame(
 )
 display(dice)
 fig = segmentation_curves(run_dir / "log.csv")
-save_figure_atomic(fig, run_dir / "curves.png")
-plt.show()
+show_figure(fig, run_dir / "curves.png")
 
 # %% [markdown]
 # ## Predicted masks over a few volumes
@@ -201,8 +199,7 @@ for record in shown:
     volume = load_cached_volume(record["cache_dir"], config.shape, record["series_id"])
     volumes[str(record["series_id"])] = segmentation.predict_volume(model, volume, config)
 fig = segmentation_montage(volumes)
-save_figure_atomic(fig, run_dir / "montage.png")
-plt.show()
+show_figure(fig, run_dir / "montage.png")
 
 # %% [markdown]
 # ## Organ boxes

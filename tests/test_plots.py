@@ -160,3 +160,16 @@ def test_every_notebook_ends_by_listing_its_outputs_and_the_next_step() -> None:
         assert "show_outputs(" in cells[-1], notebook.name
         if notebook.name != "04_submission.py":  # 04's next step is to submit its csv
             assert "papermill_command(" in cells[-1], notebook.name
+
+
+def test_show_figure_saves_the_png_and_closes_the_figure(tmp_path: Path) -> None:
+    """Outside a notebook kernel (here) it shows nothing; the file is a full PNG either way."""
+    import matplotlib.pyplot as plt
+
+    from kaggle_utils.common.plots import show_figure
+
+    fig, ax = plt.subplots()
+    ax.imshow(np.random.default_rng(0).random((64, 64)))
+    show_figure(fig, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
