@@ -359,16 +359,16 @@ def cross_validation_curves(run_dir: str | Path, folds: Sequence[int] | None = N
     return fig
 
 
-INLINE_DPI = 72
-INLINE_JPEG_QUALITY = 80
+INLINE_DPI = 60
+INLINE_JPEG_QUALITY = 70
 
 
 def show_figure(fig: Figure, path: str | Path | None = None) -> None:
     """Save `fig` as a PNG file (atomically) when `path` is given, show it in the notebook, close
     it. An executed notebook keeps every figure as base64 text: a CT montage or an importance
-    strip is about 130 KB as the inline PNG, a fifth of that as the JPEG shown here, so the
-    inline copy is a JPEG and the file beside the run keeps the full PNG. Outside a notebook
-    kernel nothing is shown."""
+    strip is about 130 KB as the inline PNG and a fifth of that as the smaller JPEG shown
+    here, so the inline copy is a JPEG and the file beside the run keeps the full PNG. Outside
+    a notebook kernel nothing is shown."""
     if path is not None:
         save_figure_atomic(fig, path)
     if _in_notebook():

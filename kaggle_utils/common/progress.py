@@ -21,11 +21,12 @@ def progress_bar(iterable: Iterable[Any] | None = None, **options: Any) -> tqdm:
     """tqdm for the loops: live on a terminal; where the output is a log (papermill's
     `--log-output`, a notebook's stored output, CI) every refresh becomes a line, so there it
     refreshes at most once a minute and the caller's bars are per epoch or per fold."""
-    if not _interactive():
+    if not interactive():
         options.setdefault("mininterval", LOG_REFRESH_SECONDS)
     return tqdm(iterable, **options)
 
 
-def _interactive() -> bool:
+def interactive() -> bool:
+    """Whether stderr is a terminal (not a log, a notebook's stored output or CI)."""
     stream = sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())

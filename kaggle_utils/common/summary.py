@@ -124,11 +124,11 @@ def show_outputs(
     folder: str | Path,
     next_steps: str | Sequence[str],
     files: Iterable[str | Path] | None = None,
-) -> list[OutputEntry]:
-    """Print what a notebook wrote under `folder` (`list_outputs`) and the next step(s)."""
+) -> None:
+    """Print what a notebook wrote under `folder` (`list_outputs`) and the next step(s).
+    Returns nothing, so that a notebook's last line does not also display a list."""
     entries = list_outputs(folder, files)
     print(format_outputs(folder, entries))
     steps = [next_steps] if isinstance(next_steps, str) else list(next_steps)
     for number, step in enumerate(steps):
         print(f"\n{'next' if number == 0 else 'or'}: {step}")
-    return entries

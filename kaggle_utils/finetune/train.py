@@ -56,7 +56,7 @@ from kaggle_utils.common.io import (
     write_parquet_atomic,
     write_text_atomic,
 )
-from kaggle_utils.common.progress import progress_bar
+from kaggle_utils.common.progress import interactive, progress_bar
 from kaggle_utils.common.provenance import provenance
 from kaggle_utils.finetune.data import (
     SLICE_TARGETS,
@@ -486,9 +486,10 @@ def train_fold(
         _model_json(config, in_chans, fold_dir / "model.json", prior)
 
     started = time.monotonic()
+    # in a log the epoch lines below are the progress; a bar redrawn under each would double it
     bar = progress_bar(
         total=config.epochs, initial=epoch, desc=f"fold {fold}", unit="epoch",
-        disable=not progress or rank != 0,
+        disable=not progress or rank != 0 or not interactive(),
     )  # fmt: skip
     while epoch < config.epochs:
         stop = clock is not None and not clock.room_for_epoch()
