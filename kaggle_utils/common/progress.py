@@ -1,9 +1,10 @@
 """Progress bars that suit both a terminal and a log.
 
 Under papermill (`--log-output`), in a notebook's stored output or in CI, every tqdm refresh
-becomes a line of its own: a bar per batch turned `make demo`'s notebook 03 into 1.4 MB of
-progress lines. So bars are per epoch, fold or series, and where stderr is not a terminal they
-refresh at most once a minute (the final state is always printed).
+becomes a line of its own: with a bar per batch, `make demo`'s executed notebook 03 held 3,604
+stream outputs, 588 KB of them progress lines. So bars are per epoch, fold or series, and
+where stderr is not a terminal they refresh at most once a minute (the final state is always
+printed).
 """
 
 from __future__ import annotations
