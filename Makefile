@@ -138,9 +138,14 @@ notebooks: install
 
 # `make experiments`: notebook 05's reduced grid on the demo data, 2 CPU cores
 # (docs/experiments.md). Its own cache and folder; a second call skips finished runs and resumes.
+# The authors' recipe (EXPERIMENT_RECIPES: [official, project] adds this project's rows); the
+# fine-tuning parameters are only the demo's CPU sizes, so each recipe sets everything else.
 EXPERIMENT_OUT ?= outputs/experiments
+EXPERIMENT_RECIPES ?= [official]
+EXPERIMENT_FINETUNE_PARAMS ?= {shape: [32, 96, 96], n_slices: 12, image_size: 96, epochs: 40, \
+	batch_size: 8, lr: 0.001, num_workers: 0}
 EXPERIMENT_GRID ?= -y "presets: [table1, label_efficiency]" -y "backbones: [$(DEMO_BACKBONE)]" \
-	-y "seeds: [0]" -y "fractions: [0.25, 1.0]" -p n_folds 3 \
+	-y "seeds: [0]" -y "fractions: [0.25, 1.0]" -p n_folds 3 -y "recipes: $(EXPERIMENT_RECIPES)" \
 	-y "extra_dirs: [$(DEMO_DATA)/test_images]"
 experiments: demo-data
 	mkdir -p $(EXPERIMENT_OUT)/notebooks
@@ -148,7 +153,7 @@ experiments: demo-data
 	$(PAPERMILL) notebooks/05_experiments.ipynb $(EXPERIMENT_OUT)/notebooks/05_experiments.ipynb \
 		-p data_root $(DEMO_DATA) -p cache_dir $(EXPERIMENT_OUT)/cache -p experiment_dir $(EXPERIMENT_OUT) \
 		$(EXPERIMENT_GRID) -y 'pretrain_params: $(DEMO_PRETRAIN_PARAMS)' \
-		-y 'finetune_params: $(DEMO_FINETUNE_PARAMS)'
+		-y 'finetune_params: $(EXPERIMENT_FINETUNE_PARAMS)'
 
 # `make experiments-table2`: the paper's Table 2 on the demo data (docs/experiments.md): notebook
 # 06's organ boxes, then multi- vs single-organ runs (liver, spleen, kidney crops of 16x64x64

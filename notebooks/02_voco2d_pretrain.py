@@ -26,17 +26,31 @@
 # pushed apart (regularisation). The student's backbone is exported for fine-tuning
 # (notebook 03).
 #
+# `recipe` sets every choice at once: "project" (the default, this project's) or "official"
+# (the authors' code: ImageNet init, AMSGrad, weight decay on every parameter). A parameter
+# given explicitly wins; one left as None takes the recipe's value (docs/method.md tables
+# every setting: paper, official code, both recipes). With `holdout` and `data_root`, the
+# patients notebook 03 holds out with the same `holdout` and `fold_seed` are left out of
+# pretraining, so a comparison on them is fair; `volumes.parquet` lists what was used.
+#
 # Runs resume exactly from `output_dir/checkpoint.pt`; `launch="torchrun"` uses every GPU.
 # `time_limit_s` ends a session cleanly; on Kaggle the next session starts with an empty
 # `/kaggle/working`, so attach the stopped run's output and pass it as `resume_from`.
 
 # %% tags=["parameters"]
+recipe: str = "project"  # "project" (this project's) or "official" (the authors' code); below
 cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs; "": outputs/cache
 volume_shape: list = [32, 192, 192]  # cached (slices, H, W) to pretrain on
 extra_dirs: list = []  # folders of extra unlabeled CT (NIfTI files, DICOM series), e.g. FLARE23
 output_dir: str = ""  # run folder; empty: outputs/pretrain (/kaggle/working/pretrain)
-backbone: str = "efficientnetv2_rw_t"  # timm name; EfficientNetV2-T as the paper
-weights_file: str = ""  # local ImageNet weights for the backbone; empty: random init
+# None takes the recipe's value (project / official); docs/method.md tables them all
+data_root: str = ""  # competition folder with train.csv: only needed with holdout
+holdout: float = 0.0  # notebook 03's held-out share: those patients are left out of pretraining
+fold_seed: int = -1  # notebook 03's fold_seed (-1: seed); with holdout, the same patients
+exclude_patients: list = []  # more patients to leave out (e.g. a fixed test list)
+backbone: str = None  # timm name; None: efficientnetv2_rw_t (the paper) / _rw_s (the code)
+init: str = None  # "imagenet", "auto" (ImageNet where found) or "random"; None: auto / imagenet
+weights_file: str = ""  # ImageNet weights: file or timm/HF folder; empty: found on Kaggle inputs
 grid: int = 3  # base crops per side
 crop_size: int = 64  # base and random crop size in pixels
 n_random: int = 2  # random crops per volume and step
@@ -45,12 +59,15 @@ slice_mode: str = "average"  # "average" (embedding over a crop's slices) or "pe
 projector_input: str = "flatten"  # "flatten" (feature map, official code) or "pooled"
 hidden_dim: int = 2048  # projector hidden width
 feature_dropout: float = 0.2  # on the student's features (official code); 0: teacher lags only
+feature_dropout_at: str = "slice"  # "slice" (each slice, before the mean: official) or "mean"
+teacher_head: str = "trained"  # "trained" (its own projector: official) or "ema" (all EMA)
+projector_norm: str = "crops"  # projector BatchNorm over "crops" (official) or "features"
 out_dim: int = 2048  # projector output width
 momentum: float = 0.9  # teacher EMA momentum
 momentum_end: float = 0.0  # cosine ramp of the momentum to this value; 0 keeps it constant
 intra_form: str = "voco_code"  # "voco_code" or "paper"
 inter_form: str = "voco_code"  # "voco_code" (official code, teacher-weighted) or "paper"
-reg_form: str = "paper"  # "paper" or "voco_code"
+reg_form: str = None  # "paper" or "voco_code"; None: paper / voco_code
 intra_weight: float = 1.0  # loss weights
 inter_weight: float = 1.0
 reg_weight: float = 1.0
@@ -59,13 +76,16 @@ batch_size: int = 4  # volumes per step and process
 grad_accum: int = 1  # micro-batches per optimizer step
 lr: float = 1e-4  # AdamW learning rate (warmup + cosine)
 weight_decay: float = 1e-2
-decay_norm_and_bias: bool = False  # True: norm and bias decayed too (the old behaviour)
+decay_norm_and_bias: bool = None  # True: norm and bias decayed too; None: False / True
+amsgrad: bool = None  # AdamW's AMSGrad; None: False / True
 warmup_steps: int = 5000
-grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+min_lr_factor: float = None  # the cosine's floor as a share of lr; None: 0.01 / 0
+grad_clip: float = None  # max gradient norm (0: off); None: 1 / 0
+grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower
 precision: str = "auto"  # "auto": bf16 on GPUs with native bf16, fp16 on T4/P100, CPU fp32
 flip_prob: float = 0.0  # augmentation: flips move organs, off by default
 rot90_prob: float = 0.0
-intensity: float = 0.1  # intensity scale/shift jitter
+intensity: float = None  # intensity scale/shift jitter; None: 0.1 / 0
 num_workers: int = 2  # data loader processes
 checkpoint_every: int = 200  # steps between checkpoints
 probe_every: int = 200  # steps between position probes
@@ -165,12 +185,15 @@ import numpy as np
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.backbone import describe_weights, resolve_weights
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
 from kaggle_utils.common.io import write_json_atomic
 from kaggle_utils.common.plots import crop_layout, pretraining_curves, show_figure
 from kaggle_utils.common.summary import papermill_command, show_outputs
+from kaggle_utils.finetune.data import holdout_patients
+from kaggle_utils.finetune.train import read_labels
 from kaggle_utils.pretrain.crops import sample_voco_crops
-from kaggle_utils.pretrain.data import load_volume, volume_files
+from kaggle_utils.pretrain.data import exclude_patient_volumes, load_volume, volume_files
 from kaggle_utils.pretrain.train import (
     PretrainConfig,
     launch_torchrun,
@@ -195,12 +218,26 @@ volume_dirs, extras = pretraining_volume_dirs(caches, shape, extra_dirs, run_dir
 for extra in extras:
     if extra.status != "ok":
         print(f"extra source skipped: {extra.source}: {extra.error}")
+# Notebook 03's held-out test patients (same holdout and fold seed) never reach pretraining,
+# so every initialisation compared on them has seen them equally: never.
+left_out = set(parse_parameter("exclude_patients", exclude_patients, list[int]))
+if holdout > 0:
+    held_out = holdout_patients(
+        read_labels(paths.resolve_data_root(data_root)),
+        holdout,
+        seed if fold_seed < 0 else fold_seed,
+    )
+    print(f"{len(held_out)} held-out patients (holdout {holdout}) left out of pretraining")
+    left_out |= set(held_out)
 # the parameters named as PretrainConfig's fields, and what this cell worked out
 config = config_from_parameters(
     PretrainConfig, globals(), volume_dirs=volume_dirs, output_dir=str(run_dir),
     momentum_end=momentum_end or None,  # 0: a constant momentum
+    exclude_patients=sorted(left_out),
 )  # fmt: skip
-files = volume_files([Path(d) for d in volume_dirs])
+config.weights_file = resolve_weights(config.weights_file, config.backbone, config.init)
+print(f"recipe {config.recipe}; {describe_weights(config.weights_file)}")
+files, _ = exclude_patient_volumes(volume_files([Path(d) for d in volume_dirs]), sorted(left_out))
 print(f"{len(files)} volumes from {volume_dirs} ({sum(e.status == 'ok' for e in extras)} extra)")
 print(f"run folder: {run_dir}")
 

@@ -36,11 +36,22 @@
 # on the out-of-fold predictions and saved for notebook 04; its honest CV score calibrates each
 # fold with the other folds only.
 #
+# `recipe` sets every choice at once: "project" (the default: tuned for the competition
+# metric, as above) or "official" (the authors' fine-tuning code: 48 of 96 slices at 192 px,
+# efficientnetv2_rw_s, one LSTM layer of 128, max over slices, no any-injury or slice loss,
+# flips on all three axes, batch 4, no clipping, AdamW 1.25e-4 with weight decay 1e-5, a
+# cosine down to lr / 10 in 5,000 steps and back up, 20 epochs; bowel, kidney, liver and
+# spleen heads only, so the extravasation column is the training prior). A parameter given
+# explicitly wins; one left as None takes the recipe's value (docs/method.md tables both
+# against the paper).
+#
 # `time_limit_s` ends a session cleanly between epochs (Kaggle's 12 hours); running the notebook
 # again with the same `output_dir` resumes where it stopped. On Kaggle a new session starts with
 # an empty `/kaggle/working`: attach the stopped run's output and pass it as `resume_from`.
 
 # %% tags=["parameters"]
+recipe: str = "project"  # "project" (this project's) or "official" (the authors' code); below
+# None takes the recipe's value, shown as project / official (docs/method.md tables them)
 data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
 cache_dir = ""  # type: list|str  notebook 01's cache, or a list of caches/globs; "": outputs/cache
 output_dir: str = ""  # run folder; empty: outputs/finetune (/kaggle/working/finetune)
@@ -52,33 +63,40 @@ neighbour_slices: int = 0  # 2.5D: neighbours on either side as channels (1: 3 a
 crop_source_shape: list = [96, 256, 256]  # the cached shape organ crops are cut from
 crop_margin: float = 0.1  # added on each side of an organ's box, as a share of its size
 crops_dir: str = ""  # where organ-crop caches are made; empty: outputs/crops
-backbone: str = "efficientnetv2_rw_t"  # timm name; must match notebook 02's for init "voco"
+backbone: str = None  # timm name, notebook 02's for "voco"; None: efficientnetv2_rw_t / _rw_s
 init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
 encoder_file: str = ""  # notebook 02's encoder.pt; empty: outputs/pretrain/encoder.pt
-weights_file: str = ""  # local ImageNet weights for init "imagenet"
-targets: list = ["bowel", "extravasation", "kidney", "liver", "spleen"]  # or a subset
-hidden_size: int = 256  # LSTM hidden size per direction
-num_layers: int = 2  # LSTM layers
-dropout: float = 0.2
-pooling: str = "attention"  # over slices: "attention", "max" or "mean"
+weights_file: str = ""  # ImageNet weights (file or timm/HF folder); empty: found on Kaggle
+targets: list = None  # None: all five / all but extravasation (never trained officially)
+hidden_size: int = None  # LSTM hidden size per direction; None: 256 / 128
+num_layers: int = None  # LSTM layers; None: 2 / 1
+dropout: float = None  # before the heads; None: 0.2 / 0
+pooling: str = None  # over slices: "attention", "max" or "mean"; None: attention / max
 global_pool: str = "avg"  # within a slice: "avg", "max" or "avgmax"
-n_slices: int = 0  # slices per volume fed to the model: 0 for all, else evenly sampled
-image_size: int = 256  # random crop in training, centre crop otherwise
-epochs: int = 10
-batch_size: int = 2  # volumes per step
-grad_accum: int = 1
-lr: float = 1e-4  # AdamW, warmup then cosine
+n_slices: int = None  # slices per volume: 0 for all, else evenly sampled; None: 0 / 48
+image_size: int = None  # random crop in training, centre crop otherwise; None: 256 / 192
+epochs: int = None  # None: 10 / 20
+batch_size: int = None  # volumes per step; None: 2 / 4
+grad_accum: int = 1  # micro-batches per optimizer step
+lr: float = None  # AdamW, warmup then cosine; None: 1e-4 / 1.25e-4
 backbone_lr_factor: float = 1.0  # backbone learning rate relative to lr
-weight_decay: float = 1e-2
-decay_norm_and_bias: bool = False  # True: norm and bias decayed too (the old behaviour)
+weight_decay: float = None  # None: 1e-2 / 1e-5
+decay_norm_and_bias: bool = None  # True: norm and bias decayed too; None: False / True
 freeze_epochs: int = 0  # epochs with the backbone frozen
-any_injury_weight: float = 1.0  # weight of the any-injury loss term; 0 turns it off
+grad_clip: float = None  # max gradient norm (0: off); None: 1 / 0
+warmup_epochs: float = None  # linear warmup; None: 0.5 / 0
+min_lr_factor: float = None  # the cosine's floor as a share of lr; None: 0.01 / 0.1
+lr_cycle_steps: int = None  # cosine half-period in steps, then back up (0: the run); None: 0 / 5000
+grad_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+any_injury_weight: float = None  # the any-injury loss term (0: off); None: 1 / 0
 loss_normalisation: str = "expected"  # "expected": the metric in expectation; "batch": old
-slice_loss_weight: float = 1.0  # per-slice bowel/extravasation loss (image_level_labels.csv)
-hflip_prob: float = 0.0  # augmentation, the same for every slice of a volume
-affine_prob: float = 0.5
-brightness_contrast_prob: float = 0.5
-coarse_dropout_prob: float = 0.3
+slice_loss_weight: float = None  # per-slice bowel/extravasation loss; None: 1 / 0
+hflip_prob: float = None  # augmentation, the same for every slice; None: 0 / 0.5
+vflip_prob: float = None  # None: 0 / 0.5
+zflip_prob: float = None  # slice order reversed; None: 0 / 0.5
+affine_prob: float = None  # None: 0.5 / 0.1
+brightness_contrast_prob: float = None  # None: 0.5 / 0.05
+coarse_dropout_prob: float = None  # None: 0.3 / 0.1
 n_folds: int = 5
 folds_to_run: list = []  # e.g. [0] for a quick look; empty for all folds
 holdout: float = 0.0  # share of patients held out as a test split (the paper: 0.2)
@@ -184,6 +202,7 @@ from IPython.display import Markdown, display
 
 from kaggle_utils.cache import preprocess
 from kaggle_utils.common import paths, runtime
+from kaggle_utils.common.backbone import describe_weights, resolve_weights
 from kaggle_utils.common.config import config_from_parameters, parse_parameter
 from kaggle_utils.common.io import write_json_atomic
 from kaggle_utils.common.plots import (
@@ -238,6 +257,10 @@ config = config_from_parameters(
     output_dir=str(run_dir),
     segmentation_dir=str(segmentation_run) if input != "scan" or organ_visibility else "",
 )  # fmt: skip
+config.weights_file = resolve_weights(config.weights_file, config.backbone, config.init)
+print(f"recipe {config.recipe}; init {config.init}; targets {config.targets}")
+if config.init == "imagenet":
+    print(describe_weights(config.weights_file))
 print(f"labels: {root / 'train.csv'}; volumes: {config.cache_dir}; run folder: {run_dir}")
 
 # %% [markdown]

@@ -29,8 +29,16 @@
 # model (mean ± std) and for the fold ensemble; comparisons rest on it, because each fold
 # picks its best epoch on its own validation patients (the CV figures are optimistic).
 #
-# Presets: `table1` (from scratch / ImageNet, when a local `weights_file` is given / 2D-VoCo /
-# 2D-VoCo with `extra_dirs` of unlabeled CT), `label_efficiency` (`fractions` of the training
+# Pretraining never sees the held-out patients: every notebook-02 run gets the same `holdout`
+# and `fold_seed` and leaves those patients out (its `volumes.parquet` lists what it used).
+# `recipes` runs the presets under the authors' settings ("official", the default: what the
+# paper's comparison ran), this project's ("project"), or both, each with its own baseline.
+#
+# Presets: `table1` (the paper's four rows: ImageNet, ImageNet + 2D-VoCo, and both without
+# ImageNet, i.e. from scratch and 2D-VoCo from random weights; the ImageNet rows need weights,
+# from `weights_file` or found among Kaggle's attached inputs by the backbone's name, and are
+# skipped, with the reason in the report, without them; plus 2D-VoCo with `extra_dirs` of
+# unlabeled CT), `label_efficiency` (`fractions` of the training
 # patients, nested subsets shared by every initialisation), and `grid` (any notebook 03
 # parameter, or notebook 02's as `pretrain.<name>`, e.g. `{"pooling": ["max", "attention"]}`).
 # `table2` is the paper's Table 2: multi-organ (the whole scan, every head) against
@@ -43,12 +51,13 @@
 experiment_dir: str = ""  # the batch's folder; empty: outputs/experiments
 data_root: str = ""  # competition folder with train.csv; empty: Kaggle input, else inputs/...
 cache_dir = ""  # type: list|str  notebook 01's cache (or caches); "": outputs/cache
-presets: list = ["table1", "label_efficiency"]  # and/or "grid"
+presets: list = ["table1", "label_efficiency"]  # and/or "grid", "table2"
+recipes: list = ["official"]  # notebooks 02/03 recipes: "official" (the authors'), "project"
 backbones: list = ["efficientnetv2_rw_t"]  # timm names; each gets its own pretraining
 seeds: list = [0, 1, 2]  # training seeds per setting
 fractions: list = [0.05, 0.1, 0.25, 0.5, 1.0]  # label_efficiency: shares of training patients
-curve_settings: list = ["random", "voco"]  # label_efficiency initialisations (+ "imagenet")
-weights_file: str = ""  # local ImageNet weights: the ImageNet row and pretraining's start
+curve_settings: list = ["random", "voco"]  # label_efficiency inits (+ imagenet, imagenet_voco)
+weights_file: str = ""  # ImageNet weights (file or timm/HF folder); empty: found on Kaggle
 extra_dirs: list = []  # extra unlabeled CT (NIfTI, DICOM folders) for "2D-VoCo + extra"
 pretrain_params: dict = {}  # notebook 02 parameters for every pretraining
 finetune_params: dict = {}  # notebook 03 parameters for every fine-tuning

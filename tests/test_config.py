@@ -66,6 +66,10 @@ def parameters_cell(notebook: str) -> dict[str, Any]:
     return defaults
 
 
+def recipe_fields(config_class: type) -> set[str]:
+    return config_class.recipe_fields() if hasattr(config_class, "recipe_fields") else set()
+
+
 def field_defaults(config_class: type) -> dict[str, Any]:
     defaults = {}
     for field in dataclasses.fields(config_class):
@@ -240,11 +244,13 @@ def test_notebook_parameter_defaults_are_the_config_defaults(notebook: str) -> N
     parameters, fields = parameters_cell(notebook), field_defaults(config_class)
     shared = sorted(set(parameters) & set(fields))
     assert shared, f"{notebook} names none of {config_class.__name__}'s fields"
+    from_recipe = recipe_fields(config_class)
     differ = {
         name: (parameters[name], fields[name])
         for name in shared
         if plain(parameters[name]) != plain(fields[name])
         and (notebook, name) not in INTENDED_DIFFERENCES
+        and not (name in from_recipe and parameters[name] is None)
     }
     assert not differ, f"{notebook}: parameter default != {config_class.__name__} default: {differ}"
     stale = {
@@ -265,7 +271,68 @@ def test_notebook_defaults_and_their_p_strings_parse_as_the_fields(notebook: str
     parameters = parameters_cell(notebook)
     for name in sorted(set(parameters) & set(hints)):
         value = parameters[name]
+        if value is None and name in recipe_fields(config_class):
+            continue  # the recipe's value: tested below
         parsed = parse_parameter(name, value, hints[name])
         assert plain(parsed) == plain(value), name
         if isinstance(value, (list, dict)):
             assert plain(parse_parameter(name, yaml_flow(value), hints[name])) == plain(value)
+
+
+# ------------------------------------------------------------------------------ the recipes
+
+RECIPE_NOTEBOOKS = {"02_voco2d_pretrain": PretrainConfig, "03_finetune_bilstm": FinetuneConfig}
+
+
+@pytest.mark.parametrize("notebook", RECIPE_NOTEBOOKS)
+def test_the_notebook_leaves_exactly_the_recipe_fields_to_the_recipe(notebook: str) -> None:
+    """A parameter is None in the notebook if and only if a recipe sets its field to a value
+    other than the default: otherwise `recipe` could not set it (an explicit value wins)."""
+    config_class = RECIPE_NOTEBOOKS[notebook]
+    parameters = parameters_cell(notebook)
+    left_to_recipe = {name for name, value in parameters.items() if value is None}
+    assert parameters["recipe"] == "project"
+    assert left_to_recipe == config_class.recipe_fields() - {"recipe"}, notebook
+
+
+@pytest.mark.parametrize("config_class", [PretrainConfig, FinetuneConfig])
+def test_a_recipe_sets_its_fields_and_explicit_values_win(config_class: type) -> None:
+    official = config_class.recipe_values("official")
+    assert official and config_class.recipe_values("project") == {}
+    config = config_class.from_recipe("official")
+    assert config.recipe == "official"
+    for name, value in official.items():
+        assert plain(getattr(config, name)) == plain(value), name
+    # through a notebook's parameters: None takes the recipe's value, a value wins
+    parameters = dict.fromkeys(config_class.recipe_fields()) | {"recipe": "official"}
+    name = sorted(config_class.recipe_fields())[0]
+    parameters[name] = getattr(config_class(), name)  # the project's value, given explicitly
+    built = config_from_parameters(config_class, parameters)
+    assert plain(getattr(built, name)) == plain(getattr(config_class(), name))
+    for other in config_class.recipe_fields() - {name}:
+        assert plain(getattr(built, other)) == plain(official[other]), other
+    project = config_from_parameters(config_class, dict.fromkeys(config_class.recipe_fields()))
+    assert plain(dataclasses.asdict(project)) == plain(dataclasses.asdict(config_class()))
+    with pytest.raises(ValueError, match="recipe"):
+        config_class.from_recipe("paper")
+
+
+def test_the_official_recipes_are_the_authors_settings() -> None:
+    """The values the issue's reading of the official code names (docs/method.md cites each
+    line): a guard against a recipe drifting silently."""
+    pre = PretrainConfig.from_recipe("official")
+    assert (pre.feature_dropout, pre.feature_dropout_at) == (0.2, "slice")
+    assert (pre.teacher_head, pre.projector_norm, pre.init) == ("trained", "crops", "imagenet")
+    assert pre.amsgrad and pre.decay_norm_and_bias
+    fine = FinetuneConfig.from_recipe("official")
+    assert (fine.n_slices, fine.image_size, fine.backbone) == (48, 192, "efficientnetv2_rw_s")
+    assert (fine.hidden_size, fine.num_layers, fine.dropout, fine.pooling) == (128, 1, 0.0, "max")
+    assert fine.any_injury_weight == 0 and fine.slice_loss_weight == 0
+    assert "extravasation" not in fine.targets
+    assert (fine.hflip_prob, fine.vflip_prob, fine.zflip_prob) == (0.5, 0.5, 0.5)
+    assert (fine.lr, fine.weight_decay, fine.lr_cycle_steps, fine.epochs) == (
+        1.25e-4,
+        1e-5,
+        5000,
+        20,
+    )

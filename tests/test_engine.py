@@ -18,6 +18,7 @@ from kaggle_utils.common.engine import (
     load_checkpoint,
     parameter_groups,
     save_checkpoint,
+    warmup_cosine,
 )
 from kaggle_utils.common.progress import LOG_REFRESH_SECONDS, progress_bar
 
@@ -168,3 +169,21 @@ def test_progress_bars_refresh_rarely_when_the_output_is_a_log(
     live = progress_bar(range(3), file=log)
     assert live.mininterval < 1.0
     live.close()
+
+
+def test_a_cosine_cycle_follows_torch_cosine_annealing_past_its_period() -> None:
+    """`lr_cycle_steps` (the official fine-tuning's CosineAnnealingLR, T_max 5,000, eta_min
+    lr / 10) goes down in T_max steps and back up in as many: PyTorch's own scheduler is the
+    reference, over three half-periods."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.25e-4)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10, eta_min=1.25e-5)
+    for step in range(31):
+        factor = warmup_cosine(step, 0, 1_000, min_factor=0.1, cycle_steps=10)
+        assert 1.25e-4 * factor == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-6), step
+        optimizer.step()
+        reference.step()
+    assert warmup_cosine(10, 0, 1_000, 0.1, 10) == pytest.approx(0.1)
+    assert warmup_cosine(20, 0, 1_000, 0.1, 10) == pytest.approx(1.0)
+    # without a cycle: one cosine over the run, as before
+    assert warmup_cosine(1_000, 0, 1_000, 0.1) == pytest.approx(0.1)

@@ -189,11 +189,12 @@ def test_a_holdout_of_very_few_patients_still_splits() -> None:
 # --------------------------------------------------------------------------- planning
 
 
-def test_plan_shares_pretraining_and_runs_and_skips_what_cannot_run() -> None:
+def test_plan_shares_pretraining_and_runs_and_skips_what_cannot_run(tmp_path: Path) -> None:
     config = ExperimentConfig(seeds=[0, 1], fractions=[0.1, 1.0])
     plan = plan_experiment(config)
     assert {r.setting for r in plan.runs} == {"random", "voco"}
-    assert any("ImageNet" in s for s in plan.skipped) and any("extra" in s for s in plan.skipped)
+    assert any("ImageNet + 2D-VoCo" in s for s in plan.skipped)
+    assert any("extra" in s for s in plan.skipped)
     # table1: 2 settings x 2 seeds; curve: 2 settings x 2 fractions x 2 seeds
     assert len(plan.runs) == 4 + 8
     # the curve's 100 % runs are table1's runs: 8 distinct fine-tunings, one pretraining
@@ -203,18 +204,83 @@ def test_plan_shares_pretraining_and_runs_and_skips_what_cannot_run() -> None:
     assert len(seeds) == 2  # seeds are separate runs...
     splits = {(r.finetune["fold_seed"], r.finetune["holdout"]) for r in plan.runs}
     assert splits == {(0, 0.2)}  # ... on the same folds and held-out patients
+    # pretraining leaves out the same held-out patients, from random weights, in the recipe
+    pretrain = next(iter(plan.unique_pretrainings().values()))
+    assert (pretrain["holdout"], pretrain["fold_seed"], pretrain["init"]) == (0.2, 0, "random")
+    assert {r.recipe for r in plan.runs} == {"official"}
+    assert {r.finetune["recipe"] for r in plan.runs} == {pretrain["recipe"]} == {"official"}
 
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
     full = ExperimentConfig(
-        presets=["table1"], weights_file="w.pth", extra_dirs=["flare"], backbones=["a", "b"],
-        seeds=[0],
+        presets=["table1"], weights_file=str(weights), extra_dirs=["flare"],
+        backbones=["a", "b"], seeds=[0],
     )  # fmt: skip
     plan = plan_experiment(full)
-    assert len(plan.runs) == 8 and not plan.skipped
-    assert len(plan.unique_pretrainings()) == 4  # per backbone, with and without extra data
+    # the paper's four rows (ImageNet, ImageNet + 2D-VoCo, both without ImageNet) + extra
+    assert len(plan.runs) == 10 and not plan.skipped
+    assert [r.label for r in plan.runs[:5]] == [
+        "from scratch", "ImageNet", "2D-VoCo", "ImageNet + 2D-VoCo", "2D-VoCo + extra unlabeled",
+    ]  # fmt: skip
+    # per backbone: from random weights, from ImageNet, with extra data
+    assert len(plan.unique_pretrainings()) == 6
     imagenet = next(r for r in plan.runs if r.setting == "imagenet")
-    assert imagenet.finetune["init"] == "imagenet" and imagenet.finetune["weights_file"] == "w.pth"
+    assert imagenet.finetune["init"] == "imagenet"
+    assert imagenet.finetune["weights_file"] == str(weights)
+    both = next(r for r in plan.runs if r.setting == "imagenet_voco")
+    assert both.finetune["init"] == "voco" and both.pretrain is not None
+    assert (both.pretrain["init"], both.pretrain["weights_file"]) == ("imagenet", str(weights))
+    scratch_voco = next(r for r in plan.runs if r.setting == "voco")
+    assert scratch_voco.pretrain is not None
+    assert (scratch_voco.pretrain["init"], scratch_voco.pretrain["weights_file"]) == ("random", "")
     extra = next(r for r in plan.runs if r.setting == "voco_extra")
     assert extra.pretrain is not None and extra.pretrain["extra_dirs"] == ["flare"]
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        plan_experiment(ExperimentConfig(weights_file=str(tmp_path / "missing.pth")))
+
+
+def test_both_recipes_are_separate_rows_with_their_own_baselines() -> None:
+    plan = plan_experiment(
+        ExperimentConfig(presets=["table1"], seeds=[0], recipes=["official", "project"])
+    )
+    assert [r.label for r in plan.runs] == [
+        "from scratch [official]", "2D-VoCo [official]",
+        "from scratch [project]", "2D-VoCo [project]",
+    ]  # fmt: skip
+    assert len(plan.unique_pretrainings()) == 2 and len(plan.unique_runs()) == 4
+    assert [r.finetune["recipe"] for r in plan.runs] == ["official"] * 2 + ["project"] * 2
+    with pytest.raises(ValueError, match="recipes"):
+        ExperimentConfig(recipes=["paper"])
+
+
+def test_imagenet_weights_are_found_among_kaggle_inputs_by_backbone_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No weights_file: the table1 preset looks for each backbone's timm weights among the
+    attached inputs and runs the ImageNet rows for the backbone that has them."""
+    import timm
+    from timm.models import save_for_hf
+
+    found = tmp_path / "kaggle" / "input" / "tiny-weights" / "pytorch" / "default" / "1"
+    found.mkdir(parents=True)
+    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), found)
+    monkeypatch.setenv("KAGGLE_UTILS_FAKE_ROOT", str(tmp_path))
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    plan = plan_experiment(
+        ExperimentConfig(
+            presets=["table1"], seeds=[0], backbones=["test_efficientnet", "resnet10t"]
+        )
+    )
+    settings = {(r.backbone, r.setting) for r in plan.runs}
+    assert ("test_efficientnet", "imagenet") in settings
+    assert ("test_efficientnet", "imagenet_voco") in settings
+    assert ("resnet10t", "imagenet") not in settings
+    assert [s for s in plan.skipped if "ImageNet" in s] == [
+        "ImageNet and ImageNet + 2D-VoCo for resnet10t: no ImageNet weights (pass "
+        "weights_file, or attach timm's resnet10t weights; nothing is downloaded)"
+    ]
+    imagenet = next(r for r in plan.runs if r.setting == "imagenet")
+    assert Path(imagenet.finetune["weights_file"]) == found
 
 
 def test_a_grid_varies_any_parameter_of_either_notebook() -> None:
@@ -301,11 +367,11 @@ def test_run_experiment_runs_each_run_once_resumes_and_reports(tmp_path: Path) -
         experiment_dir=str(tmp_path / "exp"), data_root=str(data), seeds=[0, 1],
         fractions=[0.25, 1.0], n_folds=3, n_bootstrap=300, notebooks_dir=str(tmp_path),
     )  # fmt: skip
-    notebooks = FakeNotebooks(labels, fail="random-efficientnetv2_rw_t-f0.25-s1")
+    notebooks = FakeNotebooks(labels, fail="random-efficientnetv2_rw_t-official-f0.25-s1")
     result = run_experiment(config, executor=notebooks, progress=False)
     # one pretraining, 8 fine-tunings (table1's are the curve's 100 % runs), one failed
     assert len(notebooks.calls) == 1 + 8 and len(result.ran) == 8
-    failed = "random-efficientnetv2_rw_t-f0.25-s1"
+    failed = "random-efficientnetv2_rw_t-official-f0.25-s1"
     assert [Path(run).name.rsplit("-", 1)[0] for run in result.failures] == [failed]
     params = json.loads(next((tmp_path / "exp" / "runs").glob("voco-*/params.json")).read_text())
     assert params["init"] == "voco" and params["encoder_file"].endswith("encoder.pt")

@@ -29,6 +29,7 @@ from kaggle_utils.finetune.data import (
     cached_slice_labels,
     cached_slice_spans,
     class_indices,
+    holdout_patients,
     make_folds,
     series_table,
     slice_indices,
@@ -226,6 +227,45 @@ def test_folds_partition_patients_stratified_and_deterministic(holdout: float) -
     assert sizes.max() - sizes.min() <= 1
     injured = joined.group_by("fold").agg(pl.col("any_injury").mean())["any_injury"]
     assert injured.max() - injured.min() < 0.15
+
+
+@pytest.mark.parametrize(("n_folds", "seed"), [(3, 0), (5, 0), (5, 7)])
+def test_holdout_patients_are_make_folds_held_out_patients(n_folds: int, seed: int) -> None:
+    """What notebook 02 leaves out of pretraining is what notebook 03 holds out, whatever
+    its number of folds."""
+    labels = labels_table(150)
+    folds = make_folds(labels, n_folds, seed=seed, holdout=0.2)
+    expected = sorted(folds.filter(pl.col("fold") == -1)["patient_id"].to_list())
+    assert holdout_patients(labels, 0.2, seed) == expected and len(expected) == 30
+    assert holdout_patients(labels, 0.0, seed) == []
+
+
+def test_z_flip_reverses_the_slices_and_their_labels(tiny_competition: Path, cached: Path) -> None:
+    labels = read_labels(tiny_competition)
+    image_labels = pl.read_csv(tiny_competition / "image_level_labels.csv")
+    table = series_table(labels, cached, SHAPE, image_labels=image_labels).head(1)
+    kwargs: dict[str, Any] = {
+        "n_slices": 0, "image_size": 32, "train": True, "seed": 0,
+        "slice_targets": ("bowel", "extravasation"),
+    }  # fmt: skip
+    plain = SeriesDataset(table, ALL_TARGETS, augment=AugmentConfig(0, 0, 0, 0, 0, 0), **kwargs)
+    flipped = SeriesDataset(
+        table, ALL_TARGETS, augment=AugmentConfig(zflip_prob=1.0, affine_prob=0,
+        brightness_contrast_prob=0, coarse_dropout_prob=0), **kwargs,
+    )  # fmt: skip
+    a, b = plain[0], flipped[0]
+    volume = np.load(table["path"][0])
+    assert not np.array_equal(volume, volume[::-1])
+    # the same random crop: compare the slice order through the full-size slices
+    np.testing.assert_array_equal(a["image"].numpy(), b["image"].numpy()[::-1])
+    np.testing.assert_array_equal(a["slice_labels"].numpy(), b["slice_labels"].numpy()[::-1])
+    # 2.5D: each slice's neighbour channels run the other way too
+    plain, flipped = (
+        SeriesDataset(table, ALL_TARGETS, augment=augment, neighbours=1, **kwargs)
+        for augment in (plain.augment, flipped.augment)
+    )
+    a, b = plain[0]["image"].numpy(), flipped[0]["image"].numpy()
+    np.testing.assert_array_equal(a, b[::-1, ::-1])
 
 
 def test_slice_indices() -> None:

@@ -10,7 +10,13 @@ import torch
 from kaggle_utils.common.backbone import build_backbone, feature_dim, load_state_dict_file
 from kaggle_utils.common.engine import cosine_schedule, warmup_cosine
 from kaggle_utils.finetune.model import CNNBiLSTM
-from kaggle_utils.pretrain.model import CropEncoder, StudentTeacher, update_momentum
+from kaggle_utils.pretrain.losses import VoCoLoss
+from kaggle_utils.pretrain.model import (
+    CropEncoder,
+    ProjectionHead,
+    StudentTeacher,
+    update_momentum,
+)
 
 
 def tiny_encoder(slice_mode: str = "average") -> CropEncoder:
@@ -78,8 +84,8 @@ def test_average_mode_averages_backbone_features_over_slices() -> None:
         torch.testing.assert_close(encoder(crops), encoder.projector(features))
 
 
-def test_teacher_is_an_ema_of_the_whole_student() -> None:
-    pair = StudentTeacher(tiny_encoder())
+def test_ema_teacher_head_is_an_ema_of_the_whole_student() -> None:
+    pair = StudentTeacher(tiny_encoder(), teacher_head="ema")
     assert all(not p.requires_grad for p in pair.teacher.parameters())
     for t, s in zip(
         pair.teacher.state_dict().values(), pair.student.state_dict().values(), strict=True
@@ -103,6 +109,123 @@ def test_teacher_is_an_ema_of_the_whole_student() -> None:
         pair.teacher.projector.layers[0].weight,
         0.9 * before[-6] + 0.1 * pair.student.projector.layers[0].weight,
     )
+
+
+def test_trained_teacher_head_gets_gradients_and_only_its_backbone_is_averaged() -> None:
+    """The official code: the teacher's backbone is an EMA of the student's and never gets a
+    gradient; its projector is a head of its own, trained through the intra loss."""
+    pair = StudentTeacher(tiny_encoder(), teacher_head="trained")
+    trainable = dict(pair.trainable_parameters())
+    assert all(not p.requires_grad for p in pair.teacher.backbone.parameters())
+    assert all(p.requires_grad for p in pair.teacher.projector.parameters())
+    assert set(trainable) == {f"student.{n}" for n, _ in pair.student.named_parameters()} | {
+        f"teacher.projector.{n}" for n, _ in pair.teacher.projector.named_parameters()
+    }
+    loss_fn = VoCoLoss()
+    crops = torch.randn(3, 4, 2, 1, 24, 24)  # (B, R + K, S, C, h, w), R = 1, K = 3
+    student_out = pair.student(crops)
+    with torch.no_grad():
+        features = pair.teacher.crop_features(crops)
+    teacher_out = pair.teacher.project(features, 2)
+    parts = loss_fn(
+        student_out[:, :1], student_out[:, 1:], teacher_out[:, :1], teacher_out[:, 1:],
+        torch.rand(3, 1, 3),
+    )  # fmt: skip
+    parts.intra.backward(retain_graph=True)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in pair.teacher.projector.parameters()
+        if p.dim() > 1
+    )
+    assert all(p.grad is None for p in pair.teacher.backbone.parameters())
+    # the inter loss's teacher similarities are targets: no gradient reaches the head there
+    pair.teacher.projector.zero_grad(set_to_none=True)
+    parts.inter.backward()
+    assert all(p.grad is None for p in pair.teacher.projector.parameters())
+
+    projector_before = [p.clone() for p in pair.teacher.projector.parameters()]
+    backbone_before = [p.clone() for p in pair.teacher.backbone.parameters()]
+    with torch.no_grad():
+        for p in pair.student.parameters():
+            p.add_(1.0)
+    pair.update_teacher(0.9)
+    for old, new, s in zip(
+        backbone_before, pair.teacher.backbone.parameters(), pair.student.backbone.parameters(),
+        strict=True,
+    ):  # fmt: skip
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * s)
+    for old, new in zip(projector_before, pair.teacher.projector.parameters(), strict=True):
+        assert torch.equal(old, new)  # never averaged
+    with pytest.raises(ValueError, match="teacher_head"):
+        StudentTeacher(tiny_encoder(), teacher_head="other")  # type: ignore[arg-type]
+
+
+class ConstantBackbone(torch.nn.Module):
+    """Pooled features of ones for every image, whatever it shows."""
+
+    num_features = 4096
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.ones(images.shape[0], self.num_features)
+
+
+@pytest.mark.parametrize(("where", "slices"), [("slice", 32), ("mean", 32), ("slice", 8)])
+def test_feature_dropout_noise_on_the_slice_mean(where: str, slices: int) -> None:
+    """Dropout p on each of S slices before the mean leaves the mean's elements with relative
+    standard deviation sqrt(p / (1 - p) / S) (0.09 for p 0.2 and 32 slices: the official
+    code); after the mean, sqrt(p / (1 - p)) = 0.5."""
+    torch.manual_seed(0)
+    p = 0.2
+    encoder = CropEncoder(
+        ConstantBackbone(),
+        8,
+        8,
+        feature_dropout=p,
+        feature_dropout_at=where,  # type: ignore[arg-type]
+    ).train()
+    features = encoder.crop_features(torch.zeros(2, 3, slices, 1, 4, 4))  # (B, M, F)
+    assert features.shape == (2, 3, 4096)
+    expected = math.sqrt(p / (1 - p) / (slices if where == "slice" else 1))
+    assert features.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert features.std().item() == pytest.approx(expected, rel=0.05)
+    # reference: the slow form, one slice at a time
+    torch.manual_seed(1)
+    fast = encoder.crop_features(torch.zeros(1, 1, slices, 1, 4, 4))
+    torch.manual_seed(1)
+    ones = torch.ones(slices, 4096)
+    if where == "slice":
+        slow = torch.stack([encoder.feature_dropout(row) for row in ones.split(1)]).mean(0)
+    else:
+        slow = encoder.feature_dropout(ones.mean(0, keepdim=True))
+    torch.testing.assert_close(fast.view(-1), slow.view(-1))
+    assert torch.equal(
+        encoder.eval().crop_features(torch.zeros(1, 1, slices, 1, 4, 4)), torch.ones(1, 1, 4096)
+    )
+
+
+@pytest.mark.parametrize("norm", ["crops", "features"])
+def test_projector_norm_axis_against_a_slow_reference(norm: str) -> None:
+    """ "crops": each crop position normalised over the volumes and the hidden features (what
+    nn.BatchNorm1d does to the official code's [B, crops, D] tensor); "features": each hidden
+    feature over every crop of every volume."""
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 16, 5, norm)  # type: ignore[arg-type]
+    x = torch.randn(3, 4, 6)  # (B, M, F)
+
+    def normalise(h: torch.Tensor) -> torch.Tensor:
+        axes = (0, 2) if norm == "crops" else (0, 1)
+        mean = h.mean(axes, keepdim=True)
+        var = h.var(axes, unbiased=False, keepdim=True)
+        return (h - mean) / torch.sqrt(var + 1e-5)
+
+    linear_1, _, _, linear_2, _, _, linear_3 = head.layers
+    h = torch.relu(normalise(linear_1(x)))
+    h = torch.relu(normalise(linear_2(h)))
+    torch.testing.assert_close(head(x), linear_3(h))
+    # an ungrouped (M, F) input is one volume's crops
+    torch.testing.assert_close(head(x[0]), head(x[:1])[0])
+    with pytest.raises(ValueError, match="norm"):
+        ProjectionHead(6, 16, 5, "other")  # type: ignore[arg-type]
 
 
 def test_update_momentum_extremes() -> None:

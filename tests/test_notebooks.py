@@ -222,6 +222,18 @@ def test_notebook_05_runs_a_small_batch_resumes_and_reports(
     assert len(list((experiment / "runs").iterdir())) == 5  # the curve's 100 % runs are table1's
     for name in ("report.md", "label_efficiency.png", "plan.json", "experiment.json"):
         assert (experiment / name).is_file(), name
+    # no held-out patient reached pretraining: what each pretraining used against what each
+    # fine-tuning held out
+    held_out = set()
+    for folds in experiment.glob("runs/*/folds.csv"):
+        held_out |= set(pl.read_csv(folds).filter(pl.col("fold") == -1)["patient_id"])
+    assert held_out
+    for volumes_file in experiment.glob("pretrain/*/volumes.parquet"):
+        volumes = pl.read_parquet(volumes_file)
+        used = set(volumes["patient_id"].drop_nulls())
+        assert used and not used & held_out, volumes_file
+        assert set(volumes["role"]) <= {"train", "probe"}
+    assert len(list(experiment.glob("pretrain/*/volumes.parquet"))) == 2
     # a second run finds everything done and only rewrites the report
     before = {p: p.stat().st_mtime for p in experiment.glob("runs/*/report.json")}
     output = run_notebook("05_experiments", tmp_path / "again", **parameters)

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import timm
 import torch
@@ -27,6 +28,7 @@ from kaggle_utils.pretrain.data import (
     AugmentConfig,
     VoCoCropDataset,
     augment_volume,
+    exclude_patient_volumes,
     split_probe_volumes,
     volume_files,
 )
@@ -429,3 +431,28 @@ def test_new_settings_are_validated(tmp_path: Path) -> None:
     defaults = PretrainConfig()
     assert (defaults.inter_form, defaults.projector_input) == ("voco_code", "flatten")
     assert (defaults.steps, defaults.warmup_steps) == (250_000, 5_000)
+
+
+def test_held_out_patients_are_left_out_and_the_rest_listed(tmp_path: Path) -> None:
+    """A held-out patient's volumes never reach pretraining; volumes.parquet-style rows name
+    each kept volume's series and patient (null for extra CT outside notebook 01's cache)."""
+    cache = tmp_path / "cache"
+    shape_dir = cache / "4x16x16"
+    shape_dir.mkdir(parents=True)
+    extra = tmp_path / "extra" / "4x16x16"
+    extra.mkdir(parents=True)
+    series = {11: 1, 12: 1, 21: 2, 31: 3}  # series_id -> patient_id
+    for series_id in series:
+        np.save(shape_dir / f"{series_id}.npy", np.zeros((4, 16, 16), np.uint8))
+    np.save(extra / "flare_0001.npy", np.zeros((4, 16, 16), np.uint8))
+    pl.DataFrame(
+        {"series_id": list(series), "patient_id": list(series.values()), "status": ["ok"] * 4}
+    ).write_parquet(cache / "metadata.parquet")
+    files = volume_files([shape_dir, extra])
+    kept, table = exclude_patient_volumes(files, [1, 3])
+    assert sorted(f.name for f in kept) == ["21.npy", "flare_0001.npy"]
+    assert table.sort("volume").rows() == [("21.npy", 21, 2), ("flare_0001.npy", None, None)]
+    everything, full = exclude_patient_volumes(files, [])
+    assert everything == files and full.height == 5
+    with pytest.raises(ValueError, match="traced to a patient"):
+        exclude_patient_volumes([extra / "flare_0001.npy"], [1])

@@ -11,13 +11,14 @@ fails there, naming the parameter, instead of deep inside a stage.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import json
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path, PurePath
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from kaggle_utils.common.io import write_text_atomic
 
@@ -27,7 +28,45 @@ _Dataclass = TypeVar("_Dataclass")
 
 class JsonConfig:
     """Mixin for run-setting dataclasses: written to and read from a config.json (what
-    `torchrun -m ... --config` reads)."""
+    `torchrun -m ... --config` reads).
+
+    A config with a `recipe` field names its recipes in `RECIPES`: {name: {field: value}},
+    the values a recipe gives the fields it sets, over the field defaults (the "project"
+    recipe is the defaults themselves). `from_recipe` and `config_from_parameters` apply them.
+    """
+
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    @classmethod
+    def recipe_values(cls, recipe: str) -> dict[str, Any]:
+        """The field values `recipe` sets (the others keep their defaults).
+
+        Raises:
+            ValueError: an unknown recipe.
+        """
+        if recipe not in cls.RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(cls.RECIPES)}, not {recipe!r}")
+        return copy.deepcopy(dict(cls.RECIPES[recipe]))
+
+    @classmethod
+    def recipe_fields(cls) -> set[str]:
+        """The fields some recipe sets to a value other than its default: what a notebook
+        leaves as None to take the recipe's."""
+        defaults = {
+            f.name: _field_default(f)
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        }
+        return {
+            name
+            for values in cls.RECIPES.values()
+            for name, value in values.items()
+            if value != defaults[name]
+        }
+
+    @classmethod
+    def from_recipe(cls: type[_Config], recipe: str, /, **values: Any) -> _Config:
+        """The config of `recipe`, with `values` over it."""
+        return cls(**(cls.recipe_values(recipe) | {"recipe": recipe} | values))
 
     @classmethod
     def from_json(cls: type[_Config], path: str | Path) -> _Config:
@@ -45,7 +84,9 @@ def config_from_parameters(
     is in `parameters` takes that value, parsed and checked by `parse_parameter` against the
     field's annotation; `overrides` give the values the notebook computed (resolved paths,
     conversions such as `momentum_end=momentum_end or None`) and are passed on as they are;
-    the other fields keep their defaults.
+    the other fields keep their defaults. A config with recipes (`JsonConfig.RECIPES`) starts
+    from the recipe that `parameters["recipe"]` names; a parameter left as None takes the
+    recipe's value (or the default) where the field is one a recipe sets.
 
     Raises:
         TypeError: `config_class` is not a dataclass, or an override names no field of it.
@@ -59,10 +100,15 @@ def config_from_parameters(
         raise TypeError(f"{config_class.__name__} has no field {', '.join(unknown)}")
     hints = typing.get_type_hints(config_class)
     values: dict[str, Any] = {}
+    recipe_fields: set[str] = set()
+    if "recipe" in fields and issubclass(config_class, JsonConfig):
+        recipe = overrides.get("recipe", parameters.get("recipe", _field_default(fields["recipe"])))
+        values = config_class.recipe_values(str(recipe)) | {"recipe": recipe}
+        recipe_fields = config_class.recipe_fields()
     for name, field in fields.items():
         if name in overrides:
             values[name] = overrides[name]
-        elif name in parameters:
+        elif name in parameters and not (parameters[name] is None and name in recipe_fields):
             values[name] = parse_parameter(
                 name, parameters[name], hints[name], example=_field_default(field)
             )

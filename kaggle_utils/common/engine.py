@@ -184,10 +184,17 @@ def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> floa
     return end - (end - start) * (math.cos(math.pi * step / max_steps) + 1.0) / 2.0
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_factor: float = 0.0) -> float:
-    """Learning-rate factor: linear warmup from ~0 to 1, then cosine down to `min_factor`."""
+def warmup_cosine(
+    step: int, warmup_steps: int, max_steps: int, min_factor: float = 0.0, cycle_steps: int = 0
+) -> float:
+    """Learning-rate factor: linear warmup from ~0 to 1, then cosine down to `min_factor`
+    at `max_steps`; with `cycle_steps` > 0, down to it after `cycle_steps` and back up over
+    as many, periodically (PyTorch's CosineAnnealingLR with T_max = cycle_steps)."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if cycle_steps > 0:
+        phase = math.pi * (step - warmup_steps) / cycle_steps
+        return min_factor + (1.0 - min_factor) * (1.0 + math.cos(phase)) / 2.0
     decay_steps = max(1, max_steps - warmup_steps)
     return cosine_schedule(step - warmup_steps, decay_steps, 1.0, min_factor)
 

@@ -11,7 +11,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,16 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(values, tensor.tolist(), strict=True))
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Each gradient averaged over the ranks, in place: for parameters trained outside
+    DistributedDataParallel."""
+    world_size = dist.get_world_size()
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world_size
 
 
 def agree(flag: bool, device: torch.device) -> bool:

@@ -60,13 +60,18 @@ from kaggle_utils.metric import SCORE_PARTS, patient_loss_terms
 
 PRESETS = ("table1", "label_efficiency", "grid", "table2")
 TABLE2_SETTINGS = ("random", "voco")  # from scratch, 2D-VoCo
-# Initialisations of the fine-tuned backbone, as the paper's Table 1 rows.
+# Initialisations of the fine-tuned backbone: the paper's Table 1 rows (ImageNet, ImageNet +
+# 2D-VoCo, and both without ImageNet), and 2D-VoCo with extra unlabeled CT.
 SETTINGS: dict[str, str] = {
     "random": "from scratch",
     "imagenet": "ImageNet",
     "voco": "2D-VoCo",
+    "imagenet_voco": "ImageNet + 2D-VoCo",
     "voco_extra": "2D-VoCo + extra unlabeled",
 }
+IMAGENET_SETTINGS = ("imagenet", "imagenet_voco")  # need ImageNet weights
+VOCO_SETTINGS = ("voco", "imagenet_voco", "voco_extra")  # need a pretraining
+RECIPES = ("official", "project")
 PRETRAIN_PREFIX = "pretrain."
 METRICS = (
     "rsna_score",
@@ -89,12 +94,17 @@ class ExperimentConfig(JsonConfig):
     data_root: str = ""  # competition folder with train.csv
     cache_dir: str | list[str] = ""  # notebook 01's cache(s), for notebooks 02 and 03
     presets: list[str] = field(default_factory=lambda: ["table1", "label_efficiency"])
+    # notebooks 02 and 03's recipes, each a full set of rows: "official" (the authors' code,
+    # what the paper's comparison ran) and/or "project"
+    recipes: list[str] = field(default_factory=lambda: ["official"])
     backbones: list[str] = field(default_factory=lambda: ["efficientnetv2_rw_t"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 1.0])
     # initialisations of the label-efficiency curve ("imagenet" needs weights_file)
     curve_settings: list[str] = field(default_factory=lambda: ["random", "voco"])
-    weights_file: str = ""  # local ImageNet weights: the "ImageNet" row, and pretraining's init
+    # ImageNet weights (file or timm / Hugging Face folder) for the ImageNet rows; "": found
+    # among Kaggle's attached inputs by each backbone's name, else those rows are skipped
+    weights_file: str = ""
     extra_dirs: list[str] = field(default_factory=list)  # extra unlabeled CT for notebook 02
     pretrain_params: dict[str, Any] = field(default_factory=dict)  # notebook 02, every run
     finetune_params: dict[str, Any] = field(default_factory=dict)  # notebook 03, every run
@@ -134,6 +144,9 @@ class ExperimentConfig(JsonConfig):
         unknown = sorted(set(self.curve_settings) - set(SETTINGS))
         if unknown:
             raise ValueError(f"curve_settings must be among {tuple(SETTINGS)}, not {unknown}")
+        unknown = sorted(set(self.recipes) - set(RECIPES))
+        if unknown or not self.recipes:
+            raise ValueError(f"recipes must be a non-empty subset of {RECIPES}, not {unknown}")
         if not self.seeds or not self.backbones:
             raise ValueError("seeds and backbones must not be empty")
         reserved = {"output_dir", "data_root", "cache_dir", "encoder_file", "backbone"}
@@ -160,6 +173,7 @@ class PlannedRun:
     pretrain_key: str | None = None
     pretrain: dict[str, Any] | None = None  # notebook 02's parameters
     organ: str = ""  # table2's single-organ runs: the organ whose crop it trains on
+    recipe: str = "official"  # notebooks 02 and 03's recipe
 
 
 @dataclass
@@ -184,12 +198,25 @@ def _slug(text: str) -> str:
 
 
 def _pretraining(
-    config: ExperimentConfig, backbone: str, extra: bool, overrides: Mapping[str, Any]
+    config: ExperimentConfig,
+    backbone: str,
+    setting: str,
+    recipe: str,
+    weights: str,
+    overrides: Mapping[str, Any],
 ) -> tuple[str, dict[str, Any]]:
-    params: dict[str, Any] = {"backbone": backbone, "weights_file": config.weights_file}
-    params |= {"extra_dirs": list(config.extra_dirs) if extra else []}
+    """Notebook 02's parameters: ImageNet init only for "imagenet_voco"; the experiment's
+    held-out patients left out (the same `holdout` and `fold_seed` as every notebook 03)."""
+    imagenet = setting == "imagenet_voco"
+    params: dict[str, Any] = {
+        "backbone": backbone, "recipe": recipe, "init": "imagenet" if imagenet else "random",
+        "weights_file": weights if imagenet else "", "data_root": config.data_root,
+        "holdout": config.holdout, "fold_seed": config.fold_seed,
+        "extra_dirs": list(config.extra_dirs) if setting == "voco_extra" else [],
+    }  # fmt: skip
     params |= dict(config.pretrain_params) | dict(overrides)
-    name = _slug(f"{backbone}{'-extra' if extra else ''}")
+    name = _slug(f"{backbone}-{recipe}{'-imagenet' if imagenet else ''}")
+    name += "-extra" if setting == "voco_extra" else ""
     return _key(name, params), params
 
 
@@ -199,57 +226,80 @@ def _finetuning(
     backbone: str,
     fraction: float,
     seed: int,
+    recipe: str,
+    weights: str,
     overrides: Mapping[str, Any],
     pretrain_key: str | None,
 ) -> tuple[str, dict[str, Any]]:
     init = {"random": "random", "imagenet": "imagenet"}.get(setting, "voco")
     params: dict[str, Any] = {
-        "backbone": backbone, "init": init, "seed": seed, "fold_seed": config.fold_seed,
-        "holdout": config.holdout, "n_folds": config.n_folds, "train_fraction": fraction,
-        "weights_file": config.weights_file if init == "imagenet" else "",
+        "backbone": backbone, "recipe": recipe, "init": init, "seed": seed,
+        "fold_seed": config.fold_seed, "holdout": config.holdout, "n_folds": config.n_folds,
+        "train_fraction": fraction, "weights_file": weights if init == "imagenet" else "",
     }  # fmt: skip
     params |= dict(config.finetune_params) | dict(overrides)
     if params["init"] == "voco" and pretrain_key is None:
         raise ValueError(f"{setting}: init 'voco' needs a pretraining")
     identity = params | {"pretrain": pretrain_key if params["init"] == "voco" else None}
-    return _key(_slug(f"{setting}-{backbone}-f{fraction:g}-s{seed}"), identity), params
+    name = _slug(f"{setting}-{backbone}-{recipe}-f{fraction:g}-s{seed}")
+    return _key(name, identity), params
+
+
+def find_imagenet_weights(config: ExperimentConfig, backbone: str) -> str:
+    """`weights_file`, or the backbone's weights among the attached inputs; "" if none."""
+    from kaggle_utils.common.backbone import resolve_weights
+
+    return resolve_weights(config.weights_file, backbone, "auto")
 
 
 def plan_experiment(config: ExperimentConfig) -> Plan:
     """Every run the presets ask for; settings that cannot run here are skipped with a
-    reason (ImageNet without `weights_file`, extra data without `extra_dirs`)."""
+    reason (ImageNet rows without weights, extra data without `extra_dirs`)."""
     runs: list[PlannedRun] = []
     skipped: list[str] = []
-    available = dict(SETTINGS)
-    if not config.weights_file:
-        available.pop("imagenet")
-        skipped.append("ImageNet: no weights_file given (nothing is downloaded)")
+    several = len(config.recipes) > 1
+    available: dict[str, list[str]] = {}  # backbone -> its settings
+    weights: dict[str, str] = {}
+    for backbone in config.backbones:
+        weights[backbone] = find_imagenet_weights(config, backbone)
+        available[backbone] = list(SETTINGS)
+        if not weights[backbone]:
+            available[backbone] = [s for s in SETTINGS if s not in IMAGENET_SETTINGS]
+            skipped.append(
+                f"ImageNet and ImageNet + 2D-VoCo for {backbone}: no ImageNet weights (pass "
+                f"weights_file, or attach timm's {backbone} weights; nothing is downloaded)"
+            )
+        if not config.extra_dirs:
+            available[backbone].remove("voco_extra")
     if not config.extra_dirs:
-        available.pop("voco_extra")
         skipped.append("2D-VoCo + extra unlabeled: no extra_dirs given")
 
     def add(
         preset: str, setting: str, label: str, backbone: str, fraction: float, seed: int,
-        finetune_overrides: Mapping[str, Any], pretrain_overrides: Mapping[str, Any],
-        organ: str = "",
+        recipe: str, finetune_overrides: Mapping[str, Any],
+        pretrain_overrides: Mapping[str, Any], organ: str = "",
     ) -> None:  # fmt: skip
         pretrain_key, pretrain = None, None
         uses_voco = finetune_overrides.get("init", config.finetune_params.get("init", "voco"))
-        if setting in ("voco", "voco_extra") or (setting == "grid" and uses_voco == "voco"):
+        if setting in VOCO_SETTINGS or (setting == "grid" and uses_voco == "voco"):
             pretrain_key, pretrain = _pretraining(
-                config, backbone, setting == "voco_extra", pretrain_overrides
+                config, backbone, setting, recipe, weights[backbone], pretrain_overrides
             )
         run_key, finetune = _finetuning(
-            config, setting, backbone, fraction, seed, finetune_overrides, pretrain_key
-        )
+            config, setting, backbone, fraction, seed, recipe, weights[backbone],
+            finetune_overrides, pretrain_key,
+        )  # fmt: skip
+        label += f" [{recipe}]" if several else ""
         runs.append(PlannedRun(preset, setting, label, backbone, fraction, seed, run_key,
-                               finetune, pretrain_key, pretrain, organ))  # fmt: skip
+                               finetune, pretrain_key, pretrain, organ, recipe))  # fmt: skip
 
     for preset in config.presets:
-        for backbone, seed in itertools.product(config.backbones, config.seeds):
+        for recipe, backbone, seed in itertools.product(
+            config.recipes, config.backbones, config.seeds
+        ):
             if preset == "table1":
-                for setting, label in available.items():
-                    add(preset, setting, label, backbone, 1.0, seed, {}, {})
+                for setting in available[backbone]:
+                    add(preset, setting, SETTINGS[setting], backbone, 1.0, seed, recipe, {}, {})
             elif preset == "table2":
                 crop = {
                     "segmentation_dir": config.segmentation_dir,
@@ -257,17 +307,20 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
                 } | dict(config.crop_params)
                 for setting in TABLE2_SETTINGS:
                     name = SETTINGS[setting]
-                    add(preset, setting, f"multi-organ, {name}", backbone, 1.0, seed, {}, {})
+                    add(preset, setting, f"multi-organ, {name}", backbone, 1.0, seed, recipe,
+                        {}, {})  # fmt: skip
                     for organ in config.organs:
                         overrides = crop | {"input": organ, "targets": [organ]}
                         label = f"single-organ, {name}"
-                        add(preset, setting, label, backbone, 1.0, seed, overrides, {}, organ)
+                        add(preset, setting, label, backbone, 1.0, seed, recipe, overrides, {},
+                            organ)  # fmt: skip
             elif preset == "label_efficiency":
                 for setting in config.curve_settings:
-                    if setting not in available:
+                    if setting not in available[backbone]:
                         continue
                     for fraction in sorted(config.fractions):
-                        add(preset, setting, SETTINGS[setting], backbone, fraction, seed, {}, {})
+                        add(preset, setting, SETTINGS[setting], backbone, fraction, seed, recipe,
+                            {}, {})  # fmt: skip
             else:
                 names = list(config.grid)
                 for values in itertools.product(*(config.grid[n] for n in names)):
@@ -280,7 +333,8 @@ def plan_experiment(config: ExperimentConfig) -> Plan:
                         if n.startswith(PRETRAIN_PREFIX)
                     }
                     fraction = float(finetune.get("train_fraction", 1.0))
-                    add(preset, "grid", label, backbone, fraction, seed, finetune, pretrain)
+                    add(preset, "grid", label, backbone, fraction, seed, recipe, finetune,
+                        pretrain)  # fmt: skip
     return Plan(runs, skipped)
 
 
@@ -393,7 +447,7 @@ def run_experiment(
             failures[str(out)] = "the notebook ended before the run finished (time limit?)"
     bar.close()
 
-    report = experiment_report(config, plan, failures)
+    report = experiment_report(config, plan, failures, minutes)
     report["minutes"] = {
         "pretrain": {k: minutes.get(k) for k in plan.unique_pretrainings()},
         "runs": {k: minutes.get(k) for k in plan.unique_runs()},
@@ -431,16 +485,32 @@ def load_results(root: Path, plan: Plan) -> list[RunResult]:
     return results
 
 
-def _group_key(run: PlannedRun) -> tuple[str, str, float]:
-    """Runs compared with each other: same preset, backbone and label fraction."""
-    return run.preset, run.backbone, run.fraction
+def _group_key(run: PlannedRun) -> tuple[str, str, float, str]:
+    """Runs compared with each other: same preset, backbone, label fraction and recipe."""
+    return run.preset, run.backbone, run.fraction, run.recipe
 
 
 def _baseline_label(runs: Sequence[PlannedRun]) -> str:
-    preset = runs[0].preset
-    if preset == "grid":
-        return runs[0].label  # the grid's first point
-    return SETTINGS["random"]
+    """From scratch (the grid: its first point), in the group's recipe."""
+    if runs[0].preset != "grid":
+        return next((r.label for r in runs if r.setting == "random"), SETTINGS["random"])
+    return runs[0].label
+
+
+def _run_minutes(
+    runs: Sequence[RunResult], minutes: Mapping[str, float] | None
+) -> dict[str, float | None]:
+    """Wall-clock minutes of a row: fine-tuning (mean over its seeds) and the pretraining
+    it used (shared with the other rows of its kind)."""
+
+    def mean(keys: set[str]) -> float | None:
+        spent = [minutes[k] for k in keys if minutes and minutes.get(k) is not None]
+        return round(sum(spent) / len(spent), 2) if spent else None
+
+    return {
+        "finetune": mean({r.run.run_key for r in runs}),
+        "pretrain": mean({r.run.pretrain_key for r in runs if r.run.pretrain_key}),
+    }
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -500,7 +570,10 @@ def paired_bootstrap(
 
 
 def experiment_report(
-    config: ExperimentConfig, plan: Plan, failures: Mapping[str, str] | None = None
+    config: ExperimentConfig,
+    plan: Plan,
+    failures: Mapping[str, str] | None = None,
+    minutes: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per preset, one row per (setting, backbone, fraction): held-out metrics of the fold
     models (mean +- std over seeds x folds), the fold ensembles' score, the CV score, and the
@@ -531,15 +604,12 @@ def experiment_report(
             continue
         rows = []
         in_preset = [r for r in results if r.run.preset == preset]
-        groups: dict[tuple[str, str, float], list[RunResult]] = {}
+        groups: dict[tuple[str, str, float, str], list[RunResult]] = {}
         for result in in_preset:
             groups.setdefault(_group_key(result.run), []).append(result)
-        for (_, backbone, fraction), members in sorted(groups.items(), key=lambda g: g[0]):
-            planned = [
-                r
-                for r in plan.runs
-                if r.preset == preset and _group_key(r) == (preset, backbone, fraction)
-            ]
+        for key, members in sorted(groups.items(), key=lambda g: g[0]):
+            _, backbone, fraction, recipe = key
+            planned = [r for r in plan.runs if r.preset == preset and _group_key(r) == key]
             baseline = _baseline_label(planned)
             by_label: dict[str, list[RunResult]] = {}
             for result in members:
@@ -554,6 +624,8 @@ def experiment_report(
                     continue
                 runs = by_label[label]
                 row = _row(label, backbone, fraction, runs, label == baseline)
+                row["recipe"] = recipe
+                row["minutes"] = _run_minutes(runs, minutes)
                 if baseline_terms is not None and label != baseline:
                     seeds = {r.run.seed for r in by_label[baseline]}
                     paired = [r for r in runs if r.run.seed in seeds]
@@ -655,6 +727,13 @@ def _fmt(stat: Mapping[str, float], digits: int = 4) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _fmt_minutes(minutes: Mapping[str, float | None] | None) -> str:
+    if not minutes or minutes.get("finetune") is None:
+        return "–"
+    pretrain = minutes.get("pretrain")
+    return f"{minutes['finetune']:.1f}" + (f" + {pretrain:.1f}" if pretrain is not None else "")
+
+
 def _fmt_difference(row: Mapping[str, Any]) -> str:
     if row["baseline"]:
         return "baseline"
@@ -680,9 +759,10 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         header = (
             "| setting | backbone | labels | models | RSNA held-out (fold models) "
             "| Δ vs baseline [95 % CI] | RSNA held-out (fold ensemble) | RSNA CV (optimistic) "
-            "| " + " | ".join(SCORE_PARTS) + " | mAP | macro precision | macro recall |"
+            "| " + " | ".join(SCORE_PARTS) + " | mAP | macro precision | macro recall "
+            "| minutes (fine-tune + pretrain) |"
         )
-        lines += [header, "|---" * (11 + len(SCORE_PARTS)) + "|"]
+        lines += [header, "|---" * (12 + len(SCORE_PARTS)) + "|"]
         for row in table["rows"]:
             held = row["holdout"]
             cells = [
@@ -691,7 +771,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
                 _fmt(row["ensemble_rsna"]), _fmt(row["cv_rsna"]),
                 *(_fmt(held[f"loss_{part}"], 3) for part in SCORE_PARTS),
                 _fmt(held["mAP"], 3), _fmt(held["macro_precision"], 3),
-                _fmt(held["macro_recall"], 3),
+                _fmt(held["macro_recall"], 3), _fmt_minutes(row.get("minutes")),
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         prior = table["rows"][0]["prior_rsna"]

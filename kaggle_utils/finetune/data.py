@@ -200,14 +200,7 @@ def make_folds(
     strata = _strata(table)
     patients = table["patient_id"].to_numpy()
     folds = np.full(len(patients), -1, dtype=np.int64)
-    pool = np.arange(len(patients))
-    if holdout > 0:
-        pool, _ = train_test_split(
-            pool,
-            test_size=holdout,
-            random_state=seed,
-            stratify=_holdout_strata(table, strata, holdout),
-        )
+    pool = _training_pool(table, strata, seed, holdout)
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     pool_strata = _mergeable(strata[pool], n_folds)
     for fold, (_, valid) in enumerate(splitter.split(pool, pool_strata)):
@@ -215,6 +208,33 @@ def make_folds(
     order = np.full(len(patients), -1, dtype=np.int64)
     order[pool] = _stratified_order(pool_strata, np.random.default_rng(seed))
     return pl.DataFrame({"patient_id": patients, "fold": folds, "train_order": order})
+
+
+def holdout_patients(labels: pl.DataFrame, holdout: float, seed: int) -> list[int]:
+    """The patients `make_folds(labels, n_folds, seed, holdout)` holds out (fold -1), for
+    any n_folds: what notebook 02 leaves out of pretraining so that the held-out test
+    patients stay unseen by every initialisation compared on them."""
+    if holdout <= 0:
+        return []
+    table = class_indices(labels)
+    pool = _training_pool(table, _strata(table), seed, holdout)
+    held = np.setdiff1d(np.arange(table.height), pool)
+    return sorted(int(p) for p in table["patient_id"].to_numpy()[held])
+
+
+def _training_pool(
+    table: pl.DataFrame, strata: np.ndarray, seed: int, holdout: float
+) -> np.ndarray:
+    """Row indices of the patients not held out (all of them without `holdout`)."""
+    pool = np.arange(table.height)
+    if holdout > 0:
+        pool, _ = train_test_split(
+            pool,
+            test_size=holdout,
+            random_state=seed,
+            stratify=_holdout_strata(table, strata, holdout),
+        )
+    return pool
 
 
 def _stratified_order(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -300,6 +320,8 @@ class AugmentConfig:
     """Applied identically to every slice of a volume."""
 
     hflip_prob: float = 0.0  # left-right flips put the liver on the spleen's side: off
+    vflip_prob: float = 0.0  # front-back (the official code flips all three axes)
+    zflip_prob: float = 0.0  # head-feet: the slice order reversed (slice labels with it)
     affine_prob: float = 0.5  # small shift, scale, rotation
     brightness_contrast_prob: float = 0.5
     coarse_dropout_prob: float = 0.3
@@ -316,6 +338,7 @@ def build_transform(image_size: int, train: bool, augment: AugmentConfig) -> Any
         p > 0
         for p in (
             augment.hflip_prob,
+            augment.vflip_prob,
             augment.affine_prob,
             augment.brightness_contrast_prob,
             augment.coarse_dropout_prob,
@@ -325,9 +348,12 @@ def build_transform(image_size: int, train: bool, augment: AugmentConfig) -> Any
         return SquareCrop(image_size, random=train)
     import albumentations as A
 
+    # a transform is only added when it can fire: each one draws from the random stream
+    vflip = [A.VerticalFlip(p=augment.vflip_prob)] if augment.vflip_prob > 0 else []
     return A.Compose(
         [
             A.HorizontalFlip(p=augment.hflip_prob),
+            *vflip,
             A.Affine(
                 scale=(0.9, 1.1),
                 translate_percent=(-0.06, 0.06),
@@ -428,7 +454,8 @@ class SeriesDataset(Dataset):
         self.targets = tuple(targets)
         self.slice_targets = tuple(slice_targets)
         self.n_slices, self.image_size, self.train = n_slices, image_size, train
-        self.transform = build_transform(image_size, train, augment or AugmentConfig())
+        self.augment = augment or AugmentConfig()
+        self.transform = build_transform(image_size, train, self.augment)
         self.seed, self.epoch = seed, 0
         self.neighbours = neighbours
 
@@ -446,8 +473,16 @@ class SeriesDataset(Dataset):
             volume = volume[:, None]
         n_available = volume.shape[0]
         indices = slice_indices(n_available, self.n_slices, rng)
+        zflip = self.augment.zflip_prob > 0 and rng is not None
+        zflip = zflip and bool(rng.random() < self.augment.zflip_prob)  # type: ignore[union-attr]
+        if zflip:
+            indices = indices[::-1].copy()
         volume = slice_stack(volume, indices, self.neighbours)
         n_slices, channels, height, width = volume.shape
+        if zflip and self.neighbours:  # the neighbour channels run head to feet too
+            blocks = 2 * self.neighbours + 1
+            volume = volume.reshape(n_slices, blocks, channels // blocks, height, width)
+            volume = volume[:, ::-1].reshape(n_slices, channels, height, width)
         image = volume.reshape(n_slices * channels, height, width).transpose(1, 2, 0)
         if rng is not None:
             # albumentations draws from its own generator: seed it from ours, per item

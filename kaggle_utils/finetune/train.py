@@ -21,9 +21,10 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -39,7 +40,11 @@ from kaggle_utils.cache.preprocess import (
     write_model_preprocessing,
 )
 from kaggle_utils.common import runtime
-from kaggle_utils.common.backbone import input_normalisation
+from kaggle_utils.common.backbone import (
+    enable_grad_checkpointing,
+    input_normalisation,
+    resolve_weights,
+)
 from kaggle_utils.common.config import JsonConfig
 from kaggle_utils.common.engine import (
     OptimizerStep,
@@ -83,6 +88,7 @@ from kaggle_utils.finetune.predict import (
     predict_series,
     series_log_loss,
 )
+from kaggle_utils.finetune.recipe import RECIPES
 from kaggle_utils.finetune.report import ensemble_patients, training_prior
 from kaggle_utils.metric import ALL_TARGETS, CLASS_WEIGHTS, rsna_score
 from kaggle_utils.segmentation.organ_crops import bundle_segmentation
@@ -93,8 +99,15 @@ EPOCH_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_rsna", "lr", "secon
 
 @dataclass
 class FinetuneConfig(JsonConfig):
-    """Every choice of a fine-tuning run (notebook 03's parameters)."""
+    """Every choice of a fine-tuning run (notebook 03's parameters). The defaults are this
+    project's recipe; `FinetuneConfig.from_recipe("official")` is the authors' code
+    (`finetune.recipe`)."""
 
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
+
+    # "project" (these defaults) or "official" (the authors' code); the recipe a config was
+    # made from (`from_recipe`, or a notebook's `recipe` parameter)
+    recipe: str = "project"
     data_root: str = ""  # competition folder with train.csv (labels)
     # notebook 01's cache, or a list of caches (its shards), each possibly a glob pattern
     cache_dir: str | list[str] = ""
@@ -107,7 +120,9 @@ class FinetuneConfig(JsonConfig):
     backbone: str = "efficientnetv2_rw_t"
     init: str = "voco"  # "voco" (notebook 02's encoder), "imagenet" (local file) or "random"
     encoder_file: str = ""  # notebook 02's encoder.pt
-    weights_file: str = ""  # local ImageNet weights for init="imagenet"
+    # ImageNet weights for init="imagenet": a file or a timm / Hugging Face model folder; ""
+    # looks among Kaggle's attached inputs for the backbone's (nothing is downloaded)
+    weights_file: str = ""
     targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
     hidden_size: int = 256
     num_layers: int = 2
@@ -126,8 +141,15 @@ class FinetuneConfig(JsonConfig):
     # default: weights only, as timm's param_groups_weight_decay
     decay_norm_and_bias: bool = False
     warmup_epochs: float = 0.5
+    min_lr_factor: float = 0.01  # the cosine's floor, as a share of lr
+    # the cosine's half-period in optimizer steps, after which it rises again (PyTorch's
+    # CosineAnnealingLR with T_max: the official code's 5,000); 0 = one cosine over the run
+    lr_cycle_steps: int = 0
     freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
     grad_clip: float = 1.0
+    # recompute the backbone's activations in the backward pass (timm's
+    # set_grad_checkpointing): less memory for long slice sequences, slower
+    grad_checkpointing: bool = False
     any_injury_weight: float = 1.0  # weight of the auxiliary any_injury loss (0 to turn off)
     # How each weighted cross-entropy is divided: "expected" (by the batch size times the
     # training rows' mean weight: the loss is the metric in expectation) or "batch" (by the
@@ -146,6 +168,8 @@ class FinetuneConfig(JsonConfig):
     # adjacent slices); a 2D-VoCo encoder's first convolution is adapted (timm's rule)
     neighbour_slices: int = 0
     hflip_prob: float = 0.0
+    vflip_prob: float = 0.0
+    zflip_prob: float = 0.0  # the slice order reversed
     affine_prob: float = 0.5
     brightness_contrast_prob: float = 0.5
     coarse_dropout_prob: float = 0.3
@@ -168,6 +192,10 @@ class FinetuneConfig(JsonConfig):
     time_limit_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.recipe not in self.RECIPES:
+            raise ValueError(f"recipe must be one of {tuple(self.RECIPES)}, not {self.recipe!r}")
+        if self.lr_cycle_steps < 0:
+            raise ValueError(f"lr_cycle_steps must be >= 0, not {self.lr_cycle_steps}")
         if self.init not in ("voco", "imagenet", "random"):
             raise ValueError(f"init must be 'voco', 'imagenet' or 'random', not {self.init!r}")
         if self.aggregation not in ("mean", "max"):
@@ -438,8 +466,9 @@ def train_fold(
         )
     mean, std = input_normalisation(model.backbone, device)
     augment = AugmentConfig(
-        config.hflip_prob, config.affine_prob, config.brightness_contrast_prob,
-        config.coarse_dropout_prob,
+        hflip_prob=config.hflip_prob, vflip_prob=config.vflip_prob, zflip_prob=config.zflip_prob,
+        affine_prob=config.affine_prob, brightness_contrast_prob=config.brightness_contrast_prob,
+        coarse_dropout_prob=config.coarse_dropout_prob,
     )  # fmt: skip
     train_set = SeriesDataset(
         train_rows, config.targets, config.n_slices, config.image_size, True, augment,
@@ -460,7 +489,10 @@ def train_fold(
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     warmup = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.01)
+        optimizer,
+        lambda step: warmup_cosine(
+            step, warmup, total_steps, config.min_lr_factor, config.lr_cycle_steps
+        ),
     )
     precision = runtime.resolve_precision(config.precision, device)
     step = OptimizerStep(
@@ -582,13 +614,17 @@ def _in_chans(rows: pl.DataFrame) -> int:
 
 
 def _build_model(config: FinetuneConfig, in_chans: int) -> CNNBiLSTM:
-    return build_classifier(
+    weights = resolve_weights(config.weights_file, config.backbone, config.init)
+    model = build_classifier(
         config.backbone, in_chans, config.init,  # type: ignore[arg-type]
-        encoder_file=config.encoder_file or None, weights_file=config.weights_file or None,
+        encoder_file=config.encoder_file or None, weights_file=weights or None,
         targets=config.targets, hidden_size=config.hidden_size, num_layers=config.num_layers,
         dropout=config.dropout, pooling=config.pooling,  # type: ignore[arg-type]
         global_pool=config.global_pool, slice_targets=slice_targets(config),
     )  # fmt: skip
+    if config.grad_checkpointing:
+        enable_grad_checkpointing(model.backbone)
+    return model
 
 
 def _model_json(config: FinetuneConfig, in_chans: int, path: Path, prior: dict[str, float]) -> None:

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from torch.utils.data import Dataset
 
+from kaggle_utils.cache.preprocess import METADATA_FILE
 from kaggle_utils.pretrain.crops import LabelMode, cut_crops, sample_voco_crops
 
 
@@ -53,6 +55,51 @@ def volume_files(folders: Sequence[Path]) -> list[Path]:
             stacklevel=2,
         )
     return list(files.values())
+
+
+def volume_table(files: Sequence[Path]) -> pl.DataFrame:
+    """One row per volume file: `volume` (its name), `series_id` and `patient_id` from the
+    metadata of the notebook-01 cache it lies in (`<cache>/<shape>/<series_id>.npy`), null
+    for a volume of no such cache (extra unlabeled CT)."""
+    known: dict[tuple[Path, str], tuple[int, int]] = {}
+    for cache in sorted({Path(f).parent.parent for f in files}):
+        if (cache / METADATA_FILE).is_file():
+            metadata = pl.read_parquet(cache / METADATA_FILE, columns=["series_id", "patient_id"])
+            for series_id, patient_id in metadata.iter_rows():
+                known[(cache, str(series_id))] = (int(series_id), int(patient_id))
+    rows = [known.get((Path(f).parent.parent, Path(f).stem), (None, None)) for f in files]
+    return pl.DataFrame(
+        {
+            "volume": [Path(f).name for f in files],
+            "series_id": [r[0] for r in rows],
+            "patient_id": [r[1] for r in rows],
+        },
+        schema={"volume": pl.String, "series_id": pl.Int64, "patient_id": pl.Int64},
+    )
+
+
+def exclude_patient_volumes(
+    files: Sequence[Path], patients: Sequence[int]
+) -> tuple[list[Path], pl.DataFrame]:
+    """`files` without the volumes of `patients` (held-out test patients), and the table of
+    the volumes kept (`volume_table`).
+
+    Raises:
+        ValueError: patients to leave out, but no volume could be traced to a patient (no
+            notebook-01 metadata beside the volumes): nothing could be left out safely.
+    """
+    table = volume_table(files)
+    if not patients:
+        return list(files), table
+    if table["patient_id"].is_null().all():
+        raise ValueError(
+            f"{len(patients)} patients are to be left out of pretraining, but none of the "
+            f"{len(files)} volumes could be traced to a patient (no {METADATA_FILE} in the "
+            "folder above each volume folder): pretrain on notebook 01's cache"
+        )
+    keep = ~table["patient_id"].is_in(list(patients)).fill_null(False)
+    kept = [f for f, k in zip(files, keep, strict=True) if k]
+    return kept, table.filter(keep)
 
 
 def split_probe_volumes(

@@ -176,10 +176,12 @@ class VoCoLoss(nn.Module):
         pair_shift: int = 1,
     ) -> LossParts:
         # student_random, teacher_random: (B, R, D); *_bases: (B, K, D); labels: (B, R, K)
-        teacher_bases = teacher_bases.detach()
-        teacher_random = teacher_random.detach()
+        # The intra loss reaches the teacher's bases: a trained teacher head (the official
+        # code's) learns there; an EMA teacher was computed without gradient. The inter loss's
+        # teacher similarities are targets, never trained (the official `pred1.detach()`).
         intra = intra_loss(similarity(student_random, teacher_bases), labels, self.intra_form)
         if student_random.shape[0] > pair_shift:
+            teacher_random, teacher_bases = teacher_random.detach(), teacher_bases.detach()
             other_student = torch.roll(student_bases, shifts=-pair_shift, dims=0)
             other_teacher = torch.roll(teacher_bases, shifts=-pair_shift, dims=0)
             inter = inter_loss(

@@ -18,12 +18,13 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import polars as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -38,7 +39,13 @@ from kaggle_utils.cache.preprocess import (
 )
 from kaggle_utils.cache.sources import ExtraVolume, cache_extra_sources, find_volume_sources
 from kaggle_utils.common import runtime
-from kaggle_utils.common.backbone import build_backbone, feature_dim, input_normalisation
+from kaggle_utils.common.backbone import (
+    build_backbone,
+    enable_grad_checkpointing,
+    feature_dim,
+    input_normalisation,
+    resolve_weights,
+)
 from kaggle_utils.common.config import JsonConfig
 from kaggle_utils.common.engine import (
     OptimizerStep,
@@ -49,19 +56,27 @@ from kaggle_utils.common.engine import (
     save_checkpoint,
     warmup_cosine,
 )
-from kaggle_utils.common.io import append_csv, save_torch_atomic, truncate_csv, write_text_atomic
+from kaggle_utils.common.io import (
+    append_csv,
+    save_torch_atomic,
+    truncate_csv,
+    write_parquet_atomic,
+    write_text_atomic,
+)
 from kaggle_utils.common.progress import progress_bar
 from kaggle_utils.common.provenance import provenance
 from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
 from kaggle_utils.pretrain.data import (
     AugmentConfig,
     VoCoCropDataset,
+    exclude_patient_volumes,
     load_volume,
     split_probe_volumes,
     volume_files,
 )
 from kaggle_utils.pretrain.losses import LossParts, VoCoLoss, similarity
 from kaggle_utils.pretrain.model import CropEncoder, StudentTeacher
+from kaggle_utils.pretrain.recipe import RECIPES
 
 LOG_COLUMNS = (
     "step", "epoch", "lr", "momentum", "loss", "intra", "inter", "reg", "probe_accuracy",
@@ -78,14 +93,28 @@ class PretrainConfig(JsonConfig):
     """Every choice of a 2D-VoCo run. Defaults reproduce the paper's setting (EfficientNetV2-T,
     32 x 192 x 192 volumes, a 3 x 3 grid of 64 x 64 base crops, 2 random crops, AdamW 1e-4,
     weight decay 1e-2, EMA momentum 0.9, all loss weights 1) and, where the paper is silent or
-    differs, the official 2D-VoCo code (each such choice a field that says so)."""
+    differs, the official 2D-VoCo code (each such choice a field that says so).
+    `PretrainConfig.from_recipe("official")` is the authors' code throughout."""
+
+    RECIPES: ClassVar[Mapping[str, Mapping[str, Any]]] = RECIPES
 
     volume_dirs: list[str] = field(default_factory=list)  # folders of cached .npy volumes
     output_dir: str = "outputs/pretrain"
+    # "project" (these defaults) or "official" (the authors' code: `pretrain.recipe`); the
+    # recipe a config was made from (`from_recipe`, or a notebook's `recipe` parameter)
+    recipe: str = "project"
     backbone: str = "efficientnetv2_rw_t"
-    # local ImageNet weights for student and teacher (the official code starts both from
-    # ImageNet, downloaded; nothing is downloaded here); "" = random init
+    # "imagenet": student and teacher start from ImageNet weights (the official code's;
+    # `weights_file`, or found among Kaggle's attached inputs by the backbone's name), an
+    # error when there are none; "auto": ImageNet where weights are given or found, else
+    # random; "random": random init
+    init: str = "auto"
+    # local ImageNet weights: a file, or a timm / Hugging Face model folder; nothing is
+    # downloaded
     weights_file: str = ""
+    # patients whose volumes are left out of pretraining and of its probe: the held-out
+    # test patients of the fine-tuning runs compared on them (notebook 02's `holdout`)
+    exclude_patients: list[int] = field(default_factory=list)
     grid: int = 3
     crop_size: int = 64
     n_random: int = 2
@@ -100,6 +129,15 @@ class PretrainConfig(JsonConfig):
     # dropout on the student's backbone features before the projector (the official 2D-VoCo
     # and VoCo v2 code: 0.2); 0 makes the teacher a lagged copy of the student
     feature_dropout: float = 0.2
+    # where: "slice" (each slice's features, before the mean over the crop's slices: the
+    # official code) or "mean" (after the mean: 5.7x the noise at 32 slices; the first form)
+    feature_dropout_at: str = "slice"
+    # "trained" (the official code: the teacher's projector is its own head, trained by
+    # gradient; only its backbone is an EMA) or "ema" (the whole teacher an EMA: VoCo 3D's)
+    teacher_head: str = "trained"
+    # the projector's BatchNorm: "crops" (the official code: over the crop axis of its
+    # [volumes, crops, features] tensor) or "features" (each feature over every crop)
+    projector_norm: str = "crops"
     momentum: float = 0.9  # teacher EMA momentum
     momentum_end: float | None = None  # cosine ramp to this value (e.g. 1.0); None = constant
     intra_weight: float = 1.0
@@ -121,9 +159,13 @@ class PretrainConfig(JsonConfig):
     # True: norm scales and shifts and biases are decayed too (every loop here did, before);
     # default: weights only, as timm's param_groups_weight_decay
     decay_norm_and_bias: bool = False
+    amsgrad: bool = False  # AdamW's AMSGrad variant (the official code's)
     warmup_steps: int = 5_000
     min_lr_factor: float = 0.01
     grad_clip: float = 1.0  # max gradient norm; 0 = off
+    # recompute the student backbone's activations in the backward pass (timm's
+    # set_grad_checkpointing): less memory (a T4's 16 GB holds the paper's batch), slower
+    grad_checkpointing: bool = False
     # "auto" (bf16 where the GPU has it natively, else fp16; CPU fp32), "bf16", "fp16", "fp32"
     precision: str = "auto"
     flip_prob: float = 0.0
@@ -141,6 +183,11 @@ class PretrainConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         choices = {
+            "recipe": tuple(self.RECIPES),
+            "init": ("auto", "imagenet", "random"),
+            "feature_dropout_at": ("slice", "mean"),
+            "teacher_head": ("trained", "ema"),
+            "projector_norm": ("crops", "features"),
             "label_mode": ("area", "iou"),
             "slice_mode": ("average", "per_slice"),
             "intra_form": ("voco_code", "paper"),
@@ -179,8 +226,19 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
         config.to_json(output_dir / "config.json")
     runtime.seed_everything(config.seed + rank)
 
-    files = volume_files([Path(d) for d in config.volume_dirs])
+    files, volumes = exclude_patient_volumes(
+        volume_files([Path(d) for d in config.volume_dirs]), config.exclude_patients
+    )
     train_files, probe_files = split_probe_volumes(files, config.n_probe_volumes, config.seed)
+    if rank == 0:
+        probe_names = {f.name for f in probe_files}
+        volumes = volumes.with_columns(
+            pl.when(pl.col("volume").is_in(list(probe_names)))
+            .then(pl.lit("probe"))
+            .otherwise(pl.lit("train"))
+            .alias("role")
+        )
+        write_parquet_atomic(volumes, output_dir / "volumes.parquet")
     in_chans = load_volume(train_files[0]).shape[1]
     model, loss_fn, optimizer = build_voco(config, in_chans, device)
     backbone = model.student.backbone
@@ -196,7 +254,8 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
     precision = runtime.resolve_precision(config.precision, device)
     step = OptimizerStep(
         optimizer, scheduler, precision, config.grad_accum, config.grad_clip,
-        clip_parameters=model.student.parameters(), ddp_model=student if distributed else None,
+        clip_parameters=[p for _, p in model.trainable_parameters()],
+        ddp_model=student if distributed else None,
     )  # fmt: skip
     modules = {"student": model.student, "teacher": model.teacher}
 
@@ -255,6 +314,9 @@ def pretrain(config: PretrainConfig, progress: bool = True) -> PretrainResult:
                 step.backward(parts.total)
             for key, value in parts.as_floats().items():
                 sums[key] += value / config.grad_accum
+        if distributed and config.teacher_head == "trained":
+            # the teacher's head trains outside DDP: average its gradients as DDP does
+            runtime.average_gradients(model.teacher.projector.parameters())
         step.step()
         momentum = _momentum(config, state.step)
         model.update_teacher(momentum)
@@ -306,23 +368,28 @@ def build_voco(
     config: PretrainConfig, in_chans: int, device: torch.device
 ) -> tuple[StudentTeacher, VoCoLoss, torch.optim.Optimizer]:
     """The student-teacher pair on `device`, the loss and the student's AdamW, from a config."""
-    # The teacher is a deep copy of this student, so both start from `weights_file` alike.
-    backbone = build_backbone(config.backbone, in_chans, config.weights_file or None)
+    # The teacher is a deep copy of this student, so both start from the same weights.
+    weights = resolve_weights(config.weights_file, config.backbone, config.init)
+    backbone = build_backbone(config.backbone, in_chans, weights or None)
     encoder = CropEncoder(
         backbone, config.hidden_dim, config.out_dim, config.slice_mode,  # type: ignore[arg-type]
         config.feature_dropout, config.projector_input,  # type: ignore[arg-type]
         crop_shape=(in_chans, config.crop_size, config.crop_size),
+        feature_dropout_at=config.feature_dropout_at,  # type: ignore[arg-type]
+        projector_norm=config.projector_norm,  # type: ignore[arg-type]
     )  # fmt: skip
-    model = StudentTeacher(encoder).to(device)
+    model = StudentTeacher(encoder, config.teacher_head).to(device)  # type: ignore[arg-type]
+    if config.grad_checkpointing:  # the student only: the teacher's backbone runs without grad
+        enable_grad_checkpointing(model.student.backbone)
     loss_fn = VoCoLoss(
         config.intra_weight, config.inter_weight, config.reg_weight,
         intra_form=config.intra_form, reg_form=config.reg_form,  # type: ignore[arg-type]
         inter_form=config.inter_form,  # type: ignore[arg-type]
     )  # fmt: skip
     groups = parameter_groups(
-        model.student.named_parameters(), config.weight_decay, config.decay_norm_and_bias
+        model.trainable_parameters(), config.weight_decay, config.decay_norm_and_bias
     )
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, amsgrad=config.amsgrad)
     return model, loss_fn, optimizer
 
 
@@ -390,36 +457,35 @@ def _forward(
     random_crops = batch["random"].to(device, non_blocking=True)  # (B, R, S, C, h, w)
     base_crops = batch["base"].to(device, non_blocking=True)  # (B, K, S, C, h, w)
     labels = batch["labels"].to(device, non_blocking=True)  # (B, R, K)
-    n_volumes, n_random, n_slices = random_crops.shape[:3]
-    n_bases = base_crops.shape[1]
-    crops = torch.cat([random_crops.flatten(0, 1), base_crops.flatten(0, 1)])
-    crops = (crops.float() / 255.0 - mean) / std  # (B * (R + K), S, C, h, w)
+    n_random, n_slices = random_crops.shape[1:3]
+    crops = torch.cat([random_crops, base_crops], dim=1)  # each volume's crops together
+    crops = (crops.float() / 255.0 - mean) / std  # (B, R + K, S, C, h, w)
+    teacher_encoder: CropEncoder = teacher  # type: ignore[assignment]
     with precision.autocast():
         student_out = student(crops)
         with torch.no_grad():
-            teacher_out = teacher(crops)
-    n_split = n_volumes * n_random
+            teacher_features = teacher_encoder.crop_features(crops)
+        # a trained teacher head learns from the intra loss; an EMA one gets no gradient
+        with torch.set_grad_enabled(config.teacher_head == "trained" and torch.is_grad_enabled()):
+            teacher_out = teacher_encoder.project(teacher_features, n_slices)
+    student_out, teacher_out = student_out.float(), teacher_out.float()
     if config.slice_mode == "average":
-        # (B * (R + K), D) -> (B, R, D) and (B, K, D)
-        s_random, s_bases, t_random, t_bases = (
-            part
-            for out in (student_out.float(), teacher_out.float())
-            for part in (out[:n_split].view(n_volumes, n_random, -1),
-                         out[n_split:].view(n_volumes, n_bases, -1))
+        # (B, R + K, D) -> (B, R, D) and (B, K, D)
+        return loss_fn(
+            student_out[:, :n_random], student_out[:, n_random:],
+            teacher_out[:, :n_random], teacher_out[:, n_random:], labels, pair_shift=1,
         )  # fmt: skip
-        return loss_fn(s_random, s_bases, t_random, t_bases, labels, pair_shift=1)
 
-    def per_slice(out: Tensor, count: int, rows: slice) -> Tensor:
-        # (B * (R + K) * S, D) -> every (volume, slice) its own sample: (B * S, count, D)
-        out = out.float().view(-1, n_slices, out.shape[-1])[rows]
-        return out.view(n_volumes, count, n_slices, -1).transpose(1, 2).flatten(0, 1)
+    def per_slice(out: Tensor, rows: slice) -> Tensor:
+        # (B, R + K, S, D) -> every (volume, slice) its own sample: (B * S, count, D)
+        return out[:, rows].transpose(1, 2).flatten(0, 1)
 
-    head, tail = slice(0, n_split), slice(n_split, None)
+    head, tail = slice(0, n_random), slice(n_random, None)
     return loss_fn(
-        per_slice(student_out, n_random, head),
-        per_slice(student_out, n_bases, tail),
-        per_slice(teacher_out, n_random, head),
-        per_slice(teacher_out, n_bases, tail),
+        per_slice(student_out, head),
+        per_slice(student_out, tail),
+        per_slice(teacher_out, head),
+        per_slice(teacher_out, tail),
         labels.repeat_interleave(n_slices, dim=0),
         pair_shift=n_slices,  # slice s of volume b pairs with slice s of volume b + 1
     )
