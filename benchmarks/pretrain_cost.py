@@ -1,7 +1,8 @@
 """Pretraining cost per volume: 2D-VoCo against 3D VoCo, one full training step each.
 
     python benchmarks/pretrain_cost.py [--repeats 2] [--warmup 1] [--threads N] [--skip-3d]
-                                       [--bare] [--no-swin-checkpoint] [--volume FILE.npy]
+                                       [--bare] [--[no-]swin-checkpoint] [--[no-]2d-checkpoint]
+                                       [--volume FILE.npy]
 
 The 2D-VoCo paper's central claim is that slice-level VoCo is far cheaper than 3D VoCo (about
 20 minutes against 1 hour per epoch at batch 1 on an RTX 3090, and 3D VoCo's batch of 4 does
@@ -12,13 +13,16 @@ Data loading and crop cutting are done before the clock starts, as a DataLoader 
 2d: this project's pretraining step (`kaggle_utils.pretrain.train._forward`, then backward, gradient
     clipping at 1.0, AdamW lr 1e-4 wd 1e-2, `update_teacher(0.9)`) with `PretrainConfig`'s
     defaults: `efficientnetv2_rw_t` (timm, random init, in_chans 1) in `CropEncoder` (projector
-    input the flattened feature map, `projector_input="flatten"` as the official code since
-    issue 11, 4096-2048-2048; figures measured before that used the pooled 1024-wide input;
+    input the flattened feature map, `projector_input="flatten"` as the official code,
+    4096-2048-2048; figures measured before that change used the pooled 1024-wide input;
     slice_mode "average"), `StudentTeacher`; one 32 x 192 x 192 uint8 volume
     (random, or `--volume`), a 3 x 3 grid of 64 x 64 base crops plus 2 random crops
     (`sample_voco_crops`, `cut_crops`), i.e. 11 crops x 32 slices = 352 images of 64 x 64
     through the student and again through the teacher; `VoCoLoss` with defaults (at batch 1
-    the inter term has no partner volume and is 0).
+    the inter term has no partner volume and is 0). Gradient checkpointing
+    (`enable_grad_checkpointing`, timm's: each block's activations recomputed in backward)
+    off or on, in the student's backbone only: the teacher runs
+    without gradient, where it would change nothing.
 3d: VoCo's official pretraining step (Luffy03/VoCo, `models/voco_head.py` and `voco_train.py`),
     rebuilt here: the student is VoCo's `Swin` = MONAI `SwinTransformer` (in_chans 1,
     embed_dim 48, window 7, patch 2, depths [2, 2, 2, 2], heads [3, 6, 12, 24], mlp_ratio 4,
@@ -44,9 +48,17 @@ Data loading and crop cutting are done before the clock starts, as a DataLoader 
     `einops.rearrange` only to permute axes; where einops is not installed, `permute_axes`
     (the same permutation with `Tensor.permute`) stands in for it.
 
+Gradient checkpointing trades time for memory, and VoCo turns it on by default while this
+project's 2D step does not, so one 3D step against one 2D step is not like for like. By default
+each side runs both ways and three pairs are reported: both checkpointed, neither checkpointed,
+and VoCo's default against this project's (3D checkpointed, 2D not: the mixed pair that
+earlier figures compared). `--[no-]swin-checkpoint` and `--[no-]2d-checkpoint` run one side one
+way only (and the pairs that then exist).
+
 `--bare` adds, for context, forward+backward of the bare 2D backbone on the 352 images and of
 the bare 3D encoder (Swin + the five blocks, pooled) on the 18 crops, without head, teacher or
-optimizer.
+optimizer, once each: checkpointed as the option says, by default as in its codebase (3D on,
+2D off).
 
 Each case runs in a fresh subprocess, one after the other, so its peak memory is its own: the
 child's peak RSS (`ru_maxrss`) on CPU, `torch.cuda.max_memory_allocated` on CUDA (where both
@@ -54,7 +66,8 @@ cases run at the training loops' precision, `--precision auto`: bf16 on GPUs wit
 bf16, fp16 on older ones, as both codebases train with mixed precision). Per case: `--warmup`
 untimed steps, then `--repeats` timed steps, the median reported (seconds per step = per
 volume). The last line is JSON with every figure, for scripts; `time_ratio` and
-`memory_ratio` are 3D / 2D.
+`memory_ratio` are 3D / 2D for the mixed pair, `checkpointed_...`, `unchecked_...` and
+`bare_...` for the others.
 """
 
 from __future__ import annotations
@@ -78,7 +91,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kaggle_utils.common.backbone import build_backbone, input_normalisation
+from kaggle_utils.common.backbone import (
+    build_backbone,
+    enable_grad_checkpointing,
+    input_normalisation,
+)
 from kaggle_utils.common.runtime import PRECISIONS, Precision, resolve_precision
 from kaggle_utils.pretrain.crops import cut_crops, sample_voco_crops
 from kaggle_utils.pretrain.data import load_volume
@@ -119,6 +136,8 @@ def build_2d(
     config = PretrainConfig()
     volume = volume_2d(args.volume, args.seed)
     model, loss_fn, optimizer = build_voco(config, volume.shape[1], device)
+    if args.checkpoint_2d:
+        enable_grad_checkpointing(model.student.backbone)  # the teacher runs without grad
     model.train()
     mean, std = input_normalisation(model.student.backbone, device)
     rng = np.random.default_rng(args.seed)
@@ -150,6 +169,8 @@ def build_2d_backbone(
     config = PretrainConfig()
     volume = volume_2d(args.volume, args.seed)
     backbone = build_backbone(config.backbone, volume.shape[1]).to(device)
+    if args.checkpoint_2d:
+        enable_grad_checkpointing(backbone)
     backbone.train()
     mean, std = input_normalisation(backbone, device)
     rng = np.random.default_rng(args.seed)
@@ -308,6 +329,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def checkpointed(args: argparse.Namespace, case: str) -> bool:
+    """Whether `case` runs with gradient checkpointing (both options set in a child)."""
+    return bool(args.swin_checkpoint if case.startswith("3d") else args.checkpoint_2d)
+
+
+def label(case: str, checkpoint: bool) -> str:
+    return f"{case}+ckpt" if checkpoint else case
+
+
 def run_case(args: argparse.Namespace) -> dict[str, Any]:
     """Build one case, warm up, time `repeats` steps; runs in the child process."""
     load_before = os.getloadavg()[0]  # other work on the machine skews the timings
@@ -328,6 +358,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     result: dict[str, Any] = {
         "case": args.case,
+        "grad_checkpointing": checkpointed(args, args.case),
         "device": device.type,
         "precision": precision.name,
         "threads": torch.get_num_threads(),
@@ -345,7 +376,7 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def child_command(args: argparse.Namespace, case: str) -> list[str]:
+def child_command(args: argparse.Namespace, case: str, checkpoint: bool) -> list[str]:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--case", case,
         "--repeats", str(args.repeats), "--warmup", str(args.warmup),
@@ -353,22 +384,23 @@ def child_command(args: argparse.Namespace, case: str) -> list[str]:
     ]  # fmt: skip
     if args.volume:
         command += ["--volume", args.volume]
-    if not args.swin_checkpoint:
-        command.append("--no-swin-checkpoint")
+    side = "swin" if case.startswith("3d") else "2d"
+    command.append(f"--{side}-checkpoint" if checkpoint else f"--no-{side}-checkpoint")
     return command
 
 
-def run_child(args: argparse.Namespace, case: str) -> dict[str, Any]:
+def run_child(args: argparse.Namespace, case: str, checkpoint: bool) -> dict[str, Any]:
     """One case in a fresh interpreter; its last stdout line is its JSON result."""
-    print(f"running {case} ...", flush=True)
+    name = label(case, checkpoint)
+    print(f"running {name} ...", flush=True)
     start = time.perf_counter()
     completed = subprocess.run(
-        child_command(args, case), stdout=subprocess.PIPE, text=True, check=False
+        child_command(args, case, checkpoint), stdout=subprocess.PIPE, text=True, check=False
     )
     lines = completed.stdout.strip().splitlines()
     if completed.returncode != 0 or not lines:
         reason = "killed (out of memory?)" if completed.returncode < 0 else "failed"
-        print(f"  {case} {reason}: exit status {completed.returncode}", flush=True)
+        print(f"  {name} {reason}: exit status {completed.returncode}", flush=True)
         return {"case": case, "error": f"exit status {completed.returncode}"}
     result = json.loads(lines[-1])
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -396,16 +428,20 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
     return None
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+def report(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    pairs: dict[str, tuple[str, str]],
+) -> None:
     memory_kind = "peak CUDA MB" if torch.cuda.is_available() else "peak RSS MB"
     print(f"\nmachine: {machine()}; torch {torch.__version__}, {args.threads} threads")
-    print(f"{'case':<13} {'s/volume':>9} {memory_kind:>13} {'params':>12}")
+    print(f"{'case':<16} {'s/volume':>9} {memory_kind:>13} {'params':>12}")
     for case, result in results.items():
         if "error" in result:
-            print(f"{case:<13} {result['error']}")
+            print(f"{case:<16} {result['error']}")
             continue
         print(
-            f"{case:<13} {result['seconds_per_volume']:>9.2f} {result['peak_mb']:>13.0f} "
+            f"{case:<16} {result['seconds_per_volume']:>9.2f} {result['peak_mb']:>13.0f} "
             f"{result['params']:>12,}"
         )
     summary: dict[str, Any] = {
@@ -415,10 +451,10 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
         "repeats": args.repeats,
         "warmup": args.warmup,
         "swin_checkpoint": args.swin_checkpoint,
+        "2d_checkpoint": args.checkpoint_2d,
         "memory": "cuda_max_memory_allocated" if torch.cuda.is_available() else "peak_rss",
         "results": results,
     }
-    pairs = {"": ("3d", "2d"), "bare_": ("3d-encoder", "2d-backbone")}
     for prefix, (three, two) in pairs.items():
         if three in results and two in results:
             time_ratio = ratio(results[three], results[two], "seconds_per_volume")
@@ -452,8 +488,13 @@ def main() -> None:
     parser.add_argument(
         "--swin-checkpoint",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="gradient checkpointing in the 3D Swin (VoCo's default: on)",
+        help="gradient checkpointing in the 3D Swin (VoCo's default: on); default: both ways",
+    )
+    parser.add_argument(
+        "--2d-checkpoint",
+        dest="checkpoint_2d",
+        action=argparse.BooleanOptionalAction,
+        help="gradient checkpointing in the 2D student's backbone; default: both ways",
     )
     parser.add_argument("--volume", default="", help="a cached (32, [C,] 192, 192) uint8 .npy")
     parser.add_argument("--seed", type=int, default=0)
@@ -470,14 +511,32 @@ def main() -> None:
         print(MONAI_HINT, file=sys.stderr)
         sys.exit(2)
     if args.case:
+        args.swin_checkpoint = args.swin_checkpoint is not False  # VoCo's default: on
+        args.checkpoint_2d = bool(args.checkpoint_2d)
         print(json.dumps(run_case(args)))
         return
 
-    cases = [c for c in CASES if c != "3d" or not args.skip_3d]
+    # each side both ways unless its option says one, VoCo's and this project's default first
+    ways_3d = [True, False] if args.swin_checkpoint is None else [args.swin_checkpoint]
+    ways_2d = [False, True] if args.checkpoint_2d is None else [args.checkpoint_2d]
+    args.swin_checkpoint, args.checkpoint_2d = ways_3d, ways_2d  # for the summary
+    runs = [("2d", way) for way in ways_2d]
+    if not args.skip_3d:
+        runs += [("3d", way) for way in ways_3d]
+    pairs = {  # summary key prefix: (3D case, 2D case), 3D / 2D
+        "checkpointed_": ("3d+ckpt", "2d+ckpt"),
+        "unchecked_": ("3d", "2d"),
+        "": ("3d+ckpt", "2d"),  # mixed: VoCo's default against this project's
+    }
     if args.bare:
-        cases += [c for c in BARE_CASES if c != "3d-encoder" or not args.skip_3d]
-    results = {case: run_child(args, case) for case in cases}  # one after the other
-    report(args, results)
+        runs.append(("2d-backbone", ways_2d[0]))
+        if not args.skip_3d:
+            runs.append(("3d-encoder", ways_3d[0]))
+        pairs["bare_"] = (label("3d-encoder", ways_3d[0]), label("2d-backbone", ways_2d[0]))
+    results = {  # one after the other
+        label(case, way): run_child(args, case, way) for case, way in runs
+    }
+    report(args, results, pairs)
 
 
 if __name__ == "__main__":
