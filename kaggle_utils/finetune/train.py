@@ -148,7 +148,8 @@ class FinetuneConfig(JsonConfig):
     freeze_epochs: int = 0  # keep the backbone frozen for the first epochs
     grad_clip: float = 1.0
     # recompute the backbone's activations in the backward pass (timm's
-    # set_grad_checkpointing): less memory for long slice sequences, slower
+    # set_grad_checkpointing): less memory, slower. This recipe's batch of 2 x 96 x 256 x 256
+    # took 15.4 GB at fp16 on the H200, a T4's whole memory (docs/benchmarks.md)
     grad_checkpointing: bool = False
     any_injury_weight: float = 1.0  # weight of the auxiliary any_injury loss (0 to turn off)
     # How each weighted cross-entropy is divided: "expected" (by the batch size times the

@@ -164,7 +164,8 @@ class PretrainConfig(JsonConfig):
     min_lr_factor: float = 0.01
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     # recompute the student backbone's activations in the backward pass (timm's
-    # set_grad_checkpointing): less memory (a T4's 16 GB holds the paper's batch), slower
+    # set_grad_checkpointing): half the memory of a 2D step on the CPU (docs/benchmarks.md),
+    # slower; BatchNorm's running statistics then move twice per step
     grad_checkpointing: bool = False
     # "auto" (bf16 where the GPU has it natively, else fp16; CPU fp32), "bf16", "fp16", "fp32"
     precision: str = "auto"
