@@ -209,13 +209,18 @@ def test_vocoloss_combines_parts_with_weights_and_pairs_volumes(tensors) -> None
 
 
 @pytest.mark.parametrize("inter_form", ["voco_code", "paper"])
-def test_teacher_side_gets_no_gradient(tensors, inter_form: str) -> None:
+def test_the_teacher_side_learns_only_through_the_intra_loss(tensors, inter_form: str) -> None:
+    """The inter loss's teacher similarities are targets (the official `pred1.detach()`) and the
+    regularisation is the student's; only the intra loss reaches the teacher's bases, where a
+    trained teacher head (the official code's) learns. An EMA teacher runs without gradient."""
     q, k = tensors["q"].requires_grad_(True), tensors["k"].requires_grad_(True)
     tq, tk = (t.clone().requires_grad_(True) for t in (q.detach(), k.detach()))
-    loss = VoCoLoss(inter_form=inter_form)  # type: ignore[arg-type]
-    loss(q, k, tq, tk, tensors["labels"]).total.backward()
+    parts = VoCoLoss(inter_form=inter_form)(q, k, tq, tk, tensors["labels"])  # type: ignore[arg-type]
+    (parts.inter + parts.reg).backward(retain_graph=True)
     assert tq.grad is None and tk.grad is None
     assert q.grad is not None and k.grad is not None
+    parts.intra.backward()
+    assert tq.grad is None and tk.grad is not None and tk.grad.abs().sum() > 0
 
 
 def test_voco_code_inter_takes_no_gradient_through_its_teacher_weights() -> None:
